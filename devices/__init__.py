@@ -1,0 +1,1 @@
+"""Device support: what the runtime runs on and what it costs there."""

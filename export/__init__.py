@@ -1,0 +1,1 @@
+"""Moving trained models onto the device: checkpoints and their formats."""

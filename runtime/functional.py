@@ -1,0 +1,239 @@
+"""The per-step dynamics of stoprt: the one source of truth for training, streaming and export.
+
+Neuron (per layer, time step t; see ``shared/reference/stop-algorithm.md``)::
+
+    U[t] = a * (U[t-1] - th * s[t-1]) + I[t]      # leaky integration, soft reset (reset spike detached)
+    s[t] = H(U[t] - th)                            # Heaviside spike, surrogate derivative phi(U - th)
+
+Forward traces (zero at the start of each sample)::
+
+    w_tr[t]  = a * w_tr[t-1] + x[t]                # presynaptic trace of a synaptic op's input
+    b_tr[t]  = a * b_tr[t-1] + 1                   # bias trace: the same for every neuron, so a scalar
+    th_tr[t] = a * (th_tr[t-1] - s[t-1])           # dU[t]/dth through the membrane chain
+    a_tr[t]  = a * a_tr[t-1] + (U[t-1] - th s[t-1])  # dU[t]/da through the membrane chain
+
+The two autograd functions at the end are how STOP uses the traces: they compute the ordinary forward
+of one step, and in backward replace the input (for weights) or the history (for threshold and leak) by
+the trace. So no layer ever runs a second forward on its trace.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SURROGATES = ("exp", "atan", "fast_sigmoid", "triangle")
+
+
+def surrogate_grad(x: Tensor, kind: str, alpha: float) -> Tensor:
+    """The surrogate derivative phi(x) of the Heaviside step, each with phi(0) = 1.
+
+    ``alpha`` scales the width: larger alpha means a narrower window.
+    """
+    if kind == "exp":  # the paper's choice
+        return torch.exp(-alpha * x.abs())
+    if kind == "atan":
+        return 1.0 / (1.0 + (math.pi * alpha * x) ** 2)
+    if kind == "fast_sigmoid":
+        return 1.0 / (1.0 + alpha * x.abs()) ** 2
+    if kind == "triangle":
+        return (1.0 - alpha * x.abs()).clamp_min(0.0)
+    raise ValueError(f"unknown surrogate {kind!r}; choose one of {SURROGATES}")
+
+
+class _SpikeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, kind: str, alpha: float) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.kind, ctx.alpha = kind, alpha
+        return (x > 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_spike: Tensor):
+        (x,) = ctx.saved_tensors
+        return grad_spike * surrogate_grad(x, ctx.kind, ctx.alpha), None, None
+
+
+def spike(x: Tensor, kind: str = "exp", alpha: float = 1.0) -> Tensor:
+    """Heaviside step H(x) = [x > 0] with a surrogate derivative. Same shape as ``x``.
+
+    Without autograd (inference, export) it is a plain comparison, which ONNX exports as
+    ``Greater`` + ``Cast``.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _SpikeFunction.apply(x, kind, alpha)
+    return (x > 0).to(x.dtype)
+
+
+def reset(u: Tensor, s: Tensor, threshold: Tensor) -> Tensor:
+    """Soft reset U[t-1] - th * s[t-1]; the reset spike is detached (no gradient through it)."""
+    return u - threshold * s.detach()
+
+
+def membrane_decay(u: Tensor, s: Tensor, threshold: Tensor, leak: Tensor) -> Tensor:
+    """The part of U[t] carried from the previous step: a * (U[t-1] - th * s[t-1])."""
+    return leak * reset(u, s, threshold)
+
+
+def lif_step(current: Tensor, u: Tensor, s: Tensor, threshold: Tensor, leak: Tensor,
+             surrogate: str = "exp", alpha: float = 1.0) -> tuple[Tensor, Tensor]:
+    """One LIF step with soft reset. Returns (U[t], s[t]), both shaped like ``current``.
+
+    current: I[t]; u, s: U[t-1], s[t-1] (broadcastable to current); threshold broadcastable to current;
+    leak a scalar tensor in (0, 1).
+    """
+    u_new = membrane_decay(u, s, threshold, leak) + current
+    return u_new, spike(u_new - threshold, surrogate, alpha)
+
+
+def readout_step(current: Tensor, u: Tensor, leak: Tensor) -> Tensor:
+    """One step of a non-spiking leaky integrator: U[t] = a * U[t-1] + I[t]."""
+    return leak * u + current
+
+
+# ---------------------------------------------------------------------------------------------
+# Trace steps (always computed without autograd: traces are constants of the current step's graph)
+# ---------------------------------------------------------------------------------------------
+
+def input_trace_step(trace: Tensor | None, x: Tensor, leak: Tensor) -> Tensor:
+    """w_tr[t] = a * w_tr[t-1] + x[t]; the postsynaptic layer's leak ``a``. Shaped like ``x``."""
+    return x.detach().clone() if trace is None else torch.addcmul(x.detach(), leak.detach(), trace)
+
+
+def bias_trace_step(trace: Tensor | None, leak: Tensor) -> Tensor:
+    """b_tr[t] = a * b_tr[t-1] + 1, a scalar tensor."""
+    one = torch.ones((), dtype=leak.dtype, device=leak.device)
+    return one if trace is None else leak.detach() * trace + 1.0
+
+
+def threshold_trace_step(trace: Tensor | None, s: Tensor | None, leak: Tensor) -> Tensor | None:
+    """th_tr[t] = a * (th_tr[t-1] - s[t-1]). None stands for an all-zero trace (first step)."""
+    if s is None:
+        return None
+    return leak.detach() * (-s if trace is None else trace - s)
+
+
+def leak_trace_step(trace: Tensor | None, carried: Tensor | None, leak: Tensor) -> Tensor | None:
+    """a_tr[t] = a * a_tr[t-1] + (U[t-1] - th * s[t-1]); ``carried`` is that last term."""
+    if carried is None:
+        return None
+    return carried if trace is None else torch.addcmul(carried, leak.detach(), trace)
+
+
+# ---------------------------------------------------------------------------------------------
+# STOP's autograd functions
+# ---------------------------------------------------------------------------------------------
+
+def _sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
+    """Reduce a broadcast gradient back to a parameter's shape (threshold granularity)."""
+    extra = grad.dim() - len(shape)
+    if extra > 0:
+        grad = grad.sum(dim=tuple(range(extra)))
+    keep = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    return grad.sum(dim=keep, keepdim=True) if keep else grad
+
+
+class TracedMembrane(torch.autograd.Function):
+    """U[t] = carried + I[t], where dU/dth and dU/da come from the traces instead of the history.
+
+    forward(current, carried, threshold, leak, th_trace, a_trace) -> U[t]. ``carried`` is the
+    detached a * (U[t-1] - th * s[t-1]) (None on the first step); None traces mean zero; a readout
+    passes threshold None.
+    """
+
+    @staticmethod
+    def forward(ctx, current, carried, threshold, leak, th_trace, a_trace):
+        ctx.threshold_shape = None if threshold is None else threshold.shape
+        ctx.save_for_backward(th_trace, a_trace)
+        return current if carried is None else current + carried
+
+    @staticmethod
+    def backward(ctx, grad_u):
+        th_trace, a_trace = ctx.saved_tensors
+        grad_th = grad_a = None
+        if ctx.needs_input_grad[2]:
+            grad_th = (torch.zeros(ctx.threshold_shape, dtype=grad_u.dtype, device=grad_u.device)
+                       if th_trace is None else _sum_to_shape(grad_u * th_trace, ctx.threshold_shape))
+        if ctx.needs_input_grad[3]:
+            grad_a = (grad_u.new_zeros(()) if a_trace is None else (grad_u * a_trace).sum())
+        return grad_u, None, grad_th, grad_a, None, None
+
+
+class TracedSynapse(torch.autograd.Function):
+    """y = op(x; W, b) at one step; backward takes dW from the input trace, db from the bias trace.
+
+    forward(x, weight, bias, w_trace, b_trace, op) where ``op`` is a :class:`SynapticOp`. The input
+    gradient is the ordinary same-step one (the spatial error to the layer below).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, w_trace, b_trace, op):
+        ctx.op = op
+        ctx.x_shape = x.shape
+        ctx.save_for_backward(weight, w_trace, b_trace)
+        return op.forward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        weight, w_trace, b_trace = ctx.saved_tensors
+        op = ctx.op
+        grad_x = op.grad_input(grad_y, weight, ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_w = op.grad_weight(grad_y, w_trace, weight.shape) if ctx.needs_input_grad[1] else None
+        grad_b = op.grad_bias(grad_y) * b_trace if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+class SynapticOp:
+    """Forward and the three same-step gradients of a synaptic op, linear in its input."""
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def grad_input(self, grad_y: Tensor, weight: Tensor, x_shape: torch.Size) -> Tensor:
+        raise NotImplementedError
+
+    def grad_weight(self, grad_y: Tensor, x: Tensor, w_shape: torch.Size) -> Tensor:
+        raise NotImplementedError
+
+    def grad_bias(self, grad_y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class LinearOp(SynapticOp):
+    """y = x W^T + b for x of shape [B, in]."""
+
+    def forward(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    def grad_input(self, grad_y, weight, x_shape):
+        return grad_y @ weight
+
+    def grad_weight(self, grad_y, x, w_shape):
+        return grad_y.t() @ x
+
+    def grad_bias(self, grad_y):
+        return grad_y.sum(0)
+
+
+class Conv2dOp(SynapticOp):
+    """2-D convolution for x of shape [B, C, H, W]."""
+
+    def __init__(self, stride, padding, dilation, groups):
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+
+    def forward(self, x, weight, bias):
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def grad_input(self, grad_y, weight, x_shape):
+        return torch.nn.grad.conv2d_input(x_shape, weight, grad_y, self.stride, self.padding,
+                                          self.dilation, self.groups)
+
+    def grad_weight(self, grad_y, x, w_shape):
+        return torch.nn.grad.conv2d_weight(x, w_shape, grad_y, self.stride, self.padding,
+                                           self.dilation, self.groups)
+
+    def grad_bias(self, grad_y):
+        return grad_y.sum((0, 2, 3))

@@ -1,0 +1,199 @@
+"""What the STOP and BPTT learners share: losses, input checks, guarded optimizer updates.
+
+A learner is fed one time step at a time (``step``) and told where a sample ends (``end_sample``).
+Gradients land in each parameter's ``.grad``; the wrapped ``torch.optim`` optimizer applies them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import layers as L
+
+log = logging.getLogger("stoprt")
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
+    """Per-step cross-entropy of the step's output (spikes of a LIF head, potential of a readout)."""
+    return F.cross_entropy(output, target)
+
+
+def mse_one_hot(output: Tensor, target: Tensor) -> Tensor:
+    """Per-step mean squared error between the output and the one-hot target."""
+    return F.mse_loss(output, F.one_hot(target, output.shape[1]).to(output.dtype))
+
+
+LOSSES: dict[str, LossFn] = {"ce": cross_entropy, "mse": mse_one_hot}
+
+
+@dataclass
+class LearnerStats:
+    """Counters a learner keeps; ``rejected_updates`` counts updates refused for NaN/Inf."""
+
+    steps: int = 0
+    samples: int = 0
+    updates: int = 0
+    rejected_updates: int = 0
+    clamped_values: int = 0
+    last_loss: float = float("nan")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Learner:
+    """Base of :class:`~stoprt.runtime.stop.STOP` and :class:`~stoprt.runtime.bptt.BPTT`.
+
+    Args:
+        net: a network of stoprt layers; its last layer is a LIF or LeakyReadout.
+        optimizer: any ``torch.optim`` optimizer over (some of) ``net``'s parameters. Parameters it
+            does not hold are frozen.
+        loss: ``"ce"`` (per-step cross-entropy on the output; the paper's on spikes), ``"mse"``
+            (per-step MSE to one-hot) or a callable ``(output [B, K], target [B]) -> scalar``.
+        check_inputs: reject NaN/Inf inputs and bad labels with a clear error (one reduction per step).
+    """
+
+    def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer, loss: str | LossFn = "ce",
+                 check_inputs: bool = True) -> None:
+        if isinstance(loss, str):
+            if loss not in LOSSES:
+                raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)} or pass a callable")
+            loss = LOSSES[loss]
+        self.net, self.optimizer, self.loss_fn = net, optimizer, loss
+        self.check_inputs = check_inputs
+        self.stats = LearnerStats()
+        self.output_sum: Tensor | None = None
+        self.sample_steps = 0
+        self._input_shape: tuple[int, ...] | None = getattr(net, "input_shape", None)
+        self._sample_shape: torch.Size | None = None
+        unsized = [n for n in L.neurons(net) if isinstance(n, L.LIF) and n.threshold is None]
+        if unsized:
+            raise ValueError(f"{len(unsized)} LIF layer(s) with threshold='{unsized[0].granularity}' have no "
+                             "size yet: pass shape=... or Sequential(..., input_shape=...)")
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for p in net.parameters():
+            if id(p) not in held:
+                p.requires_grad_(False)
+
+    # ---- inputs -------------------------------------------------------------------------------
+    def _check_step_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"a step's input must be a torch.Tensor, got {type(x).__name__}")
+        if self._input_shape is not None and tuple(x.shape[1:]) != self._input_shape:
+            raise ValueError(f"input of shape {tuple(x.shape)} does not fit the network: expected "
+                             f"[B, {', '.join(map(str, self._input_shape))}]")
+        if self._sample_shape is not None and x.shape != self._sample_shape:
+            raise ValueError(f"input shape changed within a sample: {tuple(self._sample_shape)} then "
+                             f"{tuple(x.shape)}; call end_sample() between samples")
+        self._sample_shape = x.shape
+        if self.check_inputs and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"input at step {self.sample_steps} of the sample contains NaN or Inf")
+
+    def _check_target(self, output: Tensor, target: Tensor) -> None:
+        if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"targets must be integer class indices, got dtype {target.dtype}")
+        if target.shape != output.shape[:1]:
+            raise ValueError(f"targets of shape {tuple(target.shape)} do not match the batch of "
+                             f"{output.shape[0]}")
+        if self.check_inputs and bool(((target < 0) | (target >= output.shape[1])).any()):
+            raise ValueError(f"labels out of range: the network has {output.shape[1]} classes, got "
+                             f"labels from {int(target.min())} to {int(target.max())}")
+
+    def _forward(self, x: Tensor) -> Tensor:
+        self._check_step_input(x)
+        try:
+            out = self.net(x)
+        except RuntimeError as err:
+            if "size" in str(err) or "shape" in str(err):
+                raise ValueError(f"input of shape {tuple(x.shape)} does not fit the network: {err}") from err
+            raise
+        self.sample_steps += 1
+        self.stats.steps += 1
+        detached = out.detach()
+        self.output_sum = detached.clone() if self.output_sum is None else self.output_sum + detached
+        return out
+
+    def _loss(self, out: Tensor, target: Tensor) -> Tensor:
+        target = target.to(out.device)
+        self._check_target(out, target)
+        loss = self.loss_fn(out, target.long())
+        self.stats.last_loss = float(loss.detach())
+        return loss
+
+    # ---- updates ------------------------------------------------------------------------------
+    def _learned(self) -> list[Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+    def _apply_update(self) -> bool:
+        """Run the optimizer on the accumulated ``.grad``; refuse updates that would make NaN/Inf.
+
+        Returns whether the update was applied. A refused update keeps the last good parameters
+        (and optimizer state), counts in ``stats.rejected_updates`` and is logged.
+        """
+        params = self._learned()
+        if not params:
+            return False
+        finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).all()
+        if not bool(finite):
+            self._reject("a gradient is NaN or Inf")
+            return False
+        saved = [p.detach().clone() for p in params]
+        self.optimizer.step()
+        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            with torch.no_grad():
+                for p, old in zip(params, saved):
+                    p.copy_(old)
+            self._reject("the update would make a parameter NaN or Inf")
+            return False
+        for n in L.neurons(self.net):
+            self.stats.clamped_values += n.constrain_()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.stats.updates += 1
+        return True
+
+    def _reject(self, why: str) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.stats.rejected_updates += 1
+        log.warning("stoprt: update %d refused: %s; parameters keep their last good values",
+                    self.stats.updates + self.stats.rejected_updates, why)
+
+    # ---- samples ------------------------------------------------------------------------------
+    def _finish_sample(self) -> Tensor | None:
+        prediction = None if self.output_sum is None else self.output_sum.argmax(1)
+        L.reset_state(self.net)
+        self.output_sum, self._sample_shape = None, None
+        if self.sample_steps:
+            self.stats.samples += 1
+        self.sample_steps = 0
+        return prediction
+
+    @torch.no_grad()
+    def predict(self, x_seq: Tensor) -> Tensor:
+        """Class predictions ``[B]`` for a whole sample ``[T, B, ...]`` without learning.
+
+        Uses the plain dynamics and leaves no state behind (any sample in progress is discarded).
+        """
+        if x_seq.dim() < 2 or x_seq.shape[0] == 0:
+            raise ValueError(f"predict takes a sample [T, B, ...] with T >= 1, got shape {tuple(x_seq.shape)}")
+        switchable = [m for m in self.net.modules() if hasattr(m, "stop_mode")]
+        stop_flags, was_training = [m.stop_mode for m in switchable], self.net.training
+        L.set_stop_mode(self.net, False)
+        L.reset_state(self.net)
+        self.net.eval()
+        try:
+            total = sum(self.net(x_t) for x_t in x_seq)
+        finally:
+            L.reset_state(self.net)
+            self.net.train(was_training)
+            for m, flag in zip(switchable, stop_flags):
+                m.stop_mode = flag
+            self.output_sum, self._sample_shape, self.sample_steps = None, None, 0
+        return total.argmax(1)
