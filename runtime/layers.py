@@ -161,7 +161,7 @@ class LIF(_Neuron):
     def extra_repr(self) -> str:
         shape = None if self.threshold is None else tuple(self.threshold.shape)
         return (f"threshold={self.granularity!r}, threshold_shape={shape}, "
-                f"leak={float(self.leak):.3f}, surrogate={self.surrogate!r}")
+                f"leak={self.leak.item():.3f}, surrogate={self.surrogate!r}")
 
 
 class LeakyReadout(_Neuron):
@@ -196,7 +196,7 @@ class LeakyReadout(_Neuron):
         return self._clamp_leak()
 
     def extra_repr(self) -> str:
-        return f"leak={float(self.leak):.3f}"
+        return f"leak={self.leak.item():.3f}"
 
 
 class _Synapse:
