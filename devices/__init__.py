@@ -1,1 +1,10 @@
-"""Device support: what the runtime runs on and what it costs there."""
+"""Device support: what the runtime runs on and what it costs there.
+
+* :mod:`~stoprt.devices.detect`: Jetson (board, L4T/JetPack), CUDA GPU or CPU; ``detect(root)``
+* :mod:`~stoprt.devices.boards`: Jetson board profiles and the JetPack table; ``get_board(key)``
+* :mod:`~stoprt.devices.telemetry`: tegrastats parsing, sysfs readers, memory views and
+  ``TelemetrySampler`` (energy per run and per time step)
+* :mod:`~stoprt.devices.cli`: the ``stoprt info`` subcommand
+
+Nothing is imported here, so ``import stoprt.devices.cli`` stays light (torch is never loaded).
+"""

@@ -69,6 +69,9 @@ class Learner:
             loss = LOSSES[loss]
         self.net, self.optimizer, self.loss_fn = net, optimizer, loss
         self.check_inputs = check_inputs
+        # Called with the parameters holding gradients before each update; data-parallel training
+        # sets it to average gradients across processes.
+        self.grad_sync: Callable[[list[Tensor]], None] | None = None
         self.stats = LearnerStats()
         self.output_sum: Tensor | None = None
         self.sample_steps = 0
@@ -141,6 +144,8 @@ class Learner:
         params = self._learned()
         if not params:
             return False
+        if self.grad_sync is not None:
+            self.grad_sync(params)
         finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).all()
         if not bool(finite):
             self._reject("a gradient is NaN or Inf")

@@ -1,0 +1,40 @@
+# Quick start: `make demo` runs the streaming in-situ learning demo, `make test` runs the tests.
+# Both create the virtual environment on first use. Installing never replaces an importable torch
+# (a Jetson's JetPack wheel): the venv then sees the system packages and pins that torch.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel these development machines keep on disk; override on other machines.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= test,plot
+
+.PHONY: demo test bench install clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	@if [ ! -x $(PY) ]; then \
+	  if python3 -c "import torch" 2>/dev/null; then \
+	    echo "using the system torch: venv with --system-site-packages"; \
+	    python3 -m venv --system-site-packages $(VENV); \
+	  else python3 -m venv $(VENV); fi; \
+	fi
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+	  $(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt; \
+	else \
+	  $(PY) -m pip install --quiet "$(TORCH_SPEC)" && \
+	  $(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt; \
+	fi
+	$(PY) -m pip install --quiet -c $(VENV)/torch-pin.txt -e ".[$(EXTRAS)]"
+	@touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/stoprt demo --json runs/demo.json
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) examples/benchmarks/core_bench.py --out runs/bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,230 @@
+"""Offline training with STOP (any variant) or BPTT, on one process or data-parallel under torchrun.
+
+Data parallelism: each process takes its shard of every epoch and gradients are averaged across
+processes (``all_reduce``) once before each optimizer update. ``DistributedDataParallel``'s wrapper is
+not used: its reducer fires on every ``backward``, which STOP calls once per time step, and the layers'
+per-step state lives in the modules; averaging at the update is the same arithmetic with T times less
+communication. Process group: gloo on CPU, nccl on CUDA.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+from . import models
+from .bptt import BPTT
+from .checkpoint import load_checkpoint, save_checkpoint
+from .learner import Learner
+from .progress import ProgressBar
+from .stop import STOP
+
+LEARN_CODES = {"w": ("weight",), "wt": ("weight", "threshold"), "wl": ("weight", "leak"),
+               "wtl": ("weight", "threshold", "leak")}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (saved in checkpoints and metrics)."""
+
+    model: str = "dvs_gesture"
+    data: str = "digits"
+    method: str = "stop"            # "stop" or "bptt"
+    learn: str = "wtl"              # STOP variant: w, wt, wl, wtl
+    update: str = "sample"          # STOP schedule: sample, step, or an integer k
+    loss: str = "ce"
+    optimizer: str = "adam"         # adam or sgd
+    lr: float = 1e-3
+    epochs: int = 3
+    batch_size: int = 16
+    T: int = 10
+    size: int = 32
+    width: float = 1.0
+    readout: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    n_train: int | None = None      # use only the first n samples of a split (quick runs)
+    n_test: int | None = None
+    out_dir: str | None = None
+    checkpoint_every: int = 0       # batches between checkpoints; 0: at the end of each epoch
+    progress: bool = True
+    model_kwargs: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.method not in ("stop", "bptt"):
+            raise ValueError(f"method must be 'stop' or 'bptt', got {self.method!r}")
+        if self.learn not in LEARN_CODES:
+            raise ValueError(f"learn must be one of {sorted(LEARN_CODES)}, got {self.learn!r}")
+        if self.T < 1:
+            raise ValueError(f"T must be at least 1, got {self.T}")
+        if self.epochs < 0 or self.batch_size < 1:
+            raise ValueError("epochs must be >= 0 and batch_size >= 1")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+
+    def update_schedule(self) -> str | int:
+        return int(self.update) if str(self.update).isdigit() else self.update
+
+
+def load_data(cfg: TrainConfig, split: str):
+    """A dataset of (frames [T, C, H, W], label): a built-in source or a dataset folder."""
+    from .datasets import load_builtin  # imported here: generating data is only needed to train
+    n = cfg.n_train if split == "train" else cfg.n_test
+    if cfg.data in ("digits", "gestures"):
+        return load_builtin(cfg.data, split=split, T=cfg.T, size=cfg.size, seed=cfg.seed, n_samples=n)
+    from .folders import load_folder
+    return load_folder(cfg.data, split=split, T=cfg.T, size=cfg.size, n_samples=n)
+
+
+def build(cfg: TrainConfig, input_shape: tuple[int, ...], classes: int) -> tuple[torch.nn.Module, Learner]:
+    """The model and its learner for ``cfg``."""
+    torch.manual_seed(cfg.seed)
+    net = models.build_model(cfg.model, in_channels=input_shape[0], size=input_shape[-1],
+                             classes=classes, width=cfg.width, readout=cfg.readout, **cfg.model_kwargs)
+    net.to(cfg.device)
+    opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD
+    optimizer = opt_cls(net.parameters(), lr=cfg.lr)
+    if cfg.method == "stop":
+        learner = STOP(net, optimizer, learn=LEARN_CODES[cfg.learn], update=cfg.update_schedule(), loss=cfg.loss)
+    else:
+        learner = BPTT(net, optimizer, loss=cfg.loss)
+    return net, learner
+
+
+def run_sample(learner: Learner, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Stream one batch of samples ``x`` [B, T, ...] step by step through the learner."""
+    for x_t in x.transpose(0, 1):
+        learner.step(x_t, y)
+    return learner.end_sample()
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _average_gradients(world: int):
+    def sync(params: list[torch.Tensor]) -> None:
+        for p in params:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+    return sync
+
+
+def _sum_across(values: list[float], world: int, device: str) -> list[float]:
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def evaluate(learner: Learner, loader: DataLoader, device: str, world: int = 1) -> float:
+    """Held-out accuracy (summed over processes when data-parallel)."""
+    correct = total = 0
+    for x, y in loader:
+        pred = learner.predict(x.to(device).transpose(0, 1))
+        correct += int((pred.cpu() == y).sum())
+        total += len(y)
+    correct, total = _sum_across([correct, total], world, device)
+    return correct / max(total, 1)
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def train(cfg: TrainConfig, resume: str | None = None) -> dict:
+    """Train per ``cfg``; returns the final metrics and the per-epoch history."""
+    cfg.validate()
+    rank, world = _distributed()
+    train_set, test_set = load_data(cfg, "train"), load_data(cfg, "test")
+    net, learner = build(cfg, train_set.input_shape, train_set.num_classes)
+    start_epoch = 0
+    if resume:
+        state = load_checkpoint(resume, map_location=cfg.device)
+        net.load_state_dict(state["model_state"])
+        learner.optimizer.load_state_dict(state["optimizer_state"])
+        start_epoch = int(state["epoch"])
+    if world > 1:
+        for t in list(net.parameters()) + list(net.buffers()):
+            dist.broadcast(t.data, 0)
+        learner.grad_sync = _average_gradients(world)
+    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed) if world > 1 else None
+    generator = torch.Generator().manual_seed(cfg.seed)
+    train_loader = DataLoader(train_set, cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                              generator=generator, drop_last=False)
+    test_sampler = DistributedSampler(test_set, world, rank, shuffle=False) if world > 1 else None
+    test_loader = DataLoader(test_set, cfg.batch_size, sampler=test_sampler)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir and rank == 0 else None
+    history: list[dict] = []
+    for epoch in range(start_epoch, cfg.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        net.train()
+        bar = ProgressBar(len(train_loader), f"epoch {epoch + 1}/{cfg.epochs}", enabled=cfg.progress and rank == 0)
+        correct = seen = 0
+        t0, steps0 = time.perf_counter(), learner.stats.steps
+        for i, (x, y) in enumerate(train_loader):
+            x, y = x.to(cfg.device), y.to(cfg.device)
+            pred = run_sample(learner, x, y)
+            correct += int((pred == y).sum())
+            seen += len(y)
+            bar.update(1, acc=correct / seen, loss=learner.stats.last_loss)
+            if out_dir and cfg.checkpoint_every and (i + 1) % cfg.checkpoint_every == 0:
+                _save(out_dir / "checkpoint.pt", cfg, net, learner, epoch, train_set)
+        bar.close()
+        seconds = time.perf_counter() - t0
+        steps = learner.stats.steps - steps0
+        correct, seen = _sum_across([correct, seen], world, cfg.device)
+        record = {"epoch": epoch + 1, "train_acc": correct / max(seen, 1),
+                  "test_acc": evaluate(learner, test_loader, cfg.device, world),
+                  "last_loss": learner.stats.last_loss, "seconds": seconds,
+                  "steps_per_s": steps / seconds if seconds > 0 else 0.0,
+                  "updates": learner.stats.updates, "rejected_updates": learner.stats.rejected_updates,
+                  "peak_rss_mib": _peak_rss_mib()}
+        history.append(record)
+        if out_dir:
+            _save(out_dir / "checkpoint.pt", cfg, net, learner, epoch + 1, train_set)
+            write_metrics(out_dir, history)
+    result = {"config": asdict(cfg), "world_size": world, "history": history,
+              "final_test_acc": history[-1]["test_acc"] if history else None}
+    if out_dir:
+        (out_dir / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _save(path: Path, cfg: TrainConfig, net, learner: Learner, epoch: int, data) -> None:
+    save_checkpoint(path, {
+        "model": {"name": cfg.model, "kwargs": {"in_channels": data.input_shape[0], "size": data.input_shape[-1],
+                                                "classes": data.num_classes, "width": cfg.width,
+                                                "readout": cfg.readout, **cfg.model_kwargs}},
+        "input_spec": {"source": cfg.data, "T": cfg.T, "shape": list(data.input_shape)},
+        "model_state": net.state_dict(), "optimizer_state": learner.optimizer.state_dict(),
+        "epoch": epoch, "stats": learner.stats.as_dict(), "config": asdict(cfg),
+    })
+
+
+def write_metrics(out_dir: Path, history: list[dict]) -> None:
+    """Per-epoch metrics as ``metrics.csv`` and ``metrics.json`` (each replaced atomically)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / ".metrics.csv.tmp"
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, out_dir / "metrics.csv")
+    tmp = out_dir / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(history, indent=2))
+    os.replace(tmp, out_dir / "metrics.json")
