@@ -77,12 +77,20 @@ class TrainConfig:
 
 def load_data(cfg: TrainConfig, split: str):
     """A dataset of (frames [T, C, H, W], label): a built-in source or a dataset folder."""
-    from .datasets import load_builtin  # imported here: generating data is only needed to train
-    n = cfg.n_train if split == "train" else cfg.n_test
+    from .datasets import EventFrames, load_builtin  # imported here: only training generates data
     if cfg.data in ("digits", "gestures"):
-        return load_builtin(cfg.data, split=split, T=cfg.T, size=cfg.size, seed=cfg.seed, n_samples=n)
-    from .folders import load_folder
-    return load_folder(cfg.data, split=split, T=cfg.T, size=cfg.size, n_samples=n)
+        data = load_builtin(cfg.data, split=split, T=cfg.T, size=cfg.size, seed=cfg.seed)
+    else:
+        from .folders import load_folder
+        data = load_folder(cfg.data, split=split, T=cfg.T, size=cfg.size)
+    n = cfg.n_train if split == "train" else cfg.n_test
+    if n is None or n >= len(data):
+        return data
+    # A prefix of the fixed split, so quick runs never mix training and test samples.
+    if isinstance(data, EventFrames):
+        return EventFrames(data.frames[:n], data.labels[:n], data.class_names)
+    data.files = data.files[:n]
+    return data
 
 
 def build(cfg: TrainConfig, input_shape: tuple[int, ...], classes: int) -> tuple[torch.nn.Module, Learner]:
@@ -139,6 +147,15 @@ def evaluate(learner: Learner, loader: DataLoader, device: str, world: int = 1) 
         total += len(y)
     correct, total = _sum_across([correct, total], world, device)
     return correct / max(total, 1)
+
+
+def _ranks_in_sync(net: torch.nn.Module) -> bool:
+    """Whether every process ends with identical parameters (they must, with averaged gradients)."""
+    flat = torch.cat([p.detach().flatten() for p in net.parameters()])
+    high, low = flat.clone(), flat.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    return bool(torch.equal(high, low))
 
 
 def _peak_rss_mib() -> float:
@@ -199,6 +216,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             _save(out_dir / "checkpoint.pt", cfg, net, learner, epoch + 1, train_set)
             write_metrics(out_dir, history)
     result = {"config": asdict(cfg), "world_size": world, "history": history,
+              "ranks_in_sync": _ranks_in_sync(net) if world > 1 else None,
               "final_test_acc": history[-1]["test_acc"] if history else None}
     if out_dir:
         (out_dir / "result.json").write_text(json.dumps(result, indent=2))

@@ -1,0 +1,87 @@
+"""`stoprt train` and `stoprt demo` end to end: checkpoints, metrics, resume, errors, torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stoprt.cli import main
+from stoprt.runtime import models
+from stoprt.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+QUICK = ["--n-train", "96", "--n-test", "48", "--batch-size", "16", "--quiet", "--threads", "1"]
+
+
+def test_train_writes_checkpoint_metrics_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", "mlp", "--epochs", "1", "--out", str(out), *QUICK]) == 0
+    assert "epoch 1:" in capsys.readouterr().out
+    history = json.loads((out / "metrics.json").read_text())
+    assert len(history) == 1 and 0.0 <= history[0]["test_acc"] <= 1.0
+    assert (out / "metrics.csv").read_text().startswith("epoch,train_acc,test_acc")
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["epoch"] == 1 and ckpt["input_spec"]["T"] == 10
+    net = models.build_model(ckpt["model"]["name"], **ckpt["model"]["kwargs"])
+    net.load_state_dict(ckpt["model_state"])
+    # Resume: continues at epoch 2 from the saved state.
+    assert main(["train", "--model", "mlp", "--epochs", "2", "--out", str(out),
+                 "--resume", str(out / "checkpoint.pt"), *QUICK]) == 0
+    assert [h["epoch"] for h in json.loads((out / "metrics.json").read_text())] == [2]
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+
+
+def test_bptt_and_stop_variants_train(tmp_path):
+    for extra in (["--method", "bptt"], ["--learn", "w", "--update", "step"], ["--learn", "wl", "--update", "3"]):
+        assert main(["train", "--model", "mlp", "--epochs", "1", *extra, *QUICK]) == 0
+
+
+def test_bad_arguments_give_clear_errors(capsys):
+    assert main(["train", "--T", "0", *QUICK]) == 2
+    assert "T must be at least 1" in capsys.readouterr().err
+    assert main(["train", "--data", "/nonexistent/folder", *QUICK]) == 2
+    assert "/nonexistent/folder" in capsys.readouterr().err
+    assert main(["train", "--resume", "/nonexistent.pt", "--epochs", "1", *QUICK]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_checkpoint_is_atomic_and_checked(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"w": torch.ones(3)})
+    assert torch.equal(load_checkpoint(path)["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match="not a readable stoprt checkpoint"):
+        load_checkpoint(path)
+    torch.save({"format": "stoprt-checkpoint", "version": 99}, path)
+    with pytest.raises(CheckpointError, match="version 99"):
+        load_checkpoint(path)
+    torch.save({"something": 1}, path)
+    with pytest.raises(CheckpointError, match="not a stoprt checkpoint"):
+        load_checkpoint(path)
+
+
+def test_demo_learns_far_above_chance(tmp_path, capsys):
+    summary_path = tmp_path / "demo.json"
+    assert main(["demo", "--passes", "1", "--json", str(summary_path), "--quiet", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out accuracy" in printed and "steps/s" in printed
+    s = json.loads(summary_path.read_text())
+    assert s["accuracy_after"] >= 0.6 > 0.1 == s["chance_accuracy"]
+    assert s["accuracy_after"] > s["accuracy_before"] + 0.3
+    assert s["steps"] == s["train_samples_streamed"] * s["T"] and s["peak_rss_mib"] > 0
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "stoprt.cli", "train", "--model", "mlp", "--epochs", "1", "--out", str(out), *QUICK]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["world_size"] == 2 and result["ranks_in_sync"] is True
+    assert "2 process(es)" in proc.stdout
