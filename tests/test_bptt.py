@@ -1,11 +1,20 @@
 """The BPTT learner's gradients equal plain autograd through an independently written network."""
 
+import pytest
 import torch
 
 from stoprt.runtime import layers as L
 from stoprt.runtime.bptt import BPTT
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Exactness is checked in double precision; restored afterwards for the other tests."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _spike(x):

@@ -12,7 +12,15 @@ from stoprt.runtime import layers as L
 from stoprt.runtime.learner import LOSSES
 from stoprt.runtime.stop import STOP
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Exactness is checked in double precision; restored afterwards for the other tests."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _randomise(net: torch.nn.Module, seed: int) -> None:
