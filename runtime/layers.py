@@ -335,8 +335,11 @@ class Sequential(nn.Sequential):
         _fill_channels(self, None, False)
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         if self.input_shape is not None:
+            # Eval mode: the dry run must not touch BatchNorm's running statistics.
+            self.eval()
             with torch.no_grad():
                 self(torch.zeros(1, *self.input_shape))
+            self.train()
             reset_state(self)
 
 
