@@ -3,6 +3,7 @@
 Neuron (per layer, time step t; see ``shared/reference/stop-algorithm.md``)::
 
     U[t] = a * (U[t-1] - th * s[t-1]) + I[t]      # leaky integration, soft reset (reset spike detached)
+                                                   # (see carried_membrane for the other reset modes)
     s[t] = H(U[t] - th)                            # Heaviside spike, surrogate derivative phi(U - th)
 
 Forward traces (zero at the start of each sample)::
@@ -68,24 +69,33 @@ def spike(x: Tensor, kind: str = "exp", alpha: float = 1.0) -> Tensor:
     return (x > 0).to(x.dtype)
 
 
-def reset(u: Tensor, s: Tensor, threshold: Tensor) -> Tensor:
-    """Soft reset U[t-1] - th * s[t-1]; the reset spike is detached (no gradient through it)."""
-    return u - threshold * s.detach()
+RESETS = ("soft", "soft_nodecay", "hard")
 
 
-def membrane_decay(u: Tensor, s: Tensor, threshold: Tensor, leak: Tensor) -> Tensor:
-    """The part of U[t] carried from the previous step: a * (U[t-1] - th * s[t-1])."""
-    return leak * reset(u, s, threshold)
+def carried_membrane(u: Tensor, s: Tensor, threshold: Tensor, leak: Tensor, reset: str = "soft") -> Tensor:
+    """The part of U[t] carried over from step t-1; the reset spike is detached.
+
+    ``"soft"`` (the paper's): a (U - th s); ``"soft_nodecay"`` (snnTorch's subtract reset): a U - th s;
+    ``"hard"`` (reset to zero, as NIR and SpikingJelly's default): a U (1 - s).
+    """
+    s = s.detach()
+    if reset == "soft":
+        return leak * (u - threshold * s)
+    if reset == "soft_nodecay":
+        return leak * u - threshold * s
+    if reset == "hard":
+        return leak * u * (1.0 - s)
+    raise ValueError(f"unknown reset {reset!r}; choose one of {RESETS}")
 
 
 def lif_step(current: Tensor, u: Tensor, s: Tensor, threshold: Tensor, leak: Tensor,
-             surrogate: str = "exp", alpha: float = 1.0) -> tuple[Tensor, Tensor]:
-    """One LIF step with soft reset. Returns (U[t], s[t]), both shaped like ``current``.
+             surrogate: str = "exp", alpha: float = 1.0, reset: str = "soft") -> tuple[Tensor, Tensor]:
+    """One LIF step. Returns (U[t], s[t]), both shaped like ``current``.
 
     current: I[t]; u, s: U[t-1], s[t-1] (broadcastable to current); threshold broadcastable to current;
     leak a scalar tensor in (0, 1).
     """
-    u_new = membrane_decay(u, s, threshold, leak) + current
+    u_new = carried_membrane(u, s, threshold, leak, reset) + current
     return u_new, spike(u_new - threshold, surrogate, alpha)
 
 
@@ -109,18 +119,26 @@ def bias_trace_step(trace: Tensor | None, leak: Tensor) -> Tensor:
     return one if trace is None else leak.detach() * trace + 1.0
 
 
-def threshold_trace_step(trace: Tensor | None, s: Tensor | None, leak: Tensor) -> Tensor | None:
-    """th_tr[t] = a * (th_tr[t-1] - s[t-1]). None stands for an all-zero trace (first step)."""
+def threshold_trace_step(trace: Tensor | None, s: Tensor | None, leak: Tensor,
+                         reset: str = "soft") -> Tensor | None:
+    """th_tr[t] = dU[t]/dth through the membrane chain: a (th_tr - s) for the soft reset, a th_tr - s
+    without its decay. None stands for an all-zero trace (first step)."""
     if s is None:
         return None
-    return leak.detach() * (-s if trace is None else trace - s)
+    a = leak.detach()
+    if reset == "soft":
+        return a * (-s if trace is None else trace - s)
+    return -s if trace is None else a * trace - s
 
 
-def leak_trace_step(trace: Tensor | None, carried: Tensor | None, leak: Tensor) -> Tensor | None:
-    """a_tr[t] = a * a_tr[t-1] + (U[t-1] - th * s[t-1]); ``carried`` is that last term."""
-    if carried is None:
+def leak_trace_step(trace: Tensor | None, u: Tensor | None, s: Tensor | None, threshold: Tensor | None,
+                    leak: Tensor, reset: str = "soft") -> Tensor | None:
+    """a_tr[t] = a a_tr[t-1] + dU[t]/da at fixed history: U[t-1] - th s[t-1] for the soft reset,
+    U[t-1] without its decay (and for a readout, where ``s`` is None)."""
+    if u is None:
         return None
-    return carried if trace is None else torch.addcmul(carried, leak.detach(), trace)
+    direct = u if s is None or reset == "soft_nodecay" else u - threshold.detach() * s
+    return direct if trace is None else torch.addcmul(direct, leak.detach(), trace)
 
 
 # ---------------------------------------------------------------------------------------------

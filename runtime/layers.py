@@ -84,6 +84,8 @@ class LIF(_Neuron):
         surrogate, alpha: surrogate derivative of the spike (see ``functional.SURROGATES``).
         learn_threshold, learn_leak: whether these parameters get gradients at all.
         share_leak_with: another neuron layer whose leak Parameter this one uses.
+        reset: ``"soft"`` (default, the paper's: a (U - th s)), ``"soft_nodecay"`` (a U - th s, snnTorch's
+            subtract reset) or ``"hard"`` (to zero; inference and imports only, STOP refuses it).
 
     Input ``[B, *shape]`` current, output spikes of the same shape.
     """
@@ -92,11 +94,13 @@ class LIF(_Neuron):
                  init_threshold: float = 1.0, threshold_floor: float = 0.05, leak: float = 0.5,
                  leak_range: tuple[float, float] = (0.01, 0.99), surrogate: str = "exp",
                  alpha: float = 1.0, learn_threshold: bool = True, learn_leak: bool = True,
-                 share_leak_with: _Neuron | None = None) -> None:
+                 share_leak_with: _Neuron | None = None, reset: str = "soft") -> None:
         if threshold not in GRANULARITIES:
             raise ValueError(f"threshold granularity must be one of {GRANULARITIES}, got {threshold!r}")
         if surrogate not in SF.SURROGATES:
             raise ValueError(f"unknown surrogate {surrogate!r}; choose one of {SF.SURROGATES}")
+        if reset not in SF.RESETS:
+            raise ValueError(f"unknown reset {reset!r}; choose one of {SF.RESETS}")
         if not 0.0 < threshold_floor <= init_threshold:
             raise ValueError("need 0 < threshold_floor <= init_threshold")
         super().__init__(leak, leak_range, learn_leak, share_leak_with)
@@ -104,6 +108,7 @@ class LIF(_Neuron):
         self.init_threshold = float(init_threshold)
         self.threshold_floor = float(threshold_floor)
         self.surrogate, self.alpha = surrogate, float(alpha)
+        self.reset = reset
         self.learn_threshold = learn_threshold
         self.register_parameter("threshold", None)
         if threshold == "layer":
@@ -131,16 +136,15 @@ class LIF(_Neuron):
         if not self.stop_mode:
             u_prev = current.new_zeros(()) if self.u is None else self.u
             s_prev = current.new_zeros(()) if self.s is None else self.s
-            u, s = SF.lif_step(current, u_prev, s_prev, th, a, self.surrogate, self.alpha)
+            u, s = SF.lif_step(current, u_prev, s_prev, th, a, self.surrogate, self.alpha, self.reset)
             self.u, self.s = u, s
             return s
         with torch.no_grad():
-            reset_u = None if self.u is None else SF.reset(self.u, self.s, th)
-            carried = None if reset_u is None else a * reset_u
+            carried = None if self.u is None else SF.carried_membrane(self.u, self.s, th, a, self.reset)
             if th.requires_grad:
-                self.th_trace = SF.threshold_trace_step(self.th_trace, self.s, a)
+                self.th_trace = SF.threshold_trace_step(self.th_trace, self.s, a, self.reset)
             if a.requires_grad:
-                self.a_trace = SF.leak_trace_step(self.a_trace, reset_u, a)
+                self.a_trace = SF.leak_trace_step(self.a_trace, self.u, self.s, th, a, self.reset)
         if torch.is_grad_enabled():
             u = SF.TracedMembrane.apply(current, carried, th, a, self.th_trace, self.a_trace)
         else:
@@ -160,8 +164,9 @@ class LIF(_Neuron):
 
     def extra_repr(self) -> str:
         shape = None if self.threshold is None else tuple(self.threshold.shape)
+        reset = "" if self.reset == "soft" else f", reset={self.reset!r}"
         return (f"threshold={self.granularity!r}, threshold_shape={shape}, "
-                f"leak={self.leak.item():.3f}, surrogate={self.surrogate!r}")
+                f"leak={self.leak.item():.3f}, surrogate={self.surrogate!r}{reset}")
 
 
 class LeakyReadout(_Neuron):
@@ -183,7 +188,7 @@ class LeakyReadout(_Neuron):
         with torch.no_grad():
             carried = None if self.u is None else a * self.u
             if a.requires_grad:
-                self.a_trace = SF.leak_trace_step(self.a_trace, self.u, a)
+                self.a_trace = SF.leak_trace_step(self.a_trace, self.u, None, None, a)
         if torch.is_grad_enabled():
             u = SF.TracedMembrane.apply(current, carried, None, a, None, self.a_trace)
         else:

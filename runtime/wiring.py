@@ -36,6 +36,9 @@ def _name(names: dict[int, str], module: nn.Module) -> str:
 def _flow(module: nn.Module, open_ops: frozenset, targets: dict, names: dict) -> frozenset:
     """Propagate the set of ops whose current is in flight through ``module``; record targets."""
     if isinstance(module, L._Neuron):
+        if getattr(module, "reset", "soft") == "hard":
+            raise WiringError(f"{_name(names, module)} uses a hard reset: its per-neuron decay a (1 - s) would "
+                              "need a trace per synapse; STOP needs reset='soft' or 'soft_nodecay'")
         for op in open_ops:
             targets.setdefault(op, []).append(module)
         return frozenset()

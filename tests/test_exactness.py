@@ -41,10 +41,10 @@ def _randomise(net: torch.nn.Module, seed: int) -> None:
                 m.weight.mul_(2.5)
 
 
-def mlp() -> L.Sequential:
-    return L.Sequential(L.Linear(12, 16), L.LIF(threshold="neuron"), L.Dropout(0.3),
-                        L.Linear(16, 10), L.LIF(threshold="channel"),
-                        L.Linear(10, 4), L.LIF(threshold="layer"), input_shape=(12,))
+def mlp(reset: str = "soft") -> L.Sequential:
+    return L.Sequential(L.Linear(12, 16), L.LIF(threshold="neuron", reset=reset), L.Dropout(0.3),
+                        L.Linear(16, 10), L.LIF(threshold="channel", reset=reset),
+                        L.Linear(10, 4), L.LIF(threshold="layer", reset=reset), input_shape=(12,))
 
 
 def conv_residual(readout: bool) -> L.Sequential:
@@ -121,10 +121,11 @@ def stop_grads(net, xs, y, learn, loss, seed):
 @pytest.mark.parametrize("T", [1, 2, 5, 8])
 @pytest.mark.parametrize("build,shape,loss", [
     (mlp, (12,), "ce"),
+    (lambda: mlp(reset="soft_nodecay"), (12,), "ce"),
     (lambda: conv_residual(readout=False), (2, 8, 8), "ce"),
     (lambda: conv_residual(readout=True), (2, 8, 8), "mse"),
     (preact_stream, (2, 8, 8), "ce"),
-], ids=["mlp", "conv-residual", "conv-residual-readout", "preact-stream"])
+], ids=["mlp", "mlp-soft-nodecay", "conv-residual", "conv-residual-readout", "preact-stream"])
 def test_stop_equals_truncated_graph_oracle(build, shape, loss, T):
     torch.manual_seed(0)
     net = build()
