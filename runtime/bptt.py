@@ -16,11 +16,13 @@ class BPTT(Learner):
     """Backpropagation through time with the same ``step`` / ``end_sample`` interface as STOP.
 
     The loss is the sum over steps of the per-step loss, as for STOP, so the two optimise the same
-    objective; the update is applied once per sample.
+    objective; the update is applied once per sample. BatchNorm is frozen as under STOP unless
+    ``freeze_batchnorm=False`` (then it normalises each step by its batch statistics while training).
     """
 
     def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer, loss: str | LossFn = "ce",
-                 check_inputs: bool = True) -> None:
+                 check_inputs: bool = True, freeze_batchnorm: bool = True) -> None:
+        L.freeze_batchnorm(net, freeze_batchnorm)  # before the base class reads requires_grad
         super().__init__(net, optimizer, loss, check_inputs)
         L.set_stop_mode(net, False)
         L.reset_state(net)

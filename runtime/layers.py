@@ -265,21 +265,26 @@ class Conv2d(_Synapse, nn.Conv2d):
 
 
 class BatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm over channels; frozen (running statistics, no affine learning) under STOP.
+    """BatchNorm over channels. ``frozen``: always the running statistics, a fixed affine map.
 
-    Under BPTT it may train as usual. Fold it into the preceding convolution for deployment with
-    :func:`fold_batchnorm`.
+    STOP freezes it (per-step batch statistics would break the exactness of its traces); BPTT does
+    too by default, so both train identical models. Estimate the statistics from data with
+    :func:`stoprt.runtime.batchnorm.calibrate_batchnorm`; fold into the preceding convolution for
+    deployment with :func:`stoprt.runtime.batchnorm.fold_batchnorm`.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1) -> None:
         super().__init__(num_features, eps, momentum)
-        self.stop_mode = False
+        self.frozen = False
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.stop_mode:
+        if self.frozen:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 False, 0.0, self.eps)
         return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", frozen" if self.frozen else "")
 
 
 class Dropout(nn.Module):
@@ -382,6 +387,15 @@ def set_stop_mode(net: nn.Module, enabled: bool) -> None:
     for m in net.modules():
         if hasattr(m, "stop_mode"):
             m.stop_mode = enabled
+
+
+def freeze_batchnorm(net: nn.Module, frozen: bool = True) -> None:
+    """Freeze (or unfreeze) every stoprt BatchNorm2d: running statistics and no affine learning."""
+    for m in net.modules():
+        if isinstance(m, BatchNorm2d):
+            m.frozen = frozen
+            for p in m.parameters():
+                p.requires_grad_(not frozen)
 
 
 def neurons(net: nn.Module) -> list[_Neuron]:

@@ -64,13 +64,11 @@ class STOP(Learner):
                 for p in (m.weight, m.bias):
                     if p is not None:
                         p.requires_grad_(False)
-            if isinstance(m, L.BatchNorm2d):
-                for p in m.parameters():
-                    p.requires_grad_(False)
             if isinstance(m, L.LIF) and "threshold" not in learn:
                 m.threshold.requires_grad_(False)
             if isinstance(m, L._Neuron) and "leak" not in learn:
                 m.leak.requires_grad_(False)
+        L.freeze_batchnorm(net)
         self.wiring = wire(net)
         L.set_stop_mode(net, True)
         L.reset_state(net)

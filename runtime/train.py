@@ -10,6 +10,7 @@ communication. Process group: gloo on CPU, nccl on CUDA.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import resource
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from . import models
+from .batchnorm import calibrate_batchnorm
 from .bptt import BPTT
 from .checkpoint import load_checkpoint, save_checkpoint
 from .learner import Learner
@@ -56,6 +58,7 @@ class TrainConfig:
     n_test: int | None = None
     out_dir: str | None = None
     checkpoint_every: int = 0       # batches between checkpoints; 0: at the end of each epoch
+    calibrate_bn: int = 4           # training batches to estimate frozen BatchNorm statistics from
     progress: bool = True
     model_kwargs: dict = field(default_factory=dict)
 
@@ -169,6 +172,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     train_set, test_set = load_data(cfg, "train"), load_data(cfg, "test")
     net, learner = build(cfg, train_set.input_shape, train_set.num_classes)
     start_epoch = 0
+    if cfg.calibrate_bn and not resume:
+        calibrate_batchnorm(net, (x.to(cfg.device).transpose(0, 1) for x, _ in
+                                  itertools.islice(DataLoader(train_set, cfg.batch_size), cfg.calibrate_bn)))
     if resume:
         state = load_checkpoint(resume, map_location=cfg.device)
         net.load_state_dict(state["model_state"])
