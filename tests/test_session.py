@@ -1,0 +1,116 @@
+"""The stream session: samples from windows or labels, in-situ learning, late labels, checkpoints."""
+
+import os
+import signal
+from collections import namedtuple
+
+import pytest
+import torch
+
+from stoprt.runtime import layers as L, models
+from stoprt.runtime.session import LabelTrack, Segment, StreamSession
+from stoprt.runtime.stop import STOP
+
+Step = namedtuple("Step", "frame t_start t_end")
+DT = 1000
+
+
+def _steps(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [Step((torch.rand(2, 8, 8, generator=g) < 0.3).float() * 2, i * DT, (i + 1) * DT) for i in range(n)]
+
+
+def _session(tmp_path=None, labels=None, **kw):
+    torch.manual_seed(0)
+    net = models.mlp(in_channels=2, size=8, classes=3, hidden=(16,))
+    learner = STOP(net, torch.optim.Adam(net.parameters(), lr=1e-2))
+    return StreamSession(net, learner, labels=labels, checkpoint_dir=tmp_path, **kw)
+
+
+def _labels(n_segments, length=5, gap=2):
+    # Segments of `length` steps separated by `gap` unlabelled steps; labels cycle 0, 1, 2.
+    period = length + gap
+    return LabelTrack(Segment(k * period * DT, (k * period + length) * DT, k % 3) for k in range(n_segments))
+
+
+def test_windows_without_labels_predict_per_window():
+    s = _session(window=4)
+    stats = s.run(_steps(20))
+    assert stats.samples == 5 and stats.steps == 20 and stats.labelled_samples == 0
+    assert stats.updates == 0 and stats.last_prediction in (0, 1, 2)
+
+
+def test_labelled_segments_learn_and_gaps_only_predict():
+    s = _session(labels=_labels(4))
+    before = [p.detach().clone() for p in s.net.parameters()]
+    stats = s.run(_steps(28))
+    assert stats.labelled_samples == 4 and stats.updates == 4
+    assert stats.samples == 8  # 4 labelled segments + 4 unlabelled gaps
+    assert any(not torch.equal(a, b) for a, b in zip(before, s.net.parameters()))
+    assert 0.0 <= stats.accuracy <= 1.0
+
+
+def test_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path):
+    steps = _steps(42)
+    full = _session(tmp_path / "a", labels=_labels(6), checkpoint_every=2)
+    full.run(steps)
+    crashed = _session(tmp_path / "b", labels=_labels(6), checkpoint_every=2)
+    for st in steps[:25]:  # the process dies here: no finish(), only periodic checkpoints survive
+        crashed.process(st.frame, st.t_start, st.t_end)
+    resumed = _session(tmp_path / "b", labels=_labels(6), checkpoint_every=2)
+    info = resumed.resume()
+    assert info["session"]["samples"] == 6 and 0 < resumed.stats.t_us < steps[25].t_end
+    resumed.run(steps)
+    assert resumed.stats.skipped_steps > 0
+    for (name, a), b in zip(full.net.named_parameters(), resumed.net.parameters()):
+        assert torch.equal(a, b), name
+    assert resumed.stats.updates == full.stats.updates and resumed.stats.correct == full.stats.correct
+
+
+def test_a_late_label_replays_the_sample_like_an_in_time_label():
+    steps = _steps(6)
+    in_time = _session(labels=LabelTrack([Segment(0, 5 * DT, 2)]))
+    in_time.run(steps[:5])
+    late = _session(labels=LabelTrack(), late_label_steps=10)
+    late.run(steps[:5])
+    assert late.stats.updates == 0
+    assert late.add_label(0, 5 * DT, 2) is True
+    assert late.stats.updates == 1 and late.stats.replayed_samples == 1
+    for a, b in zip(in_time.net.parameters(), late.net.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+def test_sigterm_ends_the_sample_and_checkpoints(tmp_path):
+    s = _session(tmp_path, window=5)
+
+    def stream():
+        for i, st in enumerate(_steps(100)):
+            if i == 12:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield st
+
+    stats = s.run(stream())
+    assert s.interrupted and stats.steps == 13 and stats.samples == 3
+    assert (tmp_path / "session.pt").is_file()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_state_stays_bounded_and_old_labels_are_forgotten():
+    track = _labels(300, length=3, gap=1)
+    s = _session(labels=track)
+    s.run(_steps(40))
+    size = sum(t.numel() for t in L.state_tensors(s.net))
+    s.run(_steps(1200)[40:])
+    assert sum(t.numel() for t in L.state_tensors(s.net)) <= size
+    assert len(track.segments) < 5
+
+
+def test_label_csv_and_errors(tmp_path):
+    path = tmp_path / "user01_lab_labels.csv"
+    path.write_text("class,startTime_usec,endTime_usec\n1,100,200\n11,300,450\n")
+    track = LabelTrack.from_csv(path)
+    assert track.at(150).label == 0 and track.at(449).label == 10 and track.at(250) is None
+    with pytest.raises(ValueError, match="end > start"):
+        track.add(5, 5, 1)
+    with pytest.raises(ValueError, match="window"):
+        _session(window=0)
