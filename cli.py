@@ -67,6 +67,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .devices.cli import register as register_devices
+    from .export.cli import register as register_export
+    from .runtime.stream_cli import register as register_stream
+    from .export.importers.cli import register as register_import
 
     parser = argparse.ArgumentParser(prog="stoprt", description="On-device learning runtime for spiking "
                                      "neural networks (STOP: weights, thresholds and leaks, bounded memory).")
@@ -107,7 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(train)
     train.set_defaults(func=_run_train)
 
+    register_stream(sub)
     register_devices(sub)
+    register_export(sub)
+    register_import(sub)
     return parser
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import csv
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,10 +47,12 @@ class Segment:
 
 
 class LabelTrack:
-    """Labelled segments of a stream, sorted by start; labels can be added while streaming."""
+    """Labelled segments of a stream, sorted by start; labels can be added while streaming (also
+    from another thread, e.g. a source's producer)."""
 
     def __init__(self, segments: Iterable[Segment] = ()) -> None:
         self.segments: list[Segment] = []
+        self._lock = threading.Lock()
         for seg in segments:
             self.add(seg.start_us, seg.end_us, seg.label)
 
@@ -59,17 +62,20 @@ class LabelTrack:
         if label < 0:
             raise ValueError(f"labels are class indices >= 0, got {label}")
         seg = Segment(int(start_us), int(end_us), int(label))
-        bisect.insort(self.segments, seg, key=lambda s: s.start_us)
+        with self._lock:
+            bisect.insort(self.segments, seg, key=lambda s: s.start_us)
         return seg
 
     def at(self, t_us: int) -> Segment | None:
         """The segment containing time ``t_us``, if any."""
-        i = bisect.bisect_right([s.start_us for s in self.segments], t_us) - 1
-        return self.segments[i] if i >= 0 and t_us < self.segments[i].end_us else None
+        with self._lock:
+            i = bisect.bisect_right(self.segments, t_us, key=lambda s: s.start_us) - 1
+            return self.segments[i] if i >= 0 and t_us < self.segments[i].end_us else None
 
     def prune(self, before_us: int) -> None:
         """Forget segments that ended before ``before_us`` (bounded memory on endless streams)."""
-        self.segments = [s for s in self.segments if s.end_us > before_us]
+        with self._lock:
+            self.segments = [s for s in self.segments if s.end_us > before_us]
 
     @classmethod
     def from_csv(cls, path: str | Path, first_class: int = 1) -> "LabelTrack":

@@ -1,0 +1,350 @@
+"""Incremental binning of an event stream into network input frames, one time step at a time.
+
+:class:`Binner` takes packets as they arrive (``push``) and returns the time steps they complete; it
+holds at most one step (the current, partial one), never the stream. Per packet, in this order:
+
+1. checks: events outside the sensor, with a polarity above 1, or with a timestamp before the latest
+   one seen (timestamps going backwards) are dropped and counted in ``stats`` (``out_of_bounds``,
+   ``bad_polarity``, ``backwards``); the stream goes on;
+2. hot pixels (optional): a fixed mask, or ``"auto"``: per window of ``hot_window_us``, a pixel with
+   more than ``hot_factor`` times the median count of the active pixels (and at least
+   ``hot_min_events``) is masked during the next window (the first window is never masked);
+3. background-activity filter (optional, ``denoise_us``): an event is kept only if one of its 8
+   neighbours fired within ``denoise_us`` before it (every checked event updates the neighbourhood
+   map, kept or not, as in the classic filter);
+4. region of interest (optional ``roi=(x0, y0, w, h)``) and spatial downsampling to ``out_size``: each
+   event adds 1 to the output cell that contains it (integer scaling, as
+   :func:`~stoprt.runtime.events.events_to_frames`; counts are preserved);
+5. binning: ``mode="time"`` cuts steps of ``dt_us`` on a grid from the first event (or ``t_start``);
+   a window without events is an empty step, so a gap in the stream yields its empty steps (at most
+   ``max_gap_steps`` per gap: longer gaps skip ahead on the grid and count ``gap_steps_skipped``).
+   ``mode="count"`` cuts a step every ``events_per_step`` kept events.
+
+Timestamps filtered out by steps 2-4 still advance time. Empty steps share one zero element (an
+expanded, read-only view: ``.clone()`` before writing into it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..events import _pair
+from .sources import as_packet
+
+_NEIGHBOURS = [(dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dx or dy]
+_NEVER = np.iinfo(np.int64).min // 2
+
+
+@dataclass
+class Step:
+    """One time step of input: ``frame`` ``[C, H', W']`` (C = 2: channel 0 OFF, 1 ON; C = 1 for
+    ``polarity="sum"``), covering ``[t_start, t_end)`` microseconds, built from ``n_events`` events;
+    ``index`` counts the steps of the stream from 0."""
+
+    frame: torch.Tensor
+    t_start: int
+    t_end: int
+    n_events: int
+    index: int
+
+
+class Binner:
+    """Bin packets into steps (see the module docstring).
+
+    Args:
+        sensor_size: ``(W, H)`` of the sensor.
+        out_size: ``(W', H')`` or one int (square); default the ROI (or sensor) size.
+        mode: ``"time"`` (steps of ``dt_us``) or ``"count"`` (steps of ``events_per_step`` events).
+        polarity: ``"split"`` (2 channels) or ``"sum"`` (1 channel).
+        denoise_us: background-activity filter window, or ``None`` for no filter.
+        hot_pixels: ``None``, a boolean mask ``[H, W]`` (True = drop), or ``"auto"``.
+        roi: ``(x0, y0, w, h)`` inside the sensor, or ``None``.
+        t_start: origin of the time grid (default: the first event); earlier events count as backwards.
+        dtype, device: of the frames.
+    """
+
+    def __init__(self, sensor_size: tuple[int, int], out_size: int | tuple[int, int] | None = None,
+                 mode: str = "time", dt_us: int = 1000, events_per_step: int = 1000, polarity: str = "split",
+                 denoise_us: int | None = None, hot_pixels: Any = None, roi: tuple[int, int, int, int] | None = None,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", t_start: int | None = None,
+                 hot_window_us: int = 1_000_000, hot_factor: float = 20.0, hot_min_events: int = 20,
+                 max_gap_steps: int = 100_000) -> None:
+        if sensor_size is None:
+            raise ValueError("the sensor size is unknown (the source does not state it): pass sensor_size=(W, H)")
+        self.sensor_size = _pair(sensor_size, "sensor_size")
+        if mode not in ("time", "count"):
+            raise ValueError(f"mode must be 'time' or 'count', got {mode!r}")
+        if polarity not in ("split", "sum"):
+            raise ValueError(f"polarity must be 'split' or 'sum', got {polarity!r}")
+        for name, value in (("dt_us", dt_us), ("events_per_step", events_per_step), ("hot_window_us", hot_window_us),
+                            ("max_gap_steps", max_gap_steps)):
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if denoise_us is not None and (not isinstance(denoise_us, (int, np.integer)) or denoise_us < 0):
+            raise ValueError(f"denoise_us must be an int >= 0 or None, got {denoise_us!r}")
+        w, h = self.sensor_size
+        self.roi = (0, 0, w, h) if roi is None else self._check_roi(roi)
+        self.out_size = _pair(out_size, "out_size") if out_size is not None else self.roi[2:]
+        self.mode, self.polarity = mode, polarity
+        self.dt_us, self.events_per_step, self.max_gap_steps = int(dt_us), int(events_per_step), int(max_gap_steps)
+        self.denoise_us = None if denoise_us is None else int(denoise_us)
+        self.hot_auto = isinstance(hot_pixels, str)
+        if self.hot_auto and hot_pixels != "auto":
+            raise ValueError(f"hot_pixels must be None, a [H, W] mask or 'auto', got {hot_pixels!r}")
+        self._fixed_hot = None if hot_pixels is None or self.hot_auto else self._check_mask(hot_pixels)
+        self.hot_window_us, self.hot_factor, self.hot_min_events = int(hot_window_us), float(hot_factor), hot_min_events
+        self.dtype, self.device = dtype, torch.device(device)
+        self.t_start = None if t_start is None else int(t_start)
+        channels = 2 if polarity == "split" else 1
+        self.frame_shape = (channels, self.out_size[1], self.out_size[0])
+        self._zero = torch.zeros(1, dtype=dtype, device=self.device)
+        self._hot_mask = self._fixed_hot.copy() if self._fixed_hot is not None else (
+            np.zeros(w * h, bool) if self.hot_auto else None)
+        self._counts = dict.fromkeys(("events_in", "events_binned", "out_of_bounds", "bad_polarity", "backwards",
+                                      "hot_dropped", "denoised", "roi_dropped", "steps", "empty_steps",
+                                      "gap_steps_skipped"), 0)
+        self.reset()
+
+    # -- configuration checks -------------------------------------------------------------------------
+    def _check_roi(self, roi: Any) -> tuple[int, int, int, int]:
+        x0, y0, w, h = (int(v) for v in roi)
+        if x0 < 0 or y0 < 0 or w < 1 or h < 1 or x0 + w > self.sensor_size[0] or y0 + h > self.sensor_size[1]:
+            raise ValueError(f"roi {tuple(roi)} (x0, y0, w, h) is not inside the {self.sensor_size[0]}x"
+                             f"{self.sensor_size[1]} sensor")
+        return x0, y0, w, h
+
+    def _check_mask(self, mask: Any) -> np.ndarray:
+        arr = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+        w, h = self.sensor_size
+        if arr.shape != (h, w):
+            raise ValueError(f"hot_pixels mask must have shape (H, W) = ({h}, {w}), got {arr.shape}")
+        return arr.astype(bool).reshape(-1)
+
+    # -- state ---------------------------------------------------------------------------------------
+    @property
+    def stats(self) -> dict[str, int]:
+        hot = self._hot_mask if self._hot_mask is not None else np.zeros(0, bool)
+        return {**self._counts, "hot_pixels": int(hot.sum())}
+
+    @property
+    def buffered_events(self) -> int:
+        """Events in the current, partial step."""
+        return self._n
+
+    def reset(self) -> None:
+        """Forget the stream: drop the partial step, the time grid and the denoise history. The
+        counters in ``stats`` and the hot-pixel mask (a property of the sensor) are kept."""
+        w, h = self.sensor_size
+        self._acc = np.zeros(int(np.prod(self.frame_shape)), dtype=np.float32)
+        self._n = 0
+        self._k: int | None = 0 if self.t_start is not None else None  # current step on the time grid
+        self._t0 = self.t_start
+        self._last_t: int | None = self.t_start
+        self._count_t0 = self._count_t1 = 0
+        self._index = 0
+        self._denoise_map = np.full(w * h, _NEVER, dtype=np.int64) if self.denoise_us is not None else None
+        self._hot_counts = np.zeros(w * h, dtype=np.int64) if self.hot_auto else None
+        self._hot_window: int | None = None
+
+    # -- public API ----------------------------------------------------------------------------------
+    def push(self, packet: np.ndarray) -> list[Step]:
+        """Add a packet (1-D EVENT_DTYPE array, time-ordered); returns the steps it completed."""
+        ev = as_packet(packet)
+        self._counts["events_in"] += len(ev)
+        if not len(ev):
+            return []
+        t, pix, p = self._checked(ev)
+        if not len(t):
+            return []
+        keep = np.ones(len(t), dtype=bool)
+        if self._hot_mask is not None:
+            self._mask_hot(t, pix, keep)
+        if self._denoise_map is not None:
+            self._denoise(t, pix, keep)
+        flat = self._cells(pix, p, keep)
+        return self._bin_time(t, flat, keep) if self.mode == "time" else self._bin_count(t[keep], flat[keep])
+
+    def advance(self, t_us: int) -> list[Step]:
+        """Declare that no event before ``t_us`` will come (e.g. a live source was silent): returns the
+        time steps that end at or before ``t_us``. Later events before ``t_us`` count as backwards.
+        Nothing happens in count mode or before the first event."""
+        if self.mode != "time" or self._t0 is None:
+            return []
+        self._last_t = max(self._last_t, int(t_us)) if self._last_t is not None else int(t_us)
+        return self._advance_to((int(t_us) - self._t0) // self.dt_us)
+
+    def flush(self) -> list[Step]:
+        """End the stream: returns the partial step (if it holds events, or in time mode if one is
+        open) and resets, so that the next push starts a new stream."""
+        out = []
+        if self.mode == "time" and self._k is not None and self._t0 is not None:
+            out.append(self._emit(self._t0 + self._k * self.dt_us, self._t0 + (self._k + 1) * self.dt_us))
+        elif self.mode == "count" and self._n:
+            out.append(self._emit(self._count_t0, self._count_t1 + 1))
+        self.reset()
+        return out
+
+    # -- stages --------------------------------------------------------------------------------------
+    def _checked(self, ev: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Timestamps, pixel indices and polarities of the events that pass the checks."""
+        w, h = self.sensor_size
+        x, y, p, t = ev["x"], ev["y"], ev["p"], ev["t"]
+        inside = (x < w) & (y < h)
+        good_p = p <= 1
+        self._counts["out_of_bounds"] += int((~inside).sum())
+        self._counts["bad_polarity"] += int((inside & ~good_p).sum())
+        ok = inside & good_p
+        floor = self._last_t if self._last_t is not None else int(t[0])
+        # An event is backwards when it is earlier than any event before it (or the stream so far).
+        before = np.maximum.accumulate(np.concatenate(([floor], np.where(ok, t, floor)[:-1])))
+        forward = t >= before
+        self._counts["backwards"] += int((ok & ~forward).sum())
+        ok &= forward
+        if not ok.all():
+            x, y, p, t = x[ok], y[ok], p[ok], t[ok]
+        if len(t):
+            self._last_t = int(t[-1])
+        return t, y.astype(np.int64) * w + x, p
+
+    def _mask_hot(self, t: np.ndarray, pix: np.ndarray, keep: np.ndarray) -> None:
+        if not self.hot_auto:
+            keep &= ~self._hot_mask[pix]
+        else:
+            if self._hot_window is None:
+                self._hot_window = int(t[0])
+            i, n = 0, len(t)
+            while i < n:
+                j = int(np.searchsorted(t, self._hot_window + self.hot_window_us, side="left"))
+                j = max(j, i)
+                np.add.at(self._hot_counts, pix[i:j], 1)
+                keep[i:j] &= ~self._hot_mask[pix[i:j]]
+                if j < n:  # the window ended: the next one is masked by what this one counted
+                    self._update_hot_mask()
+                    self._hot_window += (int(t[j]) - self._hot_window) // self.hot_window_us * self.hot_window_us
+                i = j
+        self._counts["hot_dropped"] += int((~keep).sum())
+
+    def _update_hot_mask(self) -> None:
+        counts = self._hot_counts
+        active = counts[counts > 0]
+        limit = max(self.hot_factor * float(np.median(active)), self.hot_min_events) if len(active) else np.inf
+        self._hot_mask = counts > limit
+        if self._fixed_hot is not None:
+            self._hot_mask |= self._fixed_hot
+        counts[:] = 0
+
+    def _denoise(self, t: np.ndarray, pix: np.ndarray, keep: np.ndarray) -> None:
+        """Background-activity filter over the events still kept; updates the neighbourhood map."""
+        idx = np.flatnonzero(keep)
+        if not len(idx):
+            return
+        tk, pk = t[idx], pix[idx]
+        w, h = self.sensor_size
+        n = len(tk)
+        # Work in (pixel, arrival) order: the keys and, for each offset, the queries are then sorted,
+        # which keeps the binary searches cache-friendly.
+        order = np.lexsort((np.arange(n), pk))
+        sp, st = pk[order], tk[order]
+        keys = sp * n + order
+        xs, ys = sp % w, sp // w
+        support = np.full(n, _NEVER, dtype=np.int64)
+        for dx, dy in _NEIGHBOURS:
+            valid = (xs + dx >= 0) & (xs + dx < w) & (ys + dy >= 0) & (ys + dy < h)
+            q = sp + (dy * w + dx)
+            # The latest earlier event of this packet at pixel q, else the map from earlier packets.
+            pos = np.searchsorted(keys, q * n + order, side="left") - 1
+            pos_ok = np.maximum(pos, 0)
+            same = (pos >= 0) & (sp[pos_ok] == q)
+            seen = np.where(same, st[pos_ok], self._denoise_map[np.where(valid, q, 0)])
+            np.maximum(support, np.where(valid, seen, _NEVER), out=support)
+        support[order] = support.copy()  # back to arrival order
+        passed = tk - support <= self.denoise_us
+        np.maximum.at(self._denoise_map, pk, tk)
+        self._counts["denoised"] += int((~passed).sum())
+        keep[idx[~passed]] = False
+
+    def _cells(self, pix: np.ndarray, p: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """Flat output-cell index of each event; events outside the ROI are removed from ``keep``."""
+        w = self.sensor_size[0]
+        x0, y0, rw, rh = self.roi
+        xr, yr = pix % w - x0, pix // w - y0
+        inside = (xr >= 0) & (xr < rw) & (yr >= 0) & (yr < rh)
+        self._counts["roi_dropped"] += int((keep & ~inside).sum())
+        keep &= inside
+        ow, oh = self.out_size
+        xo, yo = np.clip(xr, 0, rw - 1) * ow // rw, np.clip(yr, 0, rh - 1) * oh // rh
+        channel = p.astype(np.int64) if self.polarity == "split" else 0
+        return (channel * oh + yo) * ow + xo
+
+    def _accumulate(self, flat: np.ndarray) -> None:
+        if len(flat) * 8 < len(self._acc):
+            np.add.at(self._acc, flat, 1.0)
+        else:
+            self._acc += np.bincount(flat, minlength=len(self._acc)).astype(np.float32)
+        self._n += len(flat)
+
+    def _bin_time(self, t: np.ndarray, flat: np.ndarray, keep: np.ndarray) -> list[Step]:
+        if self._t0 is None:
+            self._t0 = int(t[0])
+        k = (t - self._t0) // self.dt_us
+        out: list[Step] = []
+        cuts = np.flatnonzero(np.diff(k)) + 1
+        for start, stop in zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [len(k)]))):
+            out += self._advance_to(int(k[start]))
+            self._accumulate(flat[start:stop][keep[start:stop]])
+        return out
+
+    def _advance_to(self, k: int) -> list[Step]:
+        """Emit the open step and the empty ones before step ``k``, which becomes the open step."""
+        if self._k is None:
+            self._k = k
+            return []
+        out: list[Step] = []
+        if k <= self._k:
+            return out
+        dt, t0 = self.dt_us, self._t0
+        out.append(self._emit(t0 + self._k * dt, t0 + (self._k + 1) * dt))
+        gap = k - self._k - 1
+        shown = min(gap, self.max_gap_steps)
+        self._counts["gap_steps_skipped"] += gap - shown
+        for j in range(self._k + 1, self._k + 1 + shown):
+            out.append(self._emit(t0 + j * dt, t0 + (j + 1) * dt))
+        self._k = k
+        return out
+
+    def _bin_count(self, t: np.ndarray, flat: np.ndarray) -> list[Step]:
+        out: list[Step] = []
+        i = 0
+        while i < len(t):
+            if self._n == 0:
+                self._count_t0 = int(t[i])
+            j = min(len(t), i + self.events_per_step - self._n)
+            self._accumulate(flat[i:j])
+            self._count_t1 = int(t[j - 1])
+            if self._n == self.events_per_step:
+                out.append(self._emit(self._count_t0, self._count_t1 + 1))
+            i = j
+        return out
+
+    def _emit(self, t_start: int, t_end: int) -> Step:
+        if self._n:
+            frame = torch.from_numpy(self._acc.reshape(self.frame_shape)).to(self.device, self.dtype)
+            self._acc = np.zeros_like(self._acc)
+        else:
+            frame = self._zero.expand(self.frame_shape)
+            self._counts["empty_steps"] += 1
+        step = Step(frame, t_start, t_end, self._n, self._index)
+        self._counts["steps"] += 1
+        self._counts["events_binned"] += self._n
+        self._index += 1
+        self._n = 0
+        return step
+
+    def __repr__(self) -> str:
+        what = f"dt_us={self.dt_us}" if self.mode == "time" else f"events_per_step={self.events_per_step}"
+        return (f"Binner(sensor_size={self.sensor_size}, out_size={self.out_size}, mode={self.mode!r}, {what}, "
+                f"polarity={self.polarity!r})")
