@@ -1,0 +1,127 @@
+"""The ``stoprt export`` subcommand: a trained model as an ONNX step graph, a TensorRT engine, a NIR
+graph or a deployment bundle.
+
+    stoprt export runs/x/checkpoint.pt --to onnx model.onnx [--opset 20] [--params-as-inputs]
+    stoprt export model.stoprt --to tensorrt model.engine [--batch 4] [--fp16] [--workspace-mib 256]
+    stoprt export runs/x/checkpoint.pt --to bundle deploy/ [--archive]
+    stoprt export model.stoprt --to nir model.nir
+
+CHECKPOINT is a training checkpoint, a stoprt model file or a bundle. Nothing heavy is imported
+until the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+TARGETS = ("onnx", "tensorrt", "nir", "bundle")
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``export`` to the top-level CLI's subparsers; returns its parser."""
+    p = subparsers.add_parser(
+        "export", help="export a model: ONNX step graph, TensorRT engine, NIR or a deployment bundle",
+        description="Export one time step of a trained network (state as explicit inputs/outputs) for "
+                    "ONNX Runtime or TensorRT, write it as NIR, or write a checked deployment bundle.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="training checkpoint, model file or bundle")
+    p.add_argument("--to", required=True, choices=TARGETS, help="what to write")
+    p.add_argument("out", metavar="OUT", help="output file (bundle: directory, or .tar with --archive)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset: 18, 19 or 20 (default 20)")
+    p.add_argument("--params-as-inputs", action="store_true",
+                   help="parameters as graph inputs, updatable on the device without a rebuild")
+    p.add_argument("--batch", type=int, default=None, help="TensorRT: largest batch of the engine (default 1)")
+    p.add_argument("--fp16", action="store_true", help="TensorRT: allow FP16 kernels")
+    p.add_argument("--workspace-mib", type=int, default=None,
+                   help="TensorRT: builder workspace limit in MiB (default 1024; ~256 on 4 GB boards)")
+    p.add_argument("--refit", action="store_true", help="TensorRT: build a refittable engine")
+    p.add_argument("--archive", action="store_true", help="bundle: write one .tar file instead of a directory")
+    p.add_argument("--no-onnx", action="store_true", help="bundle: model file only, no step graph")
+    p.set_defaults(func=run_export)
+    return p
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    trt_only = {"--batch": args.batch is not None, "--fp16": args.fp16,
+                "--workspace-mib": args.workspace_mib is not None, "--refit": args.refit}
+    bundle_only = {"--archive": args.archive, "--no-onnx": args.no_onnx}
+    onnx_opts = {"--opset": args.opset is not None, "--params-as-inputs": args.params_as_inputs}
+    allowed = {"onnx": onnx_opts, "tensorrt": {**onnx_opts, **trt_only}, "bundle": {**onnx_opts, **bundle_only},
+               "nir": {}}[args.to]
+    stray = [name for name, given in {**onnx_opts, **trt_only, **bundle_only}.items() if given and name not in allowed]
+    if stray:
+        raise ValueError(f"{', '.join(stray)} does not apply to --to {args.to}")
+    if args.batch is not None and args.batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {args.batch}")
+    if args.workspace_mib is not None and args.workspace_mib < 1:
+        raise ValueError(f"--workspace-mib must be at least 1, got {args.workspace_mib}")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Export as asked; exit code 0, or 2 with a one-line error for a missing optional backend."""
+    _check_options(args)
+    try:
+        return _export(args)
+    except ImportError as err:  # an optional backend (TensorRT, NIR) is not installed
+        print(f"stoprt export: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # TensorRTError: parse/build failures, already explained
+        from .tensorrt import TensorRTError
+        if not isinstance(err, TensorRTError):
+            raise
+        print(f"stoprt export: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .model_file import load_any
+    out = Path(args.out)
+    if args.to == "tensorrt":
+        from .tensorrt import import_tensorrt
+        import_tensorrt()  # fail before the (slow) ONNX export when TensorRT is missing
+    if args.to == "nir":
+        export_nir = _nir_exporter()
+    net, spec = load_any(args.checkpoint)
+    opset = args.opset if args.opset is not None else 20
+    if args.to == "onnx":
+        from .onnx_step import export_step
+        sig = export_step(net, out, opset=opset, params_as_inputs=args.params_as_inputs, input_spec=spec)
+        _report(out, f"ONNX step graph (opset {opset}, {len(sig.state)} state tensors"
+                     f"{', parameters as inputs' if sig.params_as_inputs else ''})")
+    elif args.to == "tensorrt":
+        from .onnx_step import export_step
+        from .tensorrt import build_engine
+        graph = out.with_suffix(".onnx")
+        if graph == out:
+            raise ValueError(f"give the engine a name not ending in .onnx (the step graph goes to {graph})")
+        export_step(net, graph, opset=opset, params_as_inputs=args.params_as_inputs, input_spec=spec)
+        build_engine(graph, out, max_batch=args.batch or 1, fp16=args.fp16,
+                     workspace_mib=args.workspace_mib or 1024, refit=args.refit)
+        _report(out, f"TensorRT engine (batch <= {args.batch or 1}{', FP16' if args.fp16 else ''}"
+                     f"{', refittable' if args.refit else ''}); step graph {graph}")
+    elif args.to == "bundle":
+        from .bundle import write_bundle
+        write_bundle(out, net, spec, onnx=not args.no_onnx, opset=opset,
+                     params_as_inputs=args.params_as_inputs, archive=args.archive)
+        _report(out, "deployment bundle" + (" archive" if args.archive else ""))
+    else:
+        export_nir(net, out)
+        _report(out, "NIR graph")
+    return 0
+
+
+def _nir_exporter():
+    try:
+        from .importers.nir import export_nir
+    except ModuleNotFoundError as err:
+        if err.name in ("stoprt.export.importers", "stoprt.export.importers.nir"):
+            raise ImportError("NIR export is not available in this stoprt (stoprt.export.importers.nir "
+                              "is missing)") from err
+        raise
+    return export_nir
+
+
+def _report(out: Path, what: str) -> None:
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else out.stat().st_size
+    print(f"stoprt export: wrote {what} to {out} ({size / 2**20:.1f} MiB)")

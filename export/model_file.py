@@ -1,0 +1,251 @@
+"""The stoprt model file: weights, architecture and input spec in one file, loaded without running code.
+
+Layout: a safetensors file (when the ``safetensors`` package is importable) whose string metadata
+holds the format tag and version, the stoprt version, the JSON architecture
+(:mod:`stoprt.export.architecture`), the JSON input spec, and a sha256 over the tensors; otherwise a
+``torch.save`` file of the same content (tensors and strings only, loaded with
+``weights_only=True``). A parameter shared by several layers (a tied leak) is stored once and
+recorded as an alias. Files are written atomically (temporary file, fsync, rename).
+
+:func:`load_any` also takes a training checkpoint of ``runtime/train.py`` or a bundle directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .. import __version__
+from . import architecture
+
+FORMAT = "stoprt-model"
+VERSION = 1
+SUFFIX = ".stoprt"
+_SPEC_KEYS = {"shape": "per-step input shape without batch, e.g. [2, 32, 32]",
+              "T": "time steps per sample", "channels": "input channels (2: OFF/ON polarity)",
+              "sensor_size": "event sensor [width, height]", "dt_us": "bin length in microseconds",
+              "event_count": "events per bin", "binning": "how events become frames, e.g. 'time'",
+              "out_size": "frame size after downsampling", "source": "where the data came from"}
+
+
+class ModelFileError(ValueError):
+    """A model file (or checkpoint) that cannot be used: corrupted, another version, or not fitting."""
+
+
+def normalize_input_spec(spec: Mapping[str, Any] | None, net: nn.Module | None = None) -> dict:
+    """Check an input spec and fill ``shape`` (and ``channels``) from ``net.input_shape``.
+
+    Known keys: ``shape``, ``T``, ``channels``, ``sensor_size``, ``dt_us`` or ``event_count`` (not
+    both), ``binning``, ``out_size``, ``source``. Unknown keys raise ``ModelFileError``.
+    """
+    spec = dict(spec or {})
+    unknown = sorted(set(spec) - set(_SPEC_KEYS))
+    if unknown:
+        raise ModelFileError(f"unknown input spec key(s) {unknown}; known: {sorted(_SPEC_KEYS)}")
+    if spec.get("dt_us") is not None and spec.get("event_count") is not None:
+        raise ModelFileError("an input spec bins by time (dt_us) or by event count (event_count), not both")
+    for key in ("T", "channels", "dt_us", "event_count"):
+        value = spec.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ModelFileError(f"input spec {key} must be a positive int, got {value!r}")
+    net_shape = getattr(net, "input_shape", None)
+    if spec.get("shape") is None and net_shape is not None:
+        spec["shape"] = list(net_shape)
+    if spec.get("shape") is not None:
+        spec["shape"] = [int(s) for s in spec["shape"]]
+        if net_shape is not None and tuple(spec["shape"]) != tuple(net_shape):
+            raise ModelFileError(f"input spec shape {spec['shape']} does not match the network's input "
+                                 f"shape {list(net_shape)}")
+        spec.setdefault("channels", spec["shape"][0])
+    return spec
+
+
+def check_state_dict(net: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise ``ModelFileError`` naming the first key whose presence or shape differs from ``net``."""
+    expected = net.state_dict()
+    for key, tensor in expected.items():
+        if key not in state:
+            raise ModelFileError(f"{source} does not fit the architecture: it has no {key!r} "
+                                 f"(the model expects shape {tuple(tensor.shape)})")
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise ModelFileError(f"{source} does not fit the architecture: {key!r} has shape "
+                                 f"{tuple(state[key].shape)} in the file, {tuple(tensor.shape)} in the model")
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise ModelFileError(f"{source} does not fit the architecture: unexpected key {extra[0]!r} "
+                             f"({len(extra)} in all)")
+
+
+def save_model(path: str | os.PathLike, net: nn.Module, input_spec: Mapping[str, Any] | None = None,
+               use_safetensors: bool | None = None) -> Path:
+    """Atomically write ``net`` (weights, architecture) and its input spec to ``path``.
+
+    ``use_safetensors``: None picks safetensors when importable, else ``torch.save``.
+    """
+    path = Path(path)
+    arch = architecture.describe(net)
+    spec = normalize_input_spec(input_spec, net)
+    tensors, aliases = _dedupe(net.state_dict())
+    meta = {"format": FORMAT, "format_version": str(VERSION), "stoprt_version": __version__,
+            "architecture": json.dumps(arch), "input_spec": json.dumps(spec),
+            "aliases": json.dumps(aliases), "tensors_sha256": _digest(tensors)}
+    if use_safetensors is None:
+        use_safetensors = _safetensors() is not None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if use_safetensors:
+            st = _safetensors()
+            if st is None:
+                raise ModelFileError("safetensors is not installed (pip install safetensors)")
+            st.save_file(tensors, tmp, metadata=meta)
+        else:
+            torch.save({"format": FORMAT, "metadata": meta, "tensors": tensors}, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """Read a model file; returns ``(net, input_spec)`` with ``net`` in eval mode.
+
+    Raises ``ModelFileError`` for a missing, corrupted or foreign file, another format version, or
+    weights that do not fit the stored architecture; ``FileNotFoundError`` if there is no file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file at {path}")
+    meta, tensors = _read(path)
+    if meta.get("format") != FORMAT:
+        raise ModelFileError(f"{path} is not a stoprt model file")
+    if meta.get("format_version") != str(VERSION):
+        raise ModelFileError(f"{path} has model file format version {meta.get('format_version')} (written by "
+                             f"stoprt {meta.get('stoprt_version')}); this stoprt {__version__} reads version {VERSION}")
+    if meta.get("tensors_sha256") != _digest(tensors):
+        raise ModelFileError(f"{path} is corrupted: its weights do not match their checksum")
+    try:
+        arch, spec, aliases = (json.loads(meta[k]) for k in ("architecture", "input_spec", "aliases"))
+    except (KeyError, ValueError) as err:
+        raise ModelFileError(f"{path} is corrupted: unreadable metadata ({err})") from err
+    net = architecture.build(arch)
+    state = dict(tensors)
+    state.update({key: tensors[first] for key, first in aliases.items() if first in tensors})
+    check_state_dict(net, state, str(path))
+    net.load_state_dict(state)
+    return net.eval(), spec
+
+
+def load_any(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """``(net, input_spec)`` from a model file, a bundle (directory or ``.tar``), or a training
+    checkpoint of ``runtime/train.py`` (its model is rebuilt by name and must fit the weights)."""
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".tar":
+        from .bundle import load_bundle
+        bundle = load_bundle(path)
+        return bundle.net, bundle.input_spec
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file, checkpoint or bundle at {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"PK":  # a torch zip: a training checkpoint or the torch.save model file
+        probe = _torch_load(path)
+        if isinstance(probe, dict) and probe.get("format") == FORMAT:
+            return load_model(path)
+        return _from_checkpoint(path)
+    return load_model(path)
+
+
+def _from_checkpoint(path: Path) -> tuple[nn.Module, dict]:
+    from ..runtime.checkpoint import CheckpointError, load_checkpoint
+    from ..runtime.models import build_model
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as err:
+        raise ModelFileError(str(err)) from err
+    model = ckpt.get("model")
+    if not isinstance(model, dict) or not ({"name", "architecture"} & set(model)) or "model_state" not in ckpt:
+        raise ModelFileError(f"{path} is a stoprt checkpoint without a model description (model/model_state)")
+    if "architecture" in model:  # written by an importer without the model file module
+        net = architecture.build(model["architecture"])
+    else:
+        net = build_model(model["name"], **model.get("kwargs", {}))
+    check_state_dict(net, ckpt["model_state"], str(path))
+    net.load_state_dict(ckpt["model_state"])
+    spec = {k: v for k, v in (ckpt.get("input_spec") or {}).items() if k in _SPEC_KEYS}
+    return net.eval(), normalize_input_spec(spec, net)
+
+
+def _dedupe(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store each tensor once (safetensors refuses shared memory); aliases map a key to the stored one."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first: dict[tuple, str] = {}
+    for key, t in state.items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if ident in first and t.numel() > 0:
+            aliases[key] = first[ident]
+        else:
+            first[ident] = key
+            tensors[key] = t.detach().cpu().contiguous().clone()
+    return tensors, aliases
+
+
+def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _safetensors():
+    try:
+        import safetensors.torch as st
+    except ImportError:
+        return None
+    return st
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise ModelFileError(f"{path} is not readable (corrupted or another format): {type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:200] if str(err) else ''}") from err
+
+
+def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Metadata and tensors of either layout."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head == b"PK":
+        data = _torch_load(path)
+        if not isinstance(data, dict) or not isinstance(data.get("metadata"), dict):
+            raise ModelFileError(f"{path} is not a stoprt model file")
+        return data["metadata"], data.get("tensors", {})
+    st = _safetensors()
+    if st is None:
+        raise ModelFileError(f"{path} is a safetensors model file and safetensors is not installed "
+                             "(pip install safetensors)")
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # SafetensorError, or OSError-likes for a torn header
+        raise ModelFileError(f"{path} is not a readable stoprt model file (corrupted or another format): "
+                             f"{str(err)[:200]}") from err
+    return meta, tensors

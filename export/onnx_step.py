@@ -1,0 +1,308 @@
+"""Export ONE time step of a stoprt network as a pure ONNX function ``(x, *state) -> (y, *new_state)``.
+
+The state is explicit: each neuron layer's membrane ``u`` and last spikes ``s`` (a LeakyReadout has
+only ``u``) are graph inputs named ``state.<layer path>.<u|s>`` and come back as outputs named
+``new_state.<layer path>.<u|s>``; the host feeds them back at the next step (no Loop/Scan, no
+in-place buffers). The initial state is all zeros. The dynamics are not rewritten here: a wrapper
+(:class:`StepFunction`) loads the state into the stoprt layers, runs their plain forward (eval mode,
+no STOP), reads the new state back and clears it, so the graph is what
+:mod:`stoprt.runtime.functional` computes. The Heaviside spike exports as ``Greater`` + ``Cast``.
+
+Two flavours:
+
+* parameters as initializers (``params_as_inputs=False``): inference deploy;
+* parameters as graph inputs named ``param.<name>`` (``params_as_inputs=True``): weights,
+  thresholds and leaks learned on the device are fed at every call, no rebuild. Buffers (BatchNorm
+  running statistics) stay baked in: STOP keeps BatchNorm frozen.
+
+The batch dimension is dynamic. What a runner needs (names, state shapes without batch, the
+output) is stored in the model's ``metadata_props`` under ``stoprt.*`` keys; a graph without them
+is "not a stoprt step graph".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .. import __version__
+from ..runtime import layers as L
+
+STEP_FORMAT = "stoprt-step"
+STEP_VERSION = 1
+OPSETS = (18, 19, 20)
+DEFAULT_OPSET = 20
+_TRACE_BATCH = 2  # torch.export specialises a size-1 dimension: trace with 2, keep the batch dynamic
+
+
+class StepGraphError(ValueError):
+    """An ONNX file that is not a stoprt step graph, or one that cannot be exported."""
+
+
+@dataclass
+class StepSignature:
+    """The interface of a step graph; shapes exclude the batch dimension.
+
+    ``state``: ``[name, shape]`` of each state input in order (its output is ``new_`` + name);
+    ``params``: ``[name, shape]`` of each parameter input (empty unless ``params_as_inputs``);
+    ``weights``: state_dict key -> the graph's name for that parameter (``param.<key>``: an input, or an
+    initializer when baked), for updates and refitting; every key of a tied (shared) parameter maps to
+    its one name. ``buffers``: state_dict keys baked into the graph (BatchNorm statistics);
+    ``constants``: buffer key -> its initializer, where one survived (equal-valued buffers may share
+    one), which a refit needs when an engine fused them with a weight.
+    """
+
+    input_name: str
+    input_shape: list[int]
+    output_name: str
+    output_shape: list[int]
+    state: list[list] = field(default_factory=list)
+    params: list[list] = field(default_factory=list)
+    weights: dict[str, str] = field(default_factory=dict)
+    buffers: list[str] = field(default_factory=list)
+    constants: dict[str, str] = field(default_factory=dict)
+    params_as_inputs: bool = False
+    opset: int = DEFAULT_OPSET
+    stoprt_version: str = __version__
+    input_spec: dict | None = None
+
+    @property
+    def state_outputs(self) -> list[str]:
+        return [new_name(name) for name, _ in self.state]
+
+    def to_metadata(self) -> dict[str, str]:
+        return {"stoprt.format": STEP_FORMAT, "stoprt.step_version": str(STEP_VERSION),
+                "stoprt.signature": json.dumps(asdict(self))}
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], where: str = "the graph") -> "StepSignature":
+        if meta.get("stoprt.format") != STEP_FORMAT:
+            raise StepGraphError(f"{where} is not a stoprt step graph (no stoprt metadata): export it with "
+                                 "stoprt.export.onnx_step.export_step or `stoprt export --to onnx`")
+        if meta.get("stoprt.step_version") != str(STEP_VERSION):
+            raise StepGraphError(f"{where} is a stoprt step graph of version {meta.get('stoprt.step_version')}; "
+                                 f"this stoprt reads version {STEP_VERSION}")
+        try:
+            return cls(**json.loads(meta["stoprt.signature"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise StepGraphError(f"{where} has unreadable stoprt metadata: {err}") from err
+
+
+def new_name(state_name: str) -> str:
+    """The output carrying the next value of a state input."""
+    return "new_" + state_name
+
+
+class StepFunction(nn.Module):
+    """One step of ``net`` as a pure function ``(x, *state[, *params]) -> (y, *new_state)``.
+
+    Works on a frozen float32 copy of ``net`` (eval mode, plain dynamics, no gradients), so the caller's
+    network and its state are untouched. ``x``: ``[B, *input_shape]``; state tensors
+    ``[B, *shape]`` in the order of :attr:`state_names`; params in the order of :attr:`param_names`.
+    """
+
+    def __init__(self, net: nn.Module, params_as_inputs: bool = False) -> None:
+        super().__init__()
+        net = copy.deepcopy(net).float()  # step graphs are float32 (an import may carry float64)
+        L.set_stop_mode(net, False)
+        L.reset_state(net)
+        net.eval().requires_grad_(False)
+        self.net = net
+        self.params_as_inputs = params_as_inputs
+        self.slots: list[tuple[nn.Module, str]] = []
+        self.state_names: list[str] = []
+        for path, m in net.named_modules():
+            if isinstance(m, L._Neuron):
+                for attr in ("u", "s") if isinstance(m, L.LIF) else ("u",):
+                    self.slots.append((m, attr))
+                    self.state_names.append(f"state.{path}.{attr}")
+        if not self.slots:
+            raise StepGraphError("the network has no neuron layer: nothing carries state between steps")
+        # named_parameters drops duplicates: a shared leak is one input (functional_call ties it).
+        self.param_names = [name for name, _ in net.named_parameters()] if params_as_inputs else []
+
+    def forward(self, x: Tensor, *flat: Tensor) -> tuple[Tensor, ...]:
+        n = len(self.slots)
+        if len(flat) != n + len(self.param_names):
+            raise ValueError(f"expected {n} state and {len(self.param_names)} parameter tensors, got {len(flat)}")
+        for (m, attr), value in zip(self.slots, flat[:n]):
+            setattr(m, attr, value)
+        try:
+            if self.params_as_inputs:
+                params = dict(zip(self.param_names, flat[n:]))
+                y = torch.func.functional_call(self.net, params, (x,))
+            else:
+                y = self.net(x)
+            new_state = [getattr(m, attr) for m, attr in self.slots]
+        finally:
+            L.reset_state(self.net)  # no tensor of this call survives in the modules
+        return (y, *new_state)
+
+    @property
+    def device(self) -> torch.device:
+        first = next(self.net.parameters(), None)
+        return first.device if first is not None else torch.device("cpu")
+
+    def parameters_list(self) -> list[Tensor]:
+        """The current parameter values, in the order of :attr:`param_names`."""
+        named = dict(self.net.named_parameters())
+        return [named[n] for n in self.param_names]
+
+    @torch.no_grad()
+    def shapes(self, input_shape: tuple[int, ...]) -> tuple[list[int], list[list[int]]]:
+        """Output shape and state shapes (without batch), by a dry run on zeros."""
+        y = self.net(torch.zeros(1, *input_shape, device=self.device))
+        shapes = [list(getattr(m, attr).shape[1:]) for m, attr in self.slots]
+        L.reset_state(self.net)
+        return list(y.shape[1:]), shapes
+
+    def initial_state(self, batch: int, input_shape: tuple[int, ...]) -> list[Tensor]:
+        """All-zero state for ``batch`` samples."""
+        _, shapes = self.shapes(input_shape)
+        return [torch.zeros(batch, *s, device=self.device) for s in shapes]
+
+
+def _input_shape(net: nn.Module, input_shape) -> tuple[int, ...]:
+    shape = input_shape if input_shape is not None else getattr(net, "input_shape", None)
+    if shape is None:
+        raise StepGraphError("the network has no input_shape: pass input_shape=(C, H, W) (one step, no batch)")
+    return tuple(int(s) for s in shape)
+
+
+def export_step(net: nn.Module, path: str | os.PathLike, *, input_shape=None, opset: int = DEFAULT_OPSET,
+                params_as_inputs: bool = False, input_spec: dict | None = None) -> StepSignature:
+    """Export one step of ``net`` to the ONNX file ``path`` (written atomically); returns its signature.
+
+    Args:
+        net: a network of stoprt layers (float32). Its state and mode are left as they are.
+        input_shape: one step's input without batch; default ``net.input_shape``.
+        opset: ONNX opset, one of 18, 19, 20.
+        params_as_inputs: parameters as graph inputs ``param.<name>`` instead of initializers.
+        input_spec: how the input is made from events (stored in the metadata for deployment).
+    """
+    if opset not in OPSETS:
+        raise StepGraphError(f"opset {opset} is not supported; choose one of {OPSETS}")
+    shape = _input_shape(net, input_shape)
+    # Traced with the parameters as inputs in both flavours: the exporter's optimizer then cannot fold
+    # BatchNorm into a convolution under the convolution's name, nor merge equal-valued thresholds
+    # into one initializer. Either would make a parameter's name lie about its value (refit, updates).
+    fn = StepFunction(net, params_as_inputs=True).cpu()
+    out_shape, state_shapes = fn.shapes(shape)
+    params = fn.parameters_list()
+    x = torch.zeros(_TRACE_BATCH, *shape)
+    state = [torch.zeros(_TRACE_BATCH, *s) for s in state_shapes]
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    dynamic = {"x": {0: batch}, "flat": tuple([{0: batch} for _ in state] + [None for _ in params])}
+    pnames = [f"param.{n}" for n in fn.param_names]
+    sig = StepSignature(input_name="x", input_shape=list(shape), output_name="y", output_shape=out_shape,
+                        state=[[n, s] for n, s in zip(fn.state_names, state_shapes)],
+                        params=[[n, list(p.shape)] for n, p in zip(pnames, params)] if params_as_inputs else [],
+                        weights=_weight_names(fn), buffers=[k for k, _ in fn.net.named_buffers()],
+                        params_as_inputs=params_as_inputs, opset=opset, input_spec=input_spec)
+    with torch.no_grad(), _quiet_exporter():
+        try:
+            program = torch.onnx.export(fn, (x, *state, *params), None, dynamo=True, opset_version=opset,
+                                        input_names=["x", *fn.state_names, *pnames],
+                                        output_names=["y", *sig.state_outputs], dynamic_shapes=dynamic,
+                                        external_data=False, verbose=False)
+        except Exception as err:  # the exporter raises many types; keep its own summary
+            raise StepGraphError(f"ONNX export failed: {_summary(err)}") from err
+    proto = program.model_proto
+    traced = {f"net.{k}": k for k in sig.buffers}  # the exporter names buffers by their module path
+    sig.constants = {traced[i.name]: i.name for i in proto.graph.initializer if i.name in traced}
+    if not params_as_inputs:
+        _bake(proto, {n: p.detach().numpy() for n, p in zip(pnames, params)})
+    check_step_graph(proto, n_lif=sum(isinstance(m, L.LIF) for m in net.modules()))
+    del proto.metadata_props[:]
+    for key, value in sig.to_metadata().items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    _save_atomic(proto, Path(path))
+    return sig
+
+
+def _weight_names(fn: StepFunction) -> dict[str, str]:
+    """Every parameter key (tied ones included) -> the graph name of its one input."""
+    first = {id(p): f"param.{n}" for n, p in fn.net.named_parameters()}
+    return {n: first[id(p)] for n, p in fn.net.named_parameters(remove_duplicate=False)}
+
+
+def _bake(proto, values: dict) -> None:
+    """Turn the graph inputs named in ``values`` into initializers holding those values."""
+    from onnx import numpy_helper
+    kept = [i for i in proto.graph.input if i.name not in values]
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept)
+    proto.graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in values.items())
+
+
+def _summary(err: Exception) -> str:
+    """The exporter's own exception summary (its message opens with generic advice)."""
+    text = str(err)
+    if "## Exception summary" in text:
+        text = text.split("## Exception summary", 1)[1].strip()
+    return f"{type(err).__name__}: {text.split(chr(10) + chr(10))[0][:500]}"
+
+
+def check_step_graph(proto, n_lif: int) -> None:
+    """``onnx.checker`` plus the spike: at least one ``Greater`` per LIF layer, no loops over time."""
+    import onnx
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as err:
+        raise StepGraphError(f"the exported step graph is not valid ONNX: {str(err)[:500]}") from err
+    ops = [node.op_type for node in proto.graph.node]
+    if ops.count("Greater") < n_lif or not {"Cast", "Where"} & set(ops):
+        raise StepGraphError(f"the spike did not export as Greater + Cast/Where ({n_lif} LIF layers, ops: "
+                             f"{sorted(set(ops))})")
+    if {"Loop", "Scan", "If"} & set(ops):
+        raise StepGraphError("the step graph contains control flow (Loop/Scan/If); expected one plain step")
+
+
+def read_signature(path: str | os.PathLike) -> StepSignature:
+    """The signature stored in a step graph file (without loading its weights)."""
+    import onnx
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as err:
+        raise StepGraphError(f"{path} is not a readable ONNX file: {type(err).__name__}: {err}") from err
+    return StepSignature.from_metadata({p.key: p.value for p in proto.metadata_props}, str(path))
+
+
+def _save_atomic(proto, path: Path) -> None:
+    import onnx
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save_model(proto, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's progress logging and warnings (failures still raise)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
