@@ -53,12 +53,12 @@ def _lif_args(m: L.LIF) -> dict:
             "init_threshold": m.init_threshold, "threshold_floor": m.threshold_floor,
             "leak": float(m.leak.detach()), "leak_range": list(m.leak_range), "surrogate": m.surrogate,
             "alpha": m.alpha, "learn_threshold": bool(m.learn_threshold),
-            "learn_leak": bool(m.leak.requires_grad), "reset": m.reset}
+            "learn_leak": bool(m.learn_leak), "reset": m.reset}
 
 
 def _readout_args(m: L.LeakyReadout) -> dict:
     return {"leak": float(m.leak.detach()), "leak_range": list(m.leak_range),
-            "learn_leak": bool(m.leak.requires_grad)}
+            "learn_leak": bool(m.learn_leak)}
 
 
 _LAYERS: dict[str, tuple[type, Callable[[Any], dict], Callable[..., nn.Module]]] = {

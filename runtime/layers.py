@@ -51,6 +51,8 @@ class _Neuron(nn.Module):
                 raise ValueError(f"leak {leak} is outside leak_range {leak_range}")
             self.leak = nn.Parameter(torch.tensor(float(leak)), requires_grad=learn_leak)
         self.leak_range = (float(lo), float(hi))
+        # The layer's own setting; learners may switch requires_grad off for a run without changing it.
+        self.learn_leak = learn_leak if share_leak_with is None else share_leak_with.learn_leak
         self.stop_mode = False
         self.reset_state()
 

@@ -81,9 +81,9 @@ class Learner:
         if unsized:
             raise ValueError(f"{len(unsized)} LIF layer(s) with threshold='{unsized[0].granularity}' have no "
                              "size yet: pass shape=... or Sequential(..., input_shape=...)")
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        self._held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for p in net.parameters():
-            if id(p) not in held:
+            if id(p) not in self._held:
                 p.requires_grad_(False)
 
     # ---- inputs -------------------------------------------------------------------------------

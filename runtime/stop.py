@@ -64,10 +64,13 @@ class STOP(Learner):
                 for p in (m.weight, m.bias):
                     if p is not None:
                         p.requires_grad_(False)
-            if isinstance(m, L.LIF) and "threshold" not in learn:
-                m.threshold.requires_grad_(False)
-            if isinstance(m, L._Neuron) and "leak" not in learn:
-                m.leak.requires_grad_(False)
+            # Thresholds and leaks follow the layer's own learn flags (so an earlier learner that
+            # switched them off does not leave them frozen), the kinds asked for and the optimizer.
+            if isinstance(m, L.LIF):
+                m.threshold.requires_grad_("threshold" in learn and m.learn_threshold
+                                           and id(m.threshold) in self._held)
+            if isinstance(m, L._Neuron):
+                m.leak.requires_grad_("leak" in learn and m.learn_leak and id(m.leak) in self._held)
         L.freeze_batchnorm(net)
         self.wiring = wire(net)
         L.set_stop_mode(net, True)

@@ -115,3 +115,16 @@ def test_optimizer_subset_freezes_the_rest():
     learner.end_sample()
     assert torch.equal(frozen, net[1].weight) and not torch.equal(head_before, head.weight)
     assert net[1].w_trace is None  # frozen layers keep no trace
+
+
+def test_a_later_learner_can_learn_what_an_earlier_one_froze():
+    torch.manual_seed(0)
+    net = models.mlp(in_channels=1, size=4, classes=3, hidden=(8,))
+    STOP(net, torch.optim.SGD(net.parameters(), lr=0.1), learn=("weight",))
+    assert not net[2].threshold.requires_grad and not net[2].leak.requires_grad
+    STOP(net, torch.optim.SGD(net.parameters(), lr=0.1), learn=("weight", "threshold", "leak"))
+    assert net[2].threshold.requires_grad and net[2].leak.requires_grad
+    frozen = L.LIF(shape=3, learn_threshold=False, learn_leak=False)
+    small = L.Sequential(L.Linear(4, 3), frozen)
+    STOP(small, torch.optim.SGD(small.parameters(), lr=0.1))
+    assert not frozen.threshold.requires_grad and not frozen.leak.requires_grad
