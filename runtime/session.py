@@ -132,14 +132,19 @@ class StreamSession:
         checkpoint_every: samples between checkpoints (0: only on signals and at the end).
         late_label_steps: keep up to this many input steps of the last sample for a late label.
         meta: extra JSON-able facts stored in checkpoints (model description, input spec).
+        runner: for inference without learning, another backend with ``step(x) -> output`` and
+            ``reset()`` (e.g. :class:`stoprt.export.ort_runner.OrtStepRunner`) used instead of ``net``.
     """
 
     def __init__(self, net: nn.Module, learner: STOP | None = None, window: int = 10,
                  labels: LabelTrack | None = None, checkpoint_dir: str | Path | None = None,
-                 checkpoint_every: int = 0, late_label_steps: int = 0, meta: dict | None = None) -> None:
+                 checkpoint_every: int = 0, late_label_steps: int = 0, meta: dict | None = None,
+                 runner: Any = None) -> None:
         if window < 1:
             raise ValueError(f"window must be at least 1 step, got {window}")
-        self.net, self.learner, self.window = net, learner, window
+        if runner is not None and learner is not None:
+            raise ValueError("a session learns with a torch learner or runs another backend, not both")
+        self.net, self.learner, self.window, self.runner = net, learner, window, runner
         self.labels = labels
         self.checkpoint_path = Path(checkpoint_dir) / "session.pt" if checkpoint_dir else None
         self.checkpoint_every, self.late_label_steps = checkpoint_every, late_label_steps
@@ -166,6 +171,8 @@ class StreamSession:
         target = None if segment is None else torch.tensor([segment.label], device=x.device)
         if self.learner is not None:
             out = self.learner.step(x, target)
+        elif self.runner is not None:
+            out = torch.as_tensor(self.runner.step(x))
         else:
             with torch.no_grad():
                 out = self.net(x)
@@ -191,6 +198,8 @@ class StreamSession:
         if self.learner is not None:
             self.learner.end_sample()
             self.stats.updates = self.learner.stats.updates
+        elif self.runner is not None:
+            self.runner.reset()
         else:
             L.reset_state(self.net)
         self.stats.samples += 1

@@ -72,6 +72,22 @@ def load_model(spec: str, in_channels: int, size: int, classes: int, device: str
     return net.to(device), {"model": described}
 
 
+def _backend_runner(args: argparse.Namespace):
+    """An ONNX Runtime or TensorRT step runner for ``--model``, a bundle with a step graph."""
+    from ..export.bundle import load_bundle
+    bundle = load_bundle(args.model)
+    if bundle.onnx_path is None:
+        raise ValueError(f"{args.model} has no ONNX step graph: export it with `stoprt export ... --to bundle`")
+    if args.backend == "onnxruntime":
+        from ..export.ort_runner import OrtStepRunner
+        return OrtStepRunner(bundle.onnx_path)
+    from ..export.tensorrt import TrtStepRunner, build_engine
+    engine = Path(args.checkpoint or bundle.root) / "step.engine"
+    if not engine.exists():
+        build_engine(bundle.onnx_path, engine)
+    return TrtStepRunner(engine)
+
+
 def _status(session, pipeline, start: float, rss0: float) -> str:
     s = session.stats
     elapsed = max(time.perf_counter() - start, 1e-9)
@@ -104,14 +120,20 @@ def run_stream(args: argparse.Namespace) -> int:
     by_count = {"mode": "count", "events_per_step": args.events_per_step} if args.events_per_step else {}
     binner = Binner(sensor, out_size=(input_shape[-1], input_shape[-2]), dt_us=args.dt_us,
                     device=args.device, **by_count)
-    learner = None
+    learner = runner = None
+    if args.backend != "torch":
+        if args.learn:
+            raise ValueError(f"--learn runs in torch; --backend {args.backend} is for inference "
+                             "(for a frozen backbone with a learning head see stoprt.export.hybrid)")
+        runner = _backend_runner(args)
     if args.learn:
         if labels is None:
             raise ValueError("--learn needs labels: --labels CSV, or a source that has them (builtin:...)")
         learner = STOP(net, torch.optim.Adam(net.parameters(), lr=args.lr), update="sample")
     else:
         net.eval()
-    session = StreamSession(net, learner, window=args.window, labels=labels, checkpoint_dir=args.checkpoint,
+    session = StreamSession(net, learner, runner=runner, window=args.window, labels=labels,
+                            checkpoint_dir=args.checkpoint,
                             checkpoint_every=args.checkpoint_every, late_label_steps=args.late_label_steps,
                             meta={**meta, "input_shape": list(input_shape), "dt_us": args.dt_us,
                                   "events_per_step": args.events_per_step, "source": args.source})
@@ -178,6 +200,8 @@ def register(sub) -> None:
     p.add_argument("--realtime", action="store_true", help="pace a recording by its timestamps")
     p.add_argument("--queue", type=int, default=8, help="steps buffered between producer and model")
     p.add_argument("--drop", choices=("oldest", "newest"), default="oldest", help="which steps to drop when behind")
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="torch",
+                   help="inference backend; onnxruntime/tensorrt take a bundle from `stoprt export --to bundle`")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)

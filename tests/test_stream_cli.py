@@ -115,3 +115,21 @@ def test_stream_from_udp_over_loopback(tmp_path):
     s = json.loads(out.read_text())
     assert s["steps"] > 10 and s["pipeline"]["events"] > 1000
     assert s["pipeline"]["source"]["garbage_packets"] == 0
+
+
+def test_onnxruntime_backend_streams_a_bundle_like_torch(tmp_path):
+    from stoprt.export.bundle import write_bundle
+    torch.manual_seed(0)
+    net = models.mlp(in_channels=2, size=16, classes=10)
+    bundle = tmp_path / "bundle"
+    write_bundle(bundle, net, {"shape": [2, 16, 16], "dt_us": 30_000})
+    results = {}
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / f"{backend}.json"
+        subprocess.run([sys.executable, "-m", "stoprt.cli", "stream", "--source", "builtin:digits:30",
+                        "--model", str(bundle), "--backend", backend, "--threads", "1", "--quiet",
+                        "--json", str(out)], check=True, timeout=600)
+        results[backend] = json.loads(out.read_text())
+    assert results["torch"]["steps"] == results["onnxruntime"]["steps"] > 100
+    assert results["torch"]["labelled_samples"] == results["onnxruntime"]["labelled_samples"] == 30
+    assert abs(results["torch"]["accuracy"] - results["onnxruntime"]["accuracy"]) <= 0.1
