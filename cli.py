@@ -1,4 +1,4 @@
-"""The ``stoprt`` command line: ``stoprt demo``, ``stoprt train``, ``stoprt info``.
+"""The ``stoprt`` command line: demo, train, stream, export, import, info, profile, plan.
 
 Each subcommand imports what it needs when it runs, so ``stoprt --help`` stays fast.
 """
