@@ -4,7 +4,11 @@
 * :mod:`~stoprt.devices.boards`: Jetson board profiles and the JetPack table; ``get_board(key)``
 * :mod:`~stoprt.devices.telemetry`: tegrastats parsing, sysfs readers, memory views and
   ``TelemetrySampler`` (energy per run and per time step)
-* :mod:`~stoprt.devices.cli`: the ``stoprt info`` subcommand
+* :mod:`~stoprt.devices.planner`: analytic training / inference memory of a network
+  (``MemoryPlanner``); :mod:`~stoprt.devices.fit`: budgets, fit, largest batch and T
+* :mod:`~stoprt.devices.profile`: measured memory, time and energy vs T, each configuration in a fresh
+  process (:mod:`~stoprt.devices.measure`)
+* :mod:`~stoprt.devices.cli`: the ``stoprt info``, ``profile`` and ``plan`` subcommands
 
 Nothing is imported here, so ``import stoprt.devices.cli`` stays light (torch is never loaded).
 """

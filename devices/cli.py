@@ -1,7 +1,13 @@
-"""The ``stoprt info`` subcommand: the detected device and a telemetry snapshot.
+"""The device subcommands: ``stoprt info``, ``stoprt profile`` and ``stoprt plan``.
+
+* ``info``: the detected device and a telemetry snapshot;
+* ``profile``: measured memory (allocator, process, system, autograd views), time and energy per step
+  vs T, each configuration in a fresh process (:mod:`stoprt.devices.profile`);
+* ``plan``: whether a configuration fits a board, and the largest batch and T that do
+  (:mod:`stoprt.devices.planner`, :mod:`stoprt.devices.fit`).
 
 The top-level CLI calls :func:`register`. Nothing heavy is imported here at module level: torch
-is only imported by detection, and only when describing the real machine.
+is only imported when a subcommand runs.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``info`` to the top-level CLI's subparsers; returns its parser."""
+    """Add ``info``, ``profile`` and ``plan`` to the top-level CLI's subparsers; returns info's parser."""
     parser = subparsers.add_parser(
         "info", help="describe this device (board, JetPack, memory) and read its telemetry",
         description="Detect the device (Jetson board and JetPack, CUDA GPU, or CPU) and print it "
@@ -23,7 +29,118 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--root", metavar="DIR", default="/",
                         help="read system files under DIR instead of / (a fake tree, for tests)")
     parser.set_defaults(func=run_info)
+    _register_profile(subparsers)
+    _register_plan(subparsers)
     return parser
+
+
+def _csv(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+    return parse
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="mlp, dvs_gesture, vgg11, resnet18, or a stoprt train checkpoint")
+    p.add_argument("--size", type=int, default=None, help="input side in pixels (default 32; a checkpoint's own)")
+    p.add_argument("--width", type=float, default=None, help="channel width multiplier (default 1)")
+    p.add_argument("--channels", type=int, default=2, help="input channels (default 2: event polarities; not for a checkpoint)")
+    p.add_argument("--classes", type=int, default=None, help="output classes (default: the model's; not for a checkpoint)")
+    p.add_argument("--optimizer", choices=("adam", "sgd", "sgd-momentum"), default="adam")
+
+
+def _register_profile(subparsers) -> None:
+    p = subparsers.add_parser(
+        "profile", help="measure training / inference memory, time and energy per step vs T",
+        description="Run each configuration in a fresh process and report the allocator (CUDA), process "
+                    "(RSS delta from a warmed-up baseline), system (MemTotal - MemAvailable) and exact "
+                    "autograd (saved for backward + state) memory views, time and energy per step, next "
+                    "to the planner's prediction. Writes profile.csv, profile.json and profile.png.")
+    _add_model_args(p)
+    p.add_argument("--mode", type=_csv(str), default=["stop", "bptt"], help="training modes (default stop,bptt)")
+    p.add_argument("--T", type=_csv(int), default=[10, 100, 1000], help="time steps per sample (default 10,100,1000)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--infer", action="store_true",
+                   help="profile streaming inference instead of training, per --backend")
+    p.add_argument("--backend", type=_csv(str), default=None,
+                   help="inference backends (default torch,onnxruntime,tensorrt; unavailable ones are skipped)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads in each run")
+    p.add_argument("--limit-mib", type=float, default=None,
+                   help="cap the host memory a run may allocate beyond its baseline (RLIMIT_DATA), as on a "
+                        "smaller device (default on CPU: 90%% of MemAvailable, so a run that does not fit fails "
+                        "cleanly)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per configuration (default 600)")
+    p.add_argument("--out", type=Path, default=Path("runs/profile"), help="output folder (default runs/profile)")
+    p.set_defaults(func=run_profile)
+
+
+def _register_plan(subparsers) -> None:
+    from .boards import board_keys
+    p = subparsers.add_parser(
+        "plan", help="does a model fit a board? headroom and the largest batch and T for STOP and BPTT",
+        description="Predict training (STOP, BPTT) and inference memory analytically and compare it with a "
+                    "board's usable memory. Exit code 0 if the configuration fits, 1 if not.")
+    _add_model_args(p)
+    p.add_argument("--device", default="orin-nano-4gb", help=f"board or cpu: {', '.join(['cpu', *board_keys()])}")
+    p.add_argument("--mode", choices=("stop", "bptt", "infer"), default="stop")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--T", type=int, default=100)
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    p.add_argument("--json", metavar="PATH", type=Path, default=None, help="also write the report as JSON")
+    p.set_defaults(func=run_plan)
+
+
+def _network(args: argparse.Namespace):
+    from .workloads import load_network
+    return load_network(args.model, args.size, args.width, args.channels, args.classes)
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    """Measure every (mode or backend) x T configuration; print the table, write the files."""
+    from .planner import MemoryPlanner
+    from .profile import configurations, format_table, machine, run_profile as measure_all, write_outputs
+
+    net, desc = _network(args)
+    common = {k: v for k, v in (("size", args.size), ("width", args.width), ("channels", args.channels),
+                                ("classes", args.classes), ("optimizer", args.optimizer), ("device", args.device),
+                                ("threads", args.threads), ("limit_mib", args.limit_mib)) if v is not None}
+    configs = configurations(args.model, args.mode, args.T, args.batch, infer=args.infer, backends=args.backend,
+                             **common)
+    planner = MemoryPlanner(net)
+    shape = "x".join(map(str, net.input_shape))
+    title = f"{desc['name']} {shape}, batch {args.batch}, {args.device}"
+    print(f"stoprt profile: {title} ({len(configs)} configurations, each in a fresh process)")
+    rows = measure_all(configs, planner, timeout_s=args.timeout)
+    print(format_table(rows))
+    meta = {"title": title, "model": desc, "input_shape": list(net.input_shape), "machine": machine(),
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}}
+    written = write_outputs(args.out, rows, meta)
+    print("wrote " + ", ".join(map(str, written)))
+    return 0
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Print (and optionally write) the fit report; 0 if the configuration fits, 1 if not."""
+    from .fit import budget_for, fit_report, format_report
+    from .planner import MemoryPlanner
+
+    budget = budget_for(args.device)  # before building the model: a bad key fails fast
+    if args.batch < 1 or args.T < 1:
+        raise ValueError(f"--batch and --T must be at least 1, got {args.batch} and {args.T}")
+    net, desc = _network(args)
+    report = fit_report(MemoryPlanner(net), budget, args.mode, args.batch, args.T,
+                        dtype=args.dtype, optimizer=args.optimizer)
+    shape = "x".join(map(str, net.input_shape))
+    print(format_report(report, f"{desc['name']} ({shape}, {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M "
+                                f"parameters, {args.dtype}, {args.optimizer})"))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"model": desc, **report}, indent=2) + "\n", encoding="utf-8")
+    return 0 if report["fit"]["fits"] else 1
 
 
 def _format_snapshot(snap: dict) -> str:

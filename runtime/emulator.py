@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .events import EVENT_DTYPE, events_from_arrays
+from .events import events_from_arrays
 
 _MIN_THRESHOLD = 0.01  # mismatch draws are clipped here: a zero threshold would fire without bound
 

@@ -2,7 +2,6 @@
 UDP over loopback."""
 
 import json
-import os
 import signal
 import socket
 import subprocess

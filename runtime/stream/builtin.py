@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from ..datasets import emulated_digits, synthetic_gestures
-from ..session import LabelTrack, Segment
+from ..session import LabelTrack
 from .sources import EventSource
 
 DURATION_US = {"digits": 300_000, "gestures": 200_000}
