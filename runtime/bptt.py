@@ -21,9 +21,9 @@ class BPTT(Learner):
     """
 
     def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer, loss: str | LossFn = "ce",
-                 check_inputs: bool = True, freeze_batchnorm: bool = True) -> None:
+                 check_inputs: bool = True, freeze_batchnorm: bool = True, keep_last_good: bool = True) -> None:
         L.freeze_batchnorm(net, freeze_batchnorm)  # before the base class reads requires_grad
-        super().__init__(net, optimizer, loss, check_inputs)
+        super().__init__(net, optimizer, loss, check_inputs, keep_last_good)
         L.set_stop_mode(net, False)
         L.reset_state(net)
         self._loss_sum: Tensor | None = None

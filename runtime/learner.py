@@ -59,16 +59,20 @@ class Learner:
         loss: ``"ce"`` (per-step cross-entropy on the output; the paper's on spikes), ``"mse"``
             (per-step MSE to one-hot) or a callable ``(output [B, K], target [B]) -> scalar``.
         check_inputs: reject NaN/Inf inputs and bad labels with a clear error (one reduction per step).
+        keep_last_good: copy the learned parameters before each update so that one producing
+            NaN/Inf from finite gradients can be undone (one parameter copy at update time; on a
+            small board you may trade it away: then such an update raises FloatingPointError).
+            Non-finite gradients are refused either way.
     """
 
     def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer, loss: str | LossFn = "ce",
-                 check_inputs: bool = True) -> None:
+                 check_inputs: bool = True, keep_last_good: bool = True) -> None:
         if isinstance(loss, str):
             if loss not in LOSSES:
                 raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)} or pass a callable")
             loss = LOSSES[loss]
         self.net, self.optimizer, self.loss_fn = net, optimizer, loss
-        self.check_inputs = check_inputs
+        self.check_inputs, self.keep_last_good = check_inputs, keep_last_good
         # Called with the parameters holding gradients before each update; data-parallel training
         # sets it to average gradients across processes.
         self.grad_sync: Callable[[list[Tensor]], None] | None = None
@@ -150,9 +154,12 @@ class Learner:
         if not bool(finite):
             self._reject("a gradient is NaN or Inf")
             return False
-        saved = [p.detach().clone() for p in params]
+        saved = [p.detach().clone() for p in params] if self.keep_last_good else None
         self.optimizer.step()
         if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            if saved is None:
+                raise FloatingPointError("an update from finite gradients made a parameter NaN or Inf "
+                                         "(keep_last_good=False, so it cannot be undone)")
             with torch.no_grad():
                 for p, old in zip(params, saved):
                     p.copy_(old)

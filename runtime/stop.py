@@ -50,14 +50,14 @@ class STOP(Learner):
 
     def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer,
                  learn: Iterable[str] = KINDS, update: str | int = "sample",
-                 loss: str | LossFn = "ce", check_inputs: bool = True) -> None:
+                 loss: str | LossFn = "ce", check_inputs: bool = True, keep_last_good: bool = True) -> None:
         learn = tuple(learn)
         unknown = set(learn) - set(KINDS)
         if unknown:
             raise ValueError(f"unknown kinds to learn {sorted(unknown)}; choose from {KINDS}")
         if update not in ("sample", "step") and not (isinstance(update, int) and update >= 1):
             raise ValueError(f"update must be 'sample', 'step' or an int >= 1, got {update!r}")
-        super().__init__(net, optimizer, loss, check_inputs)
+        super().__init__(net, optimizer, loss, check_inputs, keep_last_good)
         self.learn, self.update = learn, update
         for m in net.modules():
             if isinstance(m, L._Synapse) and "weight" not in learn:

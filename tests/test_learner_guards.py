@@ -128,3 +128,10 @@ def test_a_later_learner_can_learn_what_an_earlier_one_froze():
     small = L.Sequential(L.Linear(4, 3), frozen)
     STOP(small, torch.optim.SGD(small.parameters(), lr=0.1))
     assert not frozen.threshold.requires_grad and not frozen.leak.requires_grad
+
+
+def test_without_the_parameter_copy_a_bad_update_raises():
+    _, learner = _learner(lr=math.inf, keep_last_good=False)
+    learner.step(torch.rand(2, 1, 4, 4) * 3, torch.tensor([0, 2]))
+    with pytest.raises(FloatingPointError, match="cannot be undone"):
+        learner.end_sample()
