@@ -6,7 +6,7 @@ accuracy on the emulated digits. Prints tables and writes JSON, CSV and a PNG pl
 
 Memory: each (method, T) runs in a fresh subprocess. Two views: the peak of bytes autograd saves for
 backward (exact, noise-free; parameters excluded) and the process RSS peak (sampled every 1 ms) minus
-the RSS after a warm-up sample and ``malloc_trim``.
+the RSS after a warm-up sample and ``malloc_trim``, with glibc returning large blocks at once.
 Time: per training time step, measured side by side in one run. The floor is a plain non-spiking
 forward+backward of the same convolutional stack (ReLU instead of LIF), once per step.
 """
@@ -17,6 +17,7 @@ import argparse
 import csv
 import ctypes
 import gc
+import os
 import json
 import platform
 import subprocess
@@ -156,7 +157,11 @@ def memory_sweep(args) -> list[dict]:
             cmd = [sys.executable, __file__, "--child-memory", "--method", method, "--T", str(T),
                    "--batch", str(args.batch), "--size", str(args.size), "--width", str(args.width),
                    "--threads", str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            # Large blocks straight from mmap: freed tensors go back to the OS at once, so the RSS
+            # view tracks live memory instead of glibc's retained heap (the CPU counterpart of a
+            # CUDA allocator's peak).
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
             row = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(f"  {method:4s} T={T:4d}: saved-for-backward {row['saved_for_backward_mib']:9.1f} MiB, "
