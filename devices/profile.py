@@ -22,9 +22,9 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
+from ..runtime.atomic import write_bytes
 from .planner import MIB, MemoryPlanner
 
 COLUMNS = ("model", "mode", "backend", "device", "T", "batch", "status", "error", "steps_done", "time_per_step_ms",
@@ -135,18 +135,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 is for the temporary name only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def plot(rows: list[dict], title: str) -> bytes | None:
     """PNG of the memory views vs T, one line per mode/backend, planned figures dashed."""
     try:
@@ -212,10 +200,10 @@ def write_outputs(out_dir: Path, rows: list[dict], meta: dict) -> list[Path]:
     writer.writeheader()
     writer.writerows(rows)
     written = [out_dir / "profile.csv", out_dir / "profile.json"]
-    _write_atomic(written[0], text.getvalue().encode())
-    _write_atomic(written[1], (json.dumps({**meta, "rows": rows}, indent=2) + "\n").encode())
+    write_bytes(written[0], text.getvalue().encode())
+    write_bytes(written[1], (json.dumps({**meta, "rows": rows}, indent=2) + "\n").encode())
     png = plot(rows, meta.get("title", "stoprt profile"))
     if png is not None:
         written.append(out_dir / "profile.png")
-        _write_atomic(written[2], png)
+        write_bytes(written[2], png)
     return written

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..runtime.atomic import atomic_path
 from .model_file import load_model, normalize_input_spec, save_model
 
 FORMAT = "stoprt-bundle"
@@ -125,18 +126,9 @@ def _swap_into_place(staging: Path, out: Path) -> None:
 
 
 def _write_tar(staging: Path, out: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w") as tar:
-                for p in sorted(staging.iterdir()):
-                    tar.add(p, arcname=p.name)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp, tarfile.open(tmp, mode="w") as tar:
+        for p in sorted(staging.iterdir()):
+            tar.add(p, arcname=p.name)
 
 
 def load_bundle(path: str | os.PathLike, extract_to: str | os.PathLike | None = None) -> Bundle:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..runtime.atomic import atomic_path
 from . import architecture
 
 FORMAT = "stoprt-model"
@@ -98,10 +98,7 @@ def save_model(path: str | os.PathLike, net: nn.Module, input_spec: Mapping[str,
             "aliases": json.dumps(aliases), "tensors_sha256": _digest(tensors)}
     if use_safetensors is None:
         use_safetensors = _safetensors() is not None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if use_safetensors:
             st = _safetensors()
             if st is None:
@@ -109,12 +106,6 @@ def save_model(path: str | os.PathLike, net: nn.Module, input_spec: Mapping[str,
             st.save_file(tensors, tmp, metadata=meta)
         else:
             torch.save({"format": FORMAT, "metadata": meta, "tensors": tensors}, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -27,7 +27,6 @@ import copy
 import json
 import logging
 import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..runtime import layers as L
+from ..runtime.atomic import atomic_path
 
 STEP_FORMAT = "stoprt-step"
 STEP_VERSION = 1
@@ -281,15 +281,8 @@ def read_signature(path: str | os.PathLike) -> StepSignature:
 
 def _save_atomic(proto, path: Path) -> None:
     import onnx
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         onnx.save_model(proto, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @contextlib.contextmanager

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
+from ..runtime.atomic import write_bytes, write_text
 from .onnx_step import StepSignature, read_signature
 
 SIDECAR_FORMAT = "stoprt-tensorrt-engine"
@@ -106,11 +106,11 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     if serialized is None:
         raise TensorRTError(f"TensorRT could not build an engine from {onnx_path} (see its log above); "
                             f"a larger workspace (now {workspace_mib} MiB) may help")
-    _write_atomic(engine_path, bytes(serialized))
+    write_bytes(engine_path, bytes(serialized))
     sidecar = {"format": SIDECAR_FORMAT, "tensorrt": str(trt.__version__), "signature": asdict(sig),
                "fp16": fp16, "refit": refit, "max_batch": max_batch, "opt_batch": opt_batch or max_batch,
                "workspace_mib": workspace_mib}
-    _write_atomic(_sidecar(engine_path), json.dumps(sidecar, indent=2).encode())
+    write_text(_sidecar(engine_path), json.dumps(sidecar, indent=2))
     return engine_path
 
 
@@ -128,20 +128,6 @@ def _keep_elementwise_fp32(trt, network, config) -> None:
 
 def _sidecar(engine_path: Path) -> Path:
     return engine_path.with_name(engine_path.name + ".json")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class TrtStepRunner:

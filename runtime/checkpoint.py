@@ -1,19 +1,19 @@
 """Checkpoints: written atomically, loaded without executing code from the file.
 
 A checkpoint is one ``torch.save`` file holding only tensors and plain Python values, so it loads
-with ``torch.load(weights_only=True)``: no unrestricted pickle. Writing goes to a temporary file in the
-same folder, flushed to disk, then ``os.replace``-d over the target: a crash at any moment leaves
-either the old checkpoint or the new one, never a torn file.
+with ``torch.load(weights_only=True)``: no unrestricted pickle. It is written atomically
+(:mod:`stoprt.runtime.atomic`): a crash at any moment leaves the old checkpoint or the new one.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .atomic import atomic_path
 
 FORMAT = "stoprt-checkpoint"
 VERSION = 1
@@ -25,19 +25,9 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """Atomically write ``payload`` (tensors and plain values) with our format tag and version."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
+    return Path(path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

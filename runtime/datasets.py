@@ -13,7 +13,6 @@ import functools
 import math
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from .atomic import atomic_path
 from .emulator import DVSEmulator
 from .events import events_to_frames
 
@@ -362,14 +362,7 @@ def _atomic_save(obj: dict, path: Path) -> None:
     A read-only or full disk only costs the cache, never the data, so errors are swallowed.
     """
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                torch.save(obj, handle)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
     except OSError:
         pass

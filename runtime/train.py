@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from . import models
+from .atomic import atomic_path, write_text
 from .batchnorm import calibrate_batchnorm
 from .bptt import BPTT
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -225,7 +226,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
               "ranks_in_sync": _ranks_in_sync(net) if world > 1 else None,
               "final_test_acc": history[-1]["test_acc"] if history else None}
     if out_dir:
-        (out_dir / "result.json").write_text(json.dumps(result, indent=2))
+        write_text(out_dir / "result.json", json.dumps(result, indent=2))
     return result
 
 
@@ -242,13 +243,8 @@ def _save(path: Path, cfg: TrainConfig, net, learner: Learner, epoch: int, data)
 
 def write_metrics(out_dir: Path, history: list[dict]) -> None:
     """Per-epoch metrics as ``metrics.csv`` and ``metrics.json`` (each replaced atomically)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".metrics.csv.tmp"
-    with tmp.open("w", newline="") as f:
+    with atomic_path(out_dir / "metrics.csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, out_dir / "metrics.csv")
-    tmp = out_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(history, indent=2))
-    os.replace(tmp, out_dir / "metrics.json")
+    write_text(out_dir / "metrics.json", json.dumps(history, indent=2))

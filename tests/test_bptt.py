@@ -8,13 +8,7 @@ from stoprt.runtime.bptt import BPTT
 
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    """Exactness is checked in double precision; restored afterwards for the other tests."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # see conftest.py
 
 
 def _spike(x):

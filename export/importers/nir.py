@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -44,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from ...runtime import layers as L
+from ...runtime.atomic import atomic_path
 from ._common import (Chain, ConversionError, Layer, as_tensor, build, lif_layer, numeric_padding, readout_layer,
                       uniform)
 
@@ -344,14 +344,5 @@ def _np(t: Tensor) -> np.ndarray:
 
 
 def _write_atomic(nir: Any, graph: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         nir.write(tmp, graph)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
