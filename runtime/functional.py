@@ -72,20 +72,31 @@ def spike(x: Tensor, kind: str = "exp", alpha: float = 1.0) -> Tensor:
 RESETS = ("soft", "soft_nodecay", "hard")
 
 
-def carried_membrane(u: Tensor, s: Tensor, threshold: Tensor, leak: Tensor, reset: str = "soft") -> Tensor:
+def leak_term(u: Tensor, s: Tensor | None, threshold: Tensor | None, reset: str = "soft") -> Tensor:
+    """What the leak multiplies in U[t] (the reset spike detached), i.e. dU[t]/da at fixed history:
+    U - th s (soft), U (soft_nodecay; and a readout, which passes ``s`` None), U (1 - s) (hard)."""
+    if s is None or reset == "soft_nodecay":
+        return u
+    s = s.detach()
+    if reset == "soft":
+        return u - threshold * s
+    if reset == "hard":
+        return u * (1.0 - s)
+    raise ValueError(f"unknown reset {reset!r}; choose one of {RESETS}")
+
+
+def carried_membrane(u: Tensor, s: Tensor, threshold: Tensor, leak: Tensor, reset: str = "soft",
+                     term: Tensor | None = None) -> Tensor:
     """The part of U[t] carried over from step t-1; the reset spike is detached.
 
     ``"soft"`` (the paper's): a (U - th s); ``"soft_nodecay"`` (snnTorch's subtract reset): a U - th s;
-    ``"hard"`` (reset to zero, as NIR and SpikingJelly's default): a U (1 - s).
+    ``"hard"`` (reset to zero, as NIR and SpikingJelly's default): a U (1 - s). ``term`` is
+    :func:`leak_term` when the caller has it already (STOP needs it for the leak trace too).
     """
-    s = s.detach()
-    if reset == "soft":
-        return leak * (u - threshold * s)
+    term = leak_term(u, s, threshold, reset) if term is None else term
     if reset == "soft_nodecay":
-        return leak * u - threshold * s
-    if reset == "hard":
-        return leak * u * (1.0 - s)
-    raise ValueError(f"unknown reset {reset!r}; choose one of {RESETS}")
+        return leak * term - threshold * s.detach()
+    return leak * term
 
 
 def lif_step(current: Tensor, u: Tensor, s: Tensor, threshold: Tensor, leak: Tensor,
@@ -131,14 +142,12 @@ def threshold_trace_step(trace: Tensor | None, s: Tensor | None, leak: Tensor,
     return -s if trace is None else a * trace - s
 
 
-def leak_trace_step(trace: Tensor | None, u: Tensor | None, s: Tensor | None, threshold: Tensor | None,
-                    leak: Tensor, reset: str = "soft") -> Tensor | None:
-    """a_tr[t] = a a_tr[t-1] + dU[t]/da at fixed history: U[t-1] - th s[t-1] for the soft reset,
-    U[t-1] without its decay (and for a readout, where ``s`` is None)."""
-    if u is None:
+def leak_trace_step(trace: Tensor | None, term: Tensor | None, leak: Tensor) -> Tensor | None:
+    """a_tr[t] = a a_tr[t-1] + dU[t]/da at fixed history (``term``, see :func:`leak_term`).
+    None stands for an all-zero trace (first step)."""
+    if term is None:
         return None
-    direct = u if s is None or reset == "soft_nodecay" else u - threshold.detach() * s
-    return direct if trace is None else torch.addcmul(direct, leak.detach(), trace)
+    return term if trace is None else torch.addcmul(term, leak.detach(), trace)
 
 
 # ---------------------------------------------------------------------------------------------

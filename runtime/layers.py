@@ -142,11 +142,12 @@ class LIF(_Neuron):
             self.u, self.s = u, s
             return s
         with torch.no_grad():
-            carried = None if self.u is None else SF.carried_membrane(self.u, self.s, th, a, self.reset)
+            term = None if self.u is None else SF.leak_term(self.u, self.s, th, self.reset)
+            carried = None if term is None else SF.carried_membrane(self.u, self.s, th, a, self.reset, term)
             if th.requires_grad:
                 self.th_trace = SF.threshold_trace_step(self.th_trace, self.s, a, self.reset)
             if a.requires_grad:
-                self.a_trace = SF.leak_trace_step(self.a_trace, self.u, self.s, th, a, self.reset)
+                self.a_trace = SF.leak_trace_step(self.a_trace, term, a)
         if torch.is_grad_enabled():
             u = SF.TracedMembrane.apply(current, carried, th, a, self.th_trace, self.a_trace)
         else:
@@ -190,7 +191,7 @@ class LeakyReadout(_Neuron):
         with torch.no_grad():
             carried = None if self.u is None else a * self.u
             if a.requires_grad:
-                self.a_trace = SF.leak_trace_step(self.a_trace, self.u, None, None, a)
+                self.a_trace = SF.leak_trace_step(self.a_trace, self.u, a)
         if torch.is_grad_enabled():
             u = SF.TracedMembrane.apply(current, carried, None, a, None, self.a_trace)
         else:
