@@ -206,23 +206,21 @@ class TracedSynapse(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         weight, w_trace, b_trace = ctx.saved_tensors
-        op = ctx.op
-        grad_x = op.grad_input(grad_y, weight, ctx.x_shape) if ctx.needs_input_grad[0] else None
-        grad_w = op.grad_weight(grad_y, w_trace, weight.shape) if ctx.needs_input_grad[1] else None
-        grad_b = op.grad_bias(grad_y) * b_trace if ctx.needs_input_grad[2] else None
+        grad_x, grad_w = ctx.op.backward(grad_y, weight, w_trace, ctx.x_shape, ctx.needs_input_grad[0],
+                                         ctx.needs_input_grad[1])
+        grad_b = ctx.op.grad_bias(grad_y) * b_trace if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None, None
 
 
 class SynapticOp:
-    """Forward and the three same-step gradients of a synaptic op, linear in its input."""
+    """Forward and the same-step gradients of a synaptic op, linear in its input."""
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         raise NotImplementedError
 
-    def grad_input(self, grad_y: Tensor, weight: Tensor, x_shape: torch.Size) -> Tensor:
-        raise NotImplementedError
-
-    def grad_weight(self, grad_y: Tensor, x: Tensor, w_shape: torch.Size) -> Tensor:
+    def backward(self, grad_y: Tensor, weight: Tensor, trace: Tensor, x_shape: torch.Size,
+                 need_input: bool, need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
+        """(dE/dx, dE/dW with the input trace in place of the input)."""
         raise NotImplementedError
 
     def grad_bias(self, grad_y: Tensor) -> Tensor:
@@ -235,11 +233,8 @@ class LinearOp(SynapticOp):
     def forward(self, x, weight, bias):
         return F.linear(x, weight, bias)
 
-    def grad_input(self, grad_y, weight, x_shape):
-        return grad_y @ weight
-
-    def grad_weight(self, grad_y, x, w_shape):
-        return grad_y.t() @ x
+    def backward(self, grad_y, weight, trace, x_shape, need_input, need_weight):
+        return (grad_y @ weight if need_input else None), (grad_y.t() @ trace if need_weight else None)
 
     def grad_bias(self, grad_y):
         return grad_y.sum(0)
@@ -254,13 +249,15 @@ class Conv2dOp(SynapticOp):
     def forward(self, x, weight, bias):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def grad_input(self, grad_y, weight, x_shape):
-        return torch.nn.grad.conv2d_input(x_shape, weight, grad_y, self.stride, self.padding,
-                                          self.dilation, self.groups)
-
-    def grad_weight(self, grad_y, x, w_shape):
-        return torch.nn.grad.conv2d_weight(x, w_shape, grad_y, self.stride, self.padding,
-                                           self.dilation, self.groups)
+    def backward(self, grad_y, weight, trace, x_shape, need_input, need_weight):
+        # One convolution_backward call, as autograd makes for a plain conv: the input gradient
+        # depends only on the weight, so passing the trace as "input" yields both at once.
+        if trace is None:
+            trace = grad_y.new_empty(x_shape)  # only its shape is used when need_weight is False
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad_y, trace, weight, None, self.stride, self.padding, self.dilation, False, [0, 0],
+            self.groups, [need_input, need_weight, False])
+        return grad_x, grad_w
 
     def grad_bias(self, grad_y):
         return grad_y.sum((0, 2, 3))
