@@ -170,7 +170,7 @@ def test_report_verdicts_and_losses_come_from_the_numbers(tmp_path):
     for words in ("Memory: stoprt STOP-WTL holds 12.00 MiB", "SpikingJelly BPTT (15.0 ms)",
                   "Accuracy (digits): SpikingJelly BPTT 85.0%", "Latency: SpikingJelly (single-step mode)"):
         assert words in losses
-    assert "no method learned `1` (best 55%); the other 1 classes reach 100%" in page
+    assert "no method learned `1` (best 55%); some method recognises each other class perfectly" in page
     assert "predicted RSS ~4500 MiB exceeds the cap" in page and "not measured: not available" in page
     assert "](results/peers/memory.png)" in page
     pytest.importorskip("matplotlib", reason="matplotlib is not installed: no plots")

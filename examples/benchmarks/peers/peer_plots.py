@@ -66,15 +66,19 @@ def plot(out: Path, mem, tim, acc, lat) -> list[str]:
         datasets = acc["config"]["datasets"]
         methods = list(dict.fromkeys(r["method"] for r in acc["rows"]))
         fig, ax = plt.subplots(figsize=(10, 4.2))
-        width = 0.8 / max(len(datasets), 1)
+        width, lowest = 0.8 / max(len(datasets), 1), 100.0
         for i, d in enumerate(datasets):
             vals = [next((100 * r["test_acc"] for r in acc["rows"] if r["method"] == m and r["data"] == d and ok(r)), 0)
                     for m in methods]
-            ax.bar([j + i * width for j in range(len(methods))], vals, width, label=d)
+            bars = ax.bar([j + i * width for j in range(len(methods))], vals, width, label=d)
+            ax.bar_label(bars, fmt="%.1f", fontsize=7)
+            lowest = min([lowest] + [v for v in vals if v > 0])
         ax.set_xticks([j + width * (len(datasets) - 1) / 2 for j in range(len(methods))],
                       [LABELS[m] for m in methods], rotation=25, ha="right", fontsize=8)
-        ax.set(ylabel="held-out accuracy (%)", ylim=(0, 100), title=f"Accuracy after {acc['config']['epochs']} epochs")
-        ax.legend()
+        # the axis starts near the lowest bar: the differences are a few points
+        ax.set(ylabel="held-out accuracy (%)", ylim=(max(0.0, lowest - 10.0), 101.0),
+               title=f"Accuracy after {acc['config']['epochs']} epochs (axis does not start at 0)")
+        ax.legend(loc="lower right", fontsize=8)
         _save(fig, folder(out) / "accuracy.png", plt)
     if lat and "backends" in lat:
         b = lat["backends"]
