@@ -133,8 +133,10 @@ def _fake_results(out: Path) -> None:
                 "machine": {"cpu": "test cpu", "cores": 2, "memory_gib": 24, "platform": "linux",
                             "versions": {"torch": "2.x"}},
                 "peers_env": {"snntorch": "1.0.0", "spikingjelly": "2.0.0", "torch": "2.x"}, "total_seconds": 60},
-        "memory": {"config": {"Ts": [10, 30, 300], "width": 0.5, "size": 32, "batch": 8}, "rows": mem_rows},
-        "timing": {"config": {"T": 10, "repeats": 3}, "results": [
+        "memory": {"config": {"Ts": [10, 30, 300], "width": 0.5, "size": 32, "batch": 8}, "rows": mem_rows,
+                   "tree": {"commit": "abc1234", "modified": []}},
+        "timing": {"config": {"T": 10, "repeats": 3}, "tree": {"commit": "abc1234", "modified": ["runtime/stop.py"]},
+                   "results": [
             {"name": "small", "width": 0.5, "size": 32, "batch": 8,
              "ms_per_step": {"stop-wtl": 20.0, "sj-bptt": 15.0, "sj-ottt": 30.0, "floor": 16.0}}]},
         "accuracy": {"config": {"model": "dvs_gesture", "size": 16, "width": 1.0, "T": 10, "epochs": 3, "batch": 16,
@@ -171,6 +173,8 @@ def test_report_verdicts_and_losses_come_from_the_numbers(tmp_path):
                   "Accuracy (digits): SpikingJelly BPTT 85.0%", "Latency: SpikingJelly (single-step mode)"):
         assert words in losses
     assert "no method learned `1` (best 55%); some method recognises each other class perfectly" in page
+    assert ("| stoprt source | memory: commit abc1234; timing: commit abc1234, with uncommitted changes to "
+            "runtime/stop.py; accuracy, latency: not recorded |") in page
     assert "predicted RSS ~4500 MiB exceeds the cap" in page and "not measured: not available" in page
     assert "](results/peers/memory.png)" in page
     pytest.importorskip("matplotlib", reason="matplotlib is not installed: no plots")

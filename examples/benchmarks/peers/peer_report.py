@@ -339,7 +339,8 @@ def write(out: Path) -> Path:
                                            f"{m.get('memory_gib', 0):.0f} GiB RAM, no GPU ({m.get('platform', '?')})"],
                                ["threads", f"{run.get('threads', '?')} for training, 1 for streaming latency"],
                                ["versions", ", ".join(f"{k} {v}" for k, v in versions.items())],
-                               ["stoprt source", _tree_line(run.get("tree", {}))],
+                               ["stoprt source", _tree_line({n: d.get("tree", {}) for n, d in
+                                                             zip(("memory", "timing", "accuracy", "latency"), (mem, tim, acc, lat)) if d})],
                                ["peer environment", _env_line(run)]])
     lines += ["", "**Noise.** This machine is shared with other engineers' jobs. Memory in saved-for-backward "
               "bytes is exact; RSS deltas vary by a few MiB; times are the best of interleaved repeats, and "
@@ -361,8 +362,17 @@ def _env_line(run: dict) -> str:
             f"SpikingJelly {env['spikingjelly']}; torch from the project venv ({env['torch']})")
 
 
-def _tree_line(tree: dict) -> str:
-    if not tree:
-        return "not a git checkout"
-    changed = tree.get("modified") or []
-    return f"commit {tree['commit']}" + (f", with uncommitted changes to {', '.join(changed)}" if changed else "")
+def _tree_line(trees: dict[str, dict]) -> str:
+    """The stoprt source each section measured (each records its own: commits can land during a run)."""
+    sections: dict[str, list[str]] = {}
+    for name, tree in trees.items():
+        if not tree:
+            line = "not recorded"
+        else:
+            changed = tree.get("modified") or []
+            line = f"commit {tree['commit']}" + (f", with uncommitted changes to {', '.join(changed)}" if changed else "")
+            line += " (the tree changed while the section ran)" if tree.get("changed_during_section") else ""
+        sections.setdefault(line, []).append(name)
+    if len(sections) == 1:
+        return next(iter(sections))
+    return "; ".join(f"{', '.join(names)}: {line}" for line, names in sections.items()) or "not recorded"

@@ -283,15 +283,17 @@ def main(argv: list[str] | None = None) -> int:
     durations = {}
     for name in a.sections:
         log(f"{name}:")
-        t0 = time.perf_counter()
+        t0, tree = time.perf_counter(), tree_state()  # the source measured, read as the section starts
         result = sections[name](runner, cfg[name])
         durations[name] = time.perf_counter() - t0
-        _write_json(folder / f"{name}.json", {**result, "seconds": durations[name], "quick": a.quick,
+        if tree != tree_state():
+            tree["changed_during_section"] = True  # another commit or edit landed while it ran
+        _write_json(folder / f"{name}.json", {**result, "seconds": durations[name], "quick": a.quick, "tree": tree,
                                            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                                            "load_average_at_end": os.getloadavg()[0]})
     run_info = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 "command": "python " + " ".join([os.path.relpath(__file__), *(argv if argv is not None else sys.argv[1:])]),
-                "machine": machine(peers), "tree": tree_state(), "threads": a.threads, "peers_env": peers, "notes": notes,
+                "machine": machine(peers), "threads": a.threads, "peers_env": peers, "notes": notes,
                 "sections_run": a.sections, "section_seconds": durations, "total_seconds": time.perf_counter() - t_start,
                 "load_average_at_end": list(os.getloadavg()), "quick": a.quick}
     _write_json(folder / "run.json", run_info)
