@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= test,plot,aedat,nir,snntorch
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench bench-peers install clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	@if [ ! -x $(PY) ]; then \
@@ -35,6 +35,9 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) examples/benchmarks/core_bench.py --out runs/bench
+
+bench-peers: $(VENV)/.installed
+	$(PY) examples/benchmarks/peers/run.py --out docs/results
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

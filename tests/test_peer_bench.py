@@ -161,8 +161,8 @@ def test_report_verdicts_and_losses_come_from_the_numbers(tmp_path):
     _fake_results(out)
     page = peer_report.write(out).read_text()
     targets = page.split("## Targets")[1].split("## 1.")[0]
-    assert "STOP-WTL memory flat in T (T=10 to 30) | saved +0%, RSS +2 MiB | **met**" in targets
-    assert "STOP-W memory flat in T (T=10 to 30) | saved +0%, RSS +20 MiB | **not met**" in targets
+    assert "STOP-WTL memory flat in T (T=10 to 30) | saved +0%, RSS +2.0 MiB | **met**" in targets
+    assert "STOP-W memory flat in T (T=10 to 30) | saved +0%, RSS +20.0 MiB | **not met**" in targets
     assert "STOP-W below every peer at T >= 30 (saved for backward) | 7.00 MiB vs SpikingJelly OTTT 8.00 MiB (T=30) | **met**" in targets
     assert "STOP-WTL below every peer at T >= 30 (saved for backward) | 12.00 MiB vs SpikingJelly OTTT 8.00 MiB (T=30) | **not met**" in targets
     assert "within 1.3x of the floor (small) | 1.250x | **met**" in targets
@@ -173,7 +173,7 @@ def test_report_verdicts_and_losses_come_from_the_numbers(tmp_path):
                   "Accuracy (digits): SpikingJelly BPTT 85.0%", "Latency: SpikingJelly (single-step mode)"):
         assert words in losses
     assert "no method learned `1` (best 55%); some method recognises each other class perfectly" in page
-    assert ("| stoprt source | memory: commit abc1234; timing: commit abc1234, with uncommitted changes to "
+    assert ("| stoprt source | memory: as of commit abc1234; timing: as of commit abc1234, with uncommitted changes to "
             "runtime/stop.py; accuracy, latency: not recorded |") in page
     assert "predicted RSS ~4500 MiB exceeds the cap" in page and "not measured: not available" in page
     assert "](results/peers/memory.png)" in page

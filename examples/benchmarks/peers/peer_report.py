@@ -77,7 +77,7 @@ def memory_section(mem: dict, targets: list, losses: list) -> list[str]:
             rss = hi["rss_delta_mib"] - lo["rss_delta_mib"]
             # flat: exact bytes within 5%; RSS within its noise (10% or 8 MiB, whichever is larger)
             targets.append((f"{LABELS[stop]} memory flat in T (T={lo['T']} to {hi['T']})",
-                            f"saved {100 * saved:+.0f}%, RSS {rss:+.0f} MiB",
+                            f"saved {100 * saved:+.0f}%, RSS {rss:+.1f} MiB",
                             _verdict(saved <= 0.05 and rss <= max(0.1 * lo["rss_delta_mib"], 8.0))))
         # against the leanest peer at every T >= 30 (peers skipped for the cap hold more than that)
         worst = None
@@ -127,7 +127,8 @@ def timing_section(tim: dict, targets: list, losses: list) -> list[str]:
              "runs in one process (every method alternates with the others, so a busy machine slows all of "
              "them alike; the best run is the least disturbed). *Floor*: the same convolutions, frozen BN and "
              "pools with ReLU instead of LIF, one forward + backward per step (no spiking, no time): the "
-             "least any per-step method can cost.", ""]
+             "least any per-step method can cost. On this shared machine the ratios at the small size (about "
+             "20 ms a step) moved by 10-15% between full runs; the large size is steadier.", ""]
     if tim.get("skipped"):
         lines += [f"Not measured: {tim['skipped']}.", ""]
     for res in tim["results"]:
@@ -370,8 +371,8 @@ def _tree_line(trees: dict[str, dict]) -> str:
             line = "not recorded"
         else:
             changed = tree.get("modified") or []
-            line = f"commit {tree['commit']}" + (f", with uncommitted changes to {', '.join(changed)}" if changed else "")
-            line += " (the tree changed while the section ran)" if tree.get("changed_during_section") else ""
+            line = f"as of commit {tree['commit']}" + (f", with uncommitted changes to {', '.join(changed)}" if changed else "")
+            line += " (it changed while the section ran)" if tree.get("changed_during_section") else ""
         sections.setdefault(line, []).append(name)
     if len(sections) == 1:
         return next(iter(sections))

@@ -224,15 +224,19 @@ def machine(peers: dict | None) -> dict:
             "memory_gib": psutil.virtual_memory().total / 2**30, "versions": versions}
 
 
+SOURCE = ("__init__.py", "cli.py", "runtime", "export", "devices")  # stoprt itself, as measured
+
+
 def tree_state() -> dict:
-    """The commit measured and stoprt's uncommitted source changes, if this is a git checkout
-    (read-only git calls: results from a modified tree say so)."""
+    """The last commit that changed stoprt's source and its uncommitted source changes, if this is a
+    git checkout (read-only git calls). Commits to docs, tests or benchmarks do not count."""
     root = HERE.parents[2]
     git = ["git", "--no-optional-locks", "-C", str(root)]
     try:
-        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=30)
-        status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", "__init__.py",
-                                 "runtime", "export", "devices"], capture_output=True, text=True, timeout=30)
+        commit = subprocess.run([*git, "log", "-1", "--format=%h", "--", *SOURCE], capture_output=True, text=True,
+                                timeout=30)
+        status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", *SOURCE],
+                                capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return {}
     if commit.returncode != 0:
