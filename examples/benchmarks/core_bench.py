@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import ctypes
-import gc
 import os
 import json
 import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,6 +27,7 @@ import psutil
 import torch
 from torch import nn
 
+from stoprt.devices.measure import RSSPeak, release_free_memory
 from stoprt.runtime import layers as L, models
 from stoprt.runtime.bptt import BPTT
 from stoprt.runtime.stop import STOP
@@ -92,33 +90,6 @@ class SavedBytes:
         self.live.clear()
 
 
-class RSSPeak(threading.Thread):
-    """Samples this process's resident set size every millisecond; ``peak`` in bytes."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.proc, self.peak, self.running = psutil.Process(), 0, True
-
-    def run(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.001)
-
-    def stop(self) -> int:
-        self.running = False
-        self.join()
-        return max(self.peak, self.proc.memory_info().rss)
-
-
-def _release_free_memory() -> None:
-    """Hand memory freed by earlier samples back to the OS, so the baseline is the live memory."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc: the baseline then includes the allocator's free pool
-        pass
-
-
 def measure_memory(args) -> dict:
     """In this (fresh) process: memory of one training sample of T steps."""
     torch.manual_seed(0)
@@ -128,7 +99,7 @@ def measure_memory(args) -> dict:
     xs = [(torch.rand(args.batch, 2, args.size, args.size) < 0.15).float() for _ in range(args.T)]
     y = torch.randint(0, 10, (args.batch,))
     run_sample(learner, xs[:3], y)  # warm up: optimizer state, thread pools, first-use allocations
-    _release_free_memory()
+    release_free_memory()
     baseline = psutil.Process().memory_info().rss
     counter = SavedBytes(net)
     sampler = RSSPeak()

@@ -45,7 +45,7 @@ def memory(a) -> dict:
     method = peer_methods.make(a.method, peer_nets.reference("vgg11", a.size, 10, a.width, a.seed))
     xs, y = _sparse_input(a.T, a.batch, a.size, a.seed)
     method.train_sample(xs[:3], y)  # warm up: optimizer state, thread pools, first-use allocations
-    core_bench._release_free_memory()
+    core_bench.release_free_memory()
     baseline = psutil.Process().memory_info().rss
     counter = core_bench.SavedBytes(method.net)
     # Not counted either: the input sample, which exists before training and is the same for every
