@@ -215,10 +215,12 @@ class MemoryPlanner:
             elif c.kind == "bn":
                 trains = mode == "bptt" and not freeze_batchnorm
                 rg[vout] = rin or any(learns(p) for p in m.parameters())
-                if train and rg[vout]:
+                if train and rg[vout] and trains:
                     add(("v", vin), n(vin), EVERY)
-                    if trains:  # save_mean and save_invstd, one value per channel (float32 or wider)
-                        add(("bn_stats", i), 0, EVERY, fixed=2 * m.num_features, elsize=STATS)
+                    # save_mean and save_invstd, one value per channel (float32 or wider)
+                    add(("bn_stats", i), 0, EVERY, fixed=2 * m.num_features, elsize=STATS)
+                elif train and rin:  # frozen: x * scale + shift keeps only the per-channel scale
+                    add(("bn_scale", i), 0, EVERY, fixed=m.num_features)
             elif c.kind in ("lif", "readout"):
                 th = learns(getattr(m, "threshold", None))
                 lk = learns(m.leak)
@@ -227,20 +229,18 @@ class MemoryPlanner:
                 if not train:
                     add(u, n(vout), LAST, state=True)
                     add(("v", vout), n(vout), LAST, state=True)
-                elif mode == "stop":
+                elif mode == "stop":  # backward keeps U[t] (the state) and the traces, nothing else
                     add(u, n(vout), EVERY, state=True)
                     add(("v", vout), n(vout), EVERY, state=True)
                     if th:
                         add(("th_trace", i), n(vout), FROM1, state=True)
                     if lk:
                         add(("a_trace", i), n(vout), FROM1, state=True)
-                    if c.kind == "lif" and rg[vout]:
-                        add(("x", i), n(vout), EVERY)  # u - th, kept by the spike's surrogate
                 else:
                     self._bptt_neuron(add, c, i, u, n(vout), th, lk, rg[vout])
             elif c.kind in ("pool", "maxpool"):
                 rg[vout] = rin
-                if train and rin and not global_mean(m):
+                if train and rin and not global_mean(m) and not isinstance(m, L.AvgPool2d):
                     add(("v", vin), n(vin), EVERY)
                     if c.kind == "maxpool":
                         add(("indices", i), n(vout), EVERY, elsize=8)
@@ -341,8 +341,8 @@ class MemoryPlanner:
 
     def _transient(self, mode: str, batch: int, nbytes) -> int:
         """Working set of one step beyond what is kept: the step's input frame, and for the largest
-        layer its input and output plus three output-sized temporaries (forward: carried membrane,
-        u - th, the spike; backward: output gradient, surrogate derivative, membrane gradient).
+        layer its input and output plus three output-sized temporaries (forward: the leak term, the
+        membrane, the spike; backward: output gradient, surrogate derivative, membrane gradient).
         Training adds the largest weight gradient before it reaches ``.grad``: one copy under STOP
         (one backward per step adds it in place), two under BPTT (autograd sums the T steps'
         contributions out of place in the accumulation buffer)."""

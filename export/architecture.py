@@ -71,8 +71,8 @@ _LAYERS: dict[str, tuple[type, Callable[[Any], dict], Callable[..., nn.Module]]]
     "LIF": (L.LIF, _lif_args, lambda **k: L.LIF(**{n: _tuple(v) for n, v in k.items()})),
     "LeakyReadout": (L.LeakyReadout, _readout_args,
                      lambda **k: L.LeakyReadout(**{n: _tuple(v) for n, v in k.items()})),
-    "AvgPool2d": (nn.AvgPool2d, lambda m: {n: _jsonable(getattr(m, n)) for n in nn.AvgPool2d.__constants__},
-                  lambda **k: nn.AvgPool2d(**{n: _tuple(v) for n, v in k.items()})),
+    "AvgPool2d": (L.AvgPool2d, lambda m: {n: _jsonable(getattr(m, n)) for n in nn.AvgPool2d.__constants__},
+                  lambda **k: L.AvgPool2d(**{n: _tuple(v) for n, v in k.items()})),
     "MaxPool2d": (nn.MaxPool2d, lambda m: {n: _jsonable(getattr(m, n)) for n in nn.MaxPool2d.__constants__},
                   lambda **k: nn.MaxPool2d(**{n: _tuple(v) for n, v in k.items()})),
     "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, lambda m: {"output_size": _jsonable(m.output_size)},
@@ -81,6 +81,7 @@ _LAYERS: dict[str, tuple[type, Callable[[Any], dict], Callable[..., nn.Module]]]
     "Identity": (nn.Identity, lambda m: {}, nn.Identity),
 }
 _BY_CLASS = {cls: name for name, (cls, _, _) in _LAYERS.items()}
+_BY_CLASS[nn.AvgPool2d] = "AvgPool2d"  # torch's own, as users and importers may build it
 _NEURONS = (L.LIF, L.LeakyReadout)
 
 

@@ -3,7 +3,7 @@
 Neuron (per layer, time step t; see ``shared/reference/stop-algorithm.md``)::
 
     U[t] = a * (U[t-1] - th * s[t-1]) + I[t]      # leaky integration, soft reset (reset spike detached)
-                                                   # (see carried_membrane for the other reset modes)
+                                                   # (see membrane_update for the other reset modes)
     s[t] = H(U[t] - th)                            # Heaviside spike, surrogate derivative phi(U - th)
 
 Forward traces (zero at the start of each sample)::
@@ -29,20 +29,33 @@ from torch import Tensor
 SURROGATES = ("exp", "atan", "fast_sigmoid", "triangle")
 
 
-def surrogate_grad(x: Tensor, kind: str, alpha: float) -> Tensor:
+def surrogate_grad(x: Tensor, kind: str, alpha: float, inplace: bool = False) -> Tensor:
     """The surrogate derivative phi(x) of the Heaviside step, each with phi(0) = 1.
 
-    ``alpha`` scales the width: larger alpha means a narrower window.
+    ``alpha`` scales the width: larger alpha means a narrower window. Only the first pass allocates
+    (all of them write over ``x`` itself with ``inplace``, for a temporary): on a CPU each fresh
+    output costs several times an in-place pass.
     """
     if kind == "exp":  # the paper's choice
-        return torch.exp(-alpha * x.abs())
+        return (x.abs_() if inplace else x.abs()).mul_(-alpha).exp_()
     if kind == "atan":
-        return 1.0 / (1.0 + (math.pi * alpha * x) ** 2)
+        return (x.mul_(math.pi * alpha) if inplace else x * (math.pi * alpha)).square_().add_(1.0).reciprocal_()
     if kind == "fast_sigmoid":
-        return 1.0 / (1.0 + alpha * x.abs()) ** 2
+        return (x.abs_() if inplace else x.abs()).mul_(alpha).add_(1.0).square_().reciprocal_()
     if kind == "triangle":
-        return (1.0 - alpha * x.abs()).clamp_min(0.0)
+        return (x.abs_() if inplace else x.abs()).mul_(-alpha).add_(1.0).clamp_min_(0.0)
     raise ValueError(f"unknown surrogate {kind!r}; choose one of {SURROGATES}")
+
+
+def heaviside(x: Tensor, threshold: Tensor | float = 0.0) -> Tensor:
+    """[x > threshold] in ``x``'s dtype and shape (no autograd).
+
+    The comparison writes floats directly: a bool result cast afterwards costs several passes more
+    on a CPU. Graph exporters trace the plain comparison (``Greater`` + ``Cast`` in ONNX).
+    """
+    if torch.compiler.is_compiling():
+        return (x > threshold).to(x.dtype)
+    return torch.gt(x, threshold, out=torch.empty_like(x))
 
 
 class _SpikeFunction(torch.autograd.Function):
@@ -50,7 +63,7 @@ class _SpikeFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, kind: str, alpha: float) -> Tensor:
         ctx.save_for_backward(x)
         ctx.kind, ctx.alpha = kind, alpha
-        return (x > 0).to(x.dtype)
+        return heaviside(x)
 
     @staticmethod
     def backward(ctx, grad_spike: Tensor):
@@ -66,7 +79,7 @@ def spike(x: Tensor, kind: str = "exp", alpha: float = 1.0) -> Tensor:
     """
     if torch.is_grad_enabled() and x.requires_grad:
         return _SpikeFunction.apply(x, kind, alpha)
-    return (x > 0).to(x.dtype)
+    return heaviside(x)
 
 
 RESETS = ("soft", "soft_nodecay", "hard")
@@ -79,24 +92,24 @@ def leak_term(u: Tensor, s: Tensor | None, threshold: Tensor | None, reset: str 
         return u
     s = s.detach()
     if reset == "soft":
-        return u - threshold * s
+        return torch.addcmul(u, threshold, s, value=-1.0)
     if reset == "hard":
         return u * (1.0 - s)
     raise ValueError(f"unknown reset {reset!r}; choose one of {RESETS}")
 
 
-def carried_membrane(u: Tensor, s: Tensor, threshold: Tensor, leak: Tensor, reset: str = "soft",
-                     term: Tensor | None = None) -> Tensor:
-    """The part of U[t] carried over from step t-1; the reset spike is detached.
+def membrane_update(current: Tensor, term: Tensor, leak: Tensor, threshold: Tensor | None = None,
+                    s: Tensor | None = None, reset: str = "soft") -> Tensor:
+    """U[t] = I[t] + the part carried over from step t-1, given ``term`` = :func:`leak_term`.
 
-    ``"soft"`` (the paper's): a (U - th s); ``"soft_nodecay"`` (snnTorch's subtract reset): a U - th s;
-    ``"hard"`` (reset to zero, as NIR and SpikingJelly's default): a U (1 - s). ``term`` is
-    :func:`leak_term` when the caller has it already (STOP needs it for the leak trace too).
+    ``"soft"`` (the paper's): a (U - th s) + I; ``"soft_nodecay"`` (snnTorch's subtract reset):
+    a U - th s + I; ``"hard"`` (reset to zero, as NIR and SpikingJelly's default): a U (1 - s) + I.
+    The reset spike is detached.
     """
-    term = leak_term(u, s, threshold, reset) if term is None else term
-    if reset == "soft_nodecay":
-        return leak * term - threshold * s.detach()
-    return leak * term
+    u = torch.addcmul(current, leak, term)
+    if reset == "soft_nodecay" and s is not None:
+        u = torch.addcmul(u, threshold, s.detach(), value=-1.0)
+    return u
 
 
 def lif_step(current: Tensor, u: Tensor, s: Tensor, threshold: Tensor, leak: Tensor,
@@ -106,7 +119,7 @@ def lif_step(current: Tensor, u: Tensor, s: Tensor, threshold: Tensor, leak: Ten
     current: I[t]; u, s: U[t-1], s[t-1] (broadcastable to current); threshold broadcastable to current;
     leak a scalar tensor in (0, 1).
     """
-    u_new = carried_membrane(u, s, threshold, leak, reset) + current
+    u_new = membrane_update(current, leak_term(u, s, threshold, reset), leak, threshold, s, reset)
     return u_new, spike(u_new - threshold, surrogate, alpha)
 
 
@@ -138,8 +151,8 @@ def threshold_trace_step(trace: Tensor | None, s: Tensor | None, leak: Tensor,
         return None
     a = leak.detach()
     if reset == "soft":
-        return a * (-s if trace is None else trace - s)
-    return -s if trace is None else a * trace - s
+        return s * -a if trace is None else torch.sub(trace, s).mul_(a)
+    return -s if trace is None else torch.addcmul(-s, a, trace)
 
 
 def leak_trace_step(trace: Tensor | None, term: Tensor | None, leak: Tensor) -> Tensor | None:
@@ -155,38 +168,74 @@ def leak_trace_step(trace: Tensor | None, term: Tensor | None, leak: Tensor) -> 
 # ---------------------------------------------------------------------------------------------
 
 def _sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
-    """Reduce a broadcast gradient back to a parameter's shape (threshold granularity)."""
+    """Reduce a broadcast gradient back to a parameter's shape (threshold granularity), in one sum."""
     extra = grad.dim() - len(shape)
-    if extra > 0:
-        grad = grad.sum(dim=tuple(range(extra)))
-    keep = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
-    return grad.sum(dim=keep, keepdim=True) if keep else grad
+    dims = tuple(range(extra)) + tuple(extra + i for i, n in enumerate(shape)
+                                       if n == 1 and grad.shape[extra + i] != 1)
+    return grad.sum(dim=dims, keepdim=True).view(shape) if dims else grad
 
 
-class TracedMembrane(torch.autograd.Function):
-    """U[t] = carried + I[t], where dU/dth and dU/da come from the traces instead of the history.
+def _reduce_product(grad: Tensor, trace: Tensor, shape: torch.Size) -> Tensor:
+    """sum(grad * trace) reduced to a parameter's ``shape``; a dot product (one read, no
+    temporary) when the parameter is a single value."""
+    if len(shape) == 0:
+        return torch.dot(grad.reshape(-1), trace.reshape(-1))
+    return _sum_to_shape(grad * trace, shape)
 
-    forward(current, carried, threshold, leak, th_trace, a_trace) -> U[t]. ``carried`` is the
-    detached a * (U[t-1] - th * s[t-1]) (None on the first step); None traces mean zero; a readout
-    passes threshold None.
+
+class TracedLIF(torch.autograd.Function):
+    """One LIF step under STOP: the ordinary forward; in backward, the same-step surrogate error,
+    with dE/dth and dE/da taken from the traces instead of the history.
+
+    forward(current, term, threshold, leak, s_prev, th_trace, a_trace, reset, surrogate, alpha)
+    -> (s[t], U[t]). ``term`` is :func:`leak_term` of the previous step (None on the first step),
+    ``s_prev`` the previous spikes (used by the ``soft_nodecay`` reset); None traces mean zero.
+    U[t] is returned without gradient (STOP detaches the state) and is all backward keeps of the
+    step besides the traces: the surrogate derivative is recomputed from it.
     """
 
     @staticmethod
-    def forward(ctx, current, carried, threshold, leak, th_trace, a_trace):
-        ctx.threshold_shape = None if threshold is None else threshold.shape
-        ctx.save_for_backward(th_trace, a_trace)
-        return current if carried is None else current + carried
+    def forward(ctx, current, term, threshold, leak, s_prev, th_trace, a_trace, reset, surrogate, alpha):
+        u = current.clone() if term is None else membrane_update(current, term, leak, threshold, s_prev, reset)
+        ctx.mark_non_differentiable(u)
+        ctx.save_for_backward(u, threshold, th_trace, a_trace)
+        ctx.surrogate, ctx.alpha = surrogate, alpha
+        return heaviside(u, threshold), u
+
+    @staticmethod
+    def backward(ctx, grad_s, _grad_u):
+        u, threshold, th_trace, a_trace = ctx.saved_tensors
+        # delta = dE/ds * phi(U - th): the gradient of the current (the spatial error)
+        grad = surrogate_grad(u - threshold, ctx.surrogate, ctx.alpha, inplace=True).mul_(grad_s)
+        grad_th = grad_a = None
+        if ctx.needs_input_grad[2]:  # ds/dth = phi (dU/dth - 1), dU/dth = th_trace
+            grad_th = -_sum_to_shape(grad, threshold.shape)
+            if th_trace is not None:
+                grad_th += _reduce_product(grad, th_trace, threshold.shape)
+        if ctx.needs_input_grad[3]:  # dU/da = a_trace; one leak per layer
+            grad_a = grad.new_zeros(()) if a_trace is None else _reduce_product(grad, a_trace, torch.Size())
+        return grad, None, grad_th, grad_a, None, None, None, None, None, None
+
+
+class TracedReadout(torch.autograd.Function):
+    """U[t] = carried + I[t] of a non-spiking readout, where dU/da comes from the leak trace.
+
+    forward(current, carried, leak, a_trace) -> U[t]. ``carried`` is the detached a * U[t-1] (None
+    on the first step); a None trace means zero.
+    """
+
+    @staticmethod
+    def forward(ctx, current, carried, leak, a_trace):
+        ctx.save_for_backward(a_trace)
+        return current.clone() if carried is None else current + carried
 
     @staticmethod
     def backward(ctx, grad_u):
-        th_trace, a_trace = ctx.saved_tensors
-        grad_th = grad_a = None
+        (a_trace,) = ctx.saved_tensors
+        grad_a = None
         if ctx.needs_input_grad[2]:
-            grad_th = (torch.zeros(ctx.threshold_shape, dtype=grad_u.dtype, device=grad_u.device)
-                       if th_trace is None else _sum_to_shape(grad_u * th_trace, ctx.threshold_shape))
-        if ctx.needs_input_grad[3]:
-            grad_a = (grad_u.new_zeros(()) if a_trace is None else (grad_u * a_trace).sum())
-        return grad_u, None, grad_th, grad_a, None, None
+            grad_a = grad_u.new_zeros(()) if a_trace is None else _reduce_product(grad_u, a_trace, torch.Size())
+        return grad_u, None, grad_a, None
 
 
 class TracedSynapse(torch.autograd.Function):

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as SF
+from . import lean
 
-# Pooling, flattening and identity need nothing of their own: torch's modules are used as they are.
-AvgPool2d = nn.AvgPool2d
+# Pooling, flattening and identity need nothing of their own: torch's modules are used as they are
+# (AvgPool2d below only keeps less for backward).
 AdaptiveAvgPool2d = nn.AdaptiveAvgPool2d
 MaxPool2d = nn.MaxPool2d
 Flatten = nn.Flatten
@@ -143,16 +144,16 @@ class LIF(_Neuron):
             return s
         with torch.no_grad():
             term = None if self.u is None else SF.leak_term(self.u, self.s, th, self.reset)
-            carried = None if term is None else SF.carried_membrane(self.u, self.s, th, a, self.reset, term)
             if th.requires_grad:
                 self.th_trace = SF.threshold_trace_step(self.th_trace, self.s, a, self.reset)
             if a.requires_grad:
                 self.a_trace = SF.leak_trace_step(self.a_trace, term, a)
         if torch.is_grad_enabled():
-            u = SF.TracedMembrane.apply(current, carried, th, a, self.th_trace, self.a_trace)
+            s, u = SF.TracedLIF.apply(current, term, th, a, self.s, self.th_trace, self.a_trace, self.reset,
+                                      self.surrogate, self.alpha)
         else:
-            u = current if carried is None else current + carried
-        s = SF.spike(u - th, self.surrogate, self.alpha)
+            u = current if term is None else SF.membrane_update(current, term, a, th, self.s, self.reset)
+            s = SF.heaviside(u, th)
         self.u, self.s = u.detach(), s.detach()
         return s
 
@@ -193,7 +194,7 @@ class LeakyReadout(_Neuron):
             if a.requires_grad:
                 self.a_trace = SF.leak_trace_step(self.a_trace, self.u, a)
         if torch.is_grad_enabled():
-            u = SF.TracedMembrane.apply(current, carried, None, a, None, self.a_trace)
+            u = SF.TracedReadout.apply(current, carried, a, self.a_trace)
         else:
             u = current if carried is None else current + carried
         self.u = u.detach()
@@ -267,6 +268,19 @@ class Conv2d(_Synapse, nn.Conv2d):
         return self._forward_stop(x) if self.stop_mode else self._conv_forward(x, self.weight, self.bias)
 
 
+def _pair(v) -> list[int]:
+    return [v, v] if isinstance(v, int) else list(v)
+
+
+class AvgPool2d(nn.AvgPool2d):
+    """``torch.nn.AvgPool2d`` whose backward keeps no tensor (its gradient depends only on shapes)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        stride = self.kernel_size if self.stride is None else self.stride
+        return lean.avg_pool2d(x, _pair(self.kernel_size), _pair(stride), _pair(self.padding), self.ceil_mode,
+                               self.count_include_pad, self.divisor_override)
+
+
 class BatchNorm2d(nn.BatchNorm2d):
     """BatchNorm over channels. ``frozen``: always the running statistics, a fixed affine map.
 
@@ -281,9 +295,9 @@ class BatchNorm2d(nn.BatchNorm2d):
         self.frozen = False
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.frozen:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                False, 0.0, self.eps)
+        if self.frozen:  # a fixed affine map; its backward keeps only the per-channel scale
+            return lean.frozen_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                          self.eps)
         return super().forward(x)
 
     def extra_repr(self) -> str:

@@ -34,6 +34,20 @@ def mse_one_hot(output: Tensor, target: Tensor) -> Tensor:
 LOSSES: dict[str, LossFn] = {"ce": cross_entropy, "mse": mse_one_hot}
 
 
+@torch.no_grad()
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every element of every tensor is finite.
+
+    A sum per tensor screens them (NaN and Inf propagate through it, and a sum is one cheap read where
+    ``isfinite`` makes several passes); only a tensor whose sum is not finite, which a large finite
+    one can also overflow to, gets the exact element-wise test.
+    """
+    sums = torch.stack([t.sum().float() for t in tensors])
+    if bool(torch.isfinite(sums).all()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 @dataclass
 class LearnerStats:
     """Counters a learner keeps; ``rejected_updates`` counts updates refused for NaN/Inf."""
@@ -101,7 +115,7 @@ class Learner:
             raise ValueError(f"input shape changed within a sample: {tuple(self._sample_shape)} then "
                              f"{tuple(x.shape)}; call end_sample() between samples")
         self._sample_shape = x.shape
-        if self.check_inputs and not bool(torch.isfinite(x).all()):
+        if self.check_inputs and not all_finite([x]):
             raise ValueError(f"input at step {self.sample_steps} of the sample contains NaN or Inf")
 
     def _check_target(self, output: Tensor, target: Tensor) -> None:
@@ -150,13 +164,12 @@ class Learner:
             return False
         if self.grad_sync is not None:
             self.grad_sync(params)
-        finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).all()
-        if not bool(finite):
+        if not all_finite([p.grad for p in params]):
             self._reject("a gradient is NaN or Inf")
             return False
         saved = [p.detach().clone() for p in params] if self.keep_last_good else None
         self.optimizer.step()
-        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        if not all_finite(params):
             if saved is None:
                 raise FloatingPointError("an update from finite gradients made a parameter NaN or Inf "
                                          "(keep_last_good=False, so it cannot be undone)")

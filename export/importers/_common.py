@@ -37,7 +37,7 @@ class Layer:
 
 BUILDERS = {
     "Linear": L.Linear, "Conv2d": L.Conv2d, "BatchNorm2d": L.BatchNorm2d, "Dropout": L.Dropout,
-    "AvgPool2d": nn.AvgPool2d, "MaxPool2d": nn.MaxPool2d, "Flatten": nn.Flatten, "LIF": L.LIF,
+    "AvgPool2d": L.AvgPool2d, "MaxPool2d": nn.MaxPool2d, "Flatten": nn.Flatten, "LIF": L.LIF,
     "LeakyReadout": L.LeakyReadout,
 }
 SYNAPTIC = ("Linear", "Conv2d")

@@ -292,7 +292,7 @@ def _to_nir(nir: Any, m: nn.Module, origin: str, in_shape: tuple, out_shape: tup
             raise ConversionError(f"{origin}: start_dim=0 flattens the batch; NIR shapes have no batch dimension")
         return nir.Flatten(input_type={"input": np.array(in_shape)}, start_dim=start - 1 if start > 0 else start,
                            end_dim=end - 1 if end > 0 else end)
-    if type(m) in (nn.AvgPool2d, nn.AdaptiveAvgPool2d):
+    if type(m) in (L.AvgPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d):
         return _avgpool(nir, m, origin, in_shape)
     if type(m) is L.LIF:
         if m.reset != "hard" and not allow_reset_change:

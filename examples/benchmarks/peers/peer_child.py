@@ -39,6 +39,17 @@ def _sparse_input(T: int, batch: int, size: int, seed: int) -> tuple[torch.Tenso
     return xs, torch.randint(0, 10, (batch,), generator=gen)
 
 
+def held_tensors(net: torch.nn.Module) -> list[torch.Tensor]:
+    """The tensors a network's modules keep between steps: stoprt's state and traces (attributes),
+    snnTorch's membranes (attributes or buffers), SpikingJelly's memories (``_memories``), and the
+    BatchNorm statistics every method has alike. Parameters are not among them."""
+    out = []
+    for m in net.modules():
+        values = [*vars(m).values(), *m._buffers.values(), *getattr(m, "_memories", {}).values()]
+        out += [v for v in values if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter)]
+    return out
+
+
 def memory(a) -> dict:
     """Memory of one training sample of T steps of the VGG network (this process is fresh)."""
     torch.set_num_threads(a.threads)
@@ -54,6 +65,18 @@ def memory(a) -> dict:
     if a.method in peer_methods.ONLINE:
         # each step's graph is freed by that step's backward: count one step's at a time
         method.net.register_forward_pre_hook(lambda *_: counter.reset())
+    held = {"peak": 0, "state_at_peak": 0}
+
+    def after_forward(*_) -> None:
+        # The end of a forward is where a step's graph is complete: saved for backward plus the state
+        # the modules keep, each storage once, is what training holds beyond parameters there.
+        state = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held_tensors(method.net)}
+        state = {k: b for k, b in state.items() if k not in counter.params}
+        total = sum(counter.live.values()) + sum(b for k, b in state.items() if k not in counter.live)
+        if total > held["peak"]:
+            held.update(peak=total, state_at_peak=sum(state.values()))
+
+    method.net.register_forward_hook(after_forward)
     sampler = core_bench.RSSPeak()
     sampler.start()
     start = time.perf_counter()
@@ -62,6 +85,7 @@ def memory(a) -> dict:
     seconds = time.perf_counter() - start
     peak = sampler.stop()
     return {"method": a.method, "T": a.T, "batch": a.batch, "saved_for_backward_mib": counter.peak / 2**20,
+            "held_mib": held["peak"] / 2**20, "state_mib": held["state_at_peak"] / 2**20,
             "rss_delta_mib": max(peak - baseline, 0) / 2**20, "seconds_per_step": seconds / a.T}
 
 

@@ -35,9 +35,10 @@ def plot(out: Path, mem, tim, acc, lat) -> list[str]:
     except ImportError:
         return ["matplotlib is not installed: no plots (pip install matplotlib)"]
     if mem:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        for key, ax, title in (("saved_for_backward_mib", axes[0], "saved for backward (MiB)"),
-                               ("rss_delta_mib", axes[1], "RSS peak - warmed baseline (MiB)")):
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+        for key, ax, title in (("held_mib", axes[0], "held for training: saved + state (MiB)"),
+                               ("saved_for_backward_mib", axes[1], "saved for backward (MiB)"),
+                               ("rss_delta_mib", axes[2], "RSS peak - warmed baseline (MiB)")):
             for m in dict.fromkeys(r["method"] for r in mem["rows"]):
                 pts = [(r["T"], r[key]) for r in mem["rows"] if r["method"] == m and ok(r)]
                 if pts:

@@ -101,7 +101,8 @@ def run_memory(r: Runner, c: dict) -> dict:
                 r.log(f"  {method:14s} T={T:4d}: FAILED {row['error']}")
                 continue
             measured.append(row)
-            r.log(f"  {method:14s} T={T:4d}: saved-for-backward {row['saved_for_backward_mib']:8.1f} MiB, "
+            r.log(f"  {method:14s} T={T:4d}: held {row['held_mib']:8.1f} MiB, "
+                  f"saved-for-backward {row['saved_for_backward_mib']:8.1f} MiB, "
                   f"RSS delta {row['rss_delta_mib']:8.1f} MiB, {1e3 * row['seconds_per_step']:6.1f} ms/step")
     return {"config": c, "rows": rows}
 
@@ -187,7 +188,7 @@ def configs(a) -> dict:
         "memory": {"model": "vgg11", "size": 16 if q else 32, "width": 0.25 if q else 0.5, "batch": 2 if q else 8,
                    "Ts": [3, 6] if q else [10, 30, 100, 300], "methods": ["stop-w", "stop-wtl", "bptt"] if q else list(TRAIN_METHODS),
                    "cap_mib": a.mem_cap_mib, "timeout": 900},
-        "timing": {"model": "vgg11", "T": 3 if q else 10, "repeats": 1 if q else 3, "timeout": 1200,
+        "timing": {"model": "vgg11", "T": 3 if q else 10, "repeats": 1 if q else 7, "timeout": 1200,
                    "methods": ["stop-w", "stop-wtl", "bptt"] if q else list(TRAIN_METHODS),
                    "configs": [{"name": "small", "size": 16, "width": 0.25, "batch": 2}] if q else
                    [{"name": "small", "size": 32, "width": 0.5, "batch": 8},
