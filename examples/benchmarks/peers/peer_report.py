@@ -110,11 +110,14 @@ def _below_peers(cell: dict, Ts: list, stop: str, key: str, view: str, targets: 
                     f"{mine[key]:.2f} MiB vs {LABELS[best['method']]} {best[key]:.2f} MiB (T={mine['T']})",
                     _verdict(margin < 0)))
     if margin >= 0:
-        why = "the input trace STOP keeps for the first layer too (SpikingJelly's OTTT learns its first layer " \
-              "from the current input alone)"
-        if stop != "stop-w":
-            why += (", and, to learn thresholds and leaks, two output-shaped traces per LIF layer that OTTT, "
-                    "with both fixed, does not keep")
+        if stop == "stop-w":
+            why = ("the input trace STOP keeps for the first layer too (SpikingJelly's OTTT learns its first "
+                   "layer from the current input alone)")
+        else:
+            why = ("the two output-shaped traces per LIF layer STOP keeps to learn thresholds and leaks, which "
+                   "OTTT, with both fixed, does not need")
+        if not primary:
+            why += "; this view leaves out the membrane potentials OTTT keeps as state"
         losses.append(f"Memory ({view}): {LABELS[stop]} {mine[key]:.2f} MiB, {LABELS[best['method']]} "
                       f"{best[key]:.2f} MiB. Both are flat in T; the difference is {why}.")
 
