@@ -10,14 +10,17 @@ import logging
 import sys
 
 
-def _set_threads(n: int | None) -> None:
+def _prepare_learning(n_threads: int | None) -> None:
+    """Thread count, and glibc settings that keep a per-step learner's tensors off fresh mmaps."""
     import torch
-    if n:
-        torch.set_num_threads(n)
+    from .runtime.allocator import steady_malloc
+    if n_threads:
+        torch.set_num_threads(n_threads)
+    steady_malloc()
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    _set_threads(args.threads)
+    _prepare_learning(args.threads)
     from .runtime.demo import format_summary, run_demo
     summary = run_demo(data=args.data, model=args.model, T=args.T, size=args.size, passes=args.passes,
                        lr=args.lr, seed=args.seed, device=args.device, max_samples=args.max_samples,
@@ -30,7 +33,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    _set_threads(args.threads)
+    _prepare_learning(args.threads)
     from .runtime.train import TrainConfig, train
     cfg = TrainConfig(model=args.model, data=args.data, method=args.method, learn=args.learn,
                       update=args.update, loss=args.loss, optimizer=args.optimizer, lr=args.lr,

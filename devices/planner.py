@@ -219,8 +219,8 @@ class MemoryPlanner:
                     add(("v", vin), n(vin), EVERY)
                     # save_mean and save_invstd, one value per channel (float32 or wider)
                     add(("bn_stats", i), 0, EVERY, fixed=2 * m.num_features, elsize=STATS)
-                elif train and rin:  # frozen: x * scale + shift keeps only the per-channel scale
-                    add(("bn_scale", i), 0, EVERY, fixed=m.num_features)
+                elif train and rin:  # frozen: x * scale + shift keeps only the (cached) per-channel scale
+                    add(("bn_scale", i), 0, ONCE, fixed=m.num_features)
             elif c.kind in ("lif", "readout"):
                 th = learns(getattr(m, "threshold", None))
                 lk = learns(m.leak)

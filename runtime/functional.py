@@ -13,9 +13,11 @@ Forward traces (zero at the start of each sample)::
     th_tr[t] = a * (th_tr[t-1] - s[t-1])           # dU[t]/dth through the membrane chain
     a_tr[t]  = a * a_tr[t-1] + (U[t-1] - th s[t-1])  # dU[t]/da through the membrane chain
 
-The two autograd functions at the end are how STOP uses the traces: they compute the ordinary forward
-of one step, and in backward replace the input (for weights) or the history (for threshold and leak) by
-the trace. So no layer ever runs a second forward on its trace.
+The autograd functions at the end are how STOP uses the traces: they compute the ordinary forward of
+one step, and in backward replace the input (for weights: ``TracedSynapse``) or the history (for
+threshold and leak: ``TracedLIF``, ``TracedReadout``) by the trace. So no layer ever runs a second
+forward on its trace, and a LIF keeps nothing for backward beyond U[t] and its traces, which it holds
+as state anyway.
 """
 
 from __future__ import annotations
@@ -29,22 +31,30 @@ from torch import Tensor
 SURROGATES = ("exp", "atan", "fast_sigmoid", "triangle")
 
 
-def surrogate_grad(x: Tensor, kind: str, alpha: float, inplace: bool = False) -> Tensor:
-    """The surrogate derivative phi(x) of the Heaviside step, each with phi(0) = 1.
+def spike_grad(grad_spike: Tensor, x: Tensor, kind: str, alpha: float, scratch: bool = False) -> Tensor:
+    """dE/dx = dE/ds * phi(x): the backward of :func:`spike`, with phi the surrogate derivative of the
+    Heaviside step (phi(0) = 1; larger ``alpha``, narrower window).
 
-    ``alpha`` scales the width: larger alpha means a narrower window. Only the first pass allocates
-    (all of them write over ``x`` itself with ``inplace``, for a temporary): on a CPU each fresh
-    output costs several times an in-place pass.
+    Few passes over memory, and only the first allocates (on a CPU a fresh output costs several
+    in-place passes): with ``scratch`` the computation writes over ``x`` itself.
     """
-    if kind == "exp":  # the paper's choice
-        return (x.abs_() if inplace else x.abs()).mul_(-alpha).exp_()
-    if kind == "atan":
-        return (x.mul_(math.pi * alpha) if inplace else x * (math.pi * alpha)).square_().add_(1.0).reciprocal_()
-    if kind == "fast_sigmoid":
-        return (x.abs_() if inplace else x.abs()).mul_(alpha).add_(1.0).square_().reciprocal_()
-    if kind == "triangle":
-        return (x.abs_() if inplace else x.abs()).mul_(-alpha).add_(1.0).clamp_min_(0.0)
+    if kind == "atan":  # 1 / (1 + (pi alpha x)^2)
+        den = torch.addcmul(x.new_ones(()), x, x, value=(math.pi * alpha) ** 2)
+        return torch.div(grad_spike, den, out=den)
+    ax = x.abs_() if scratch else x.abs()
+    if kind == "exp":  # exp(-alpha |x|), the paper's choice
+        return ax.mul_(-alpha).exp_().mul_(grad_spike)
+    if kind == "fast_sigmoid":  # 1 / (1 + alpha |x|)^2
+        den = ax.mul_(alpha).add_(1.0).square_()
+        return torch.div(grad_spike, den, out=den)
+    if kind == "triangle":  # max(0, 1 - alpha |x|)
+        return ax.mul_(-alpha).add_(1.0).clamp_min_(0.0).mul_(grad_spike)
     raise ValueError(f"unknown surrogate {kind!r}; choose one of {SURROGATES}")
+
+
+def surrogate_grad(x: Tensor, kind: str, alpha: float) -> Tensor:
+    """The surrogate derivative phi(x) itself (see :func:`spike_grad`)."""
+    return spike_grad(torch.ones_like(x), x, kind, alpha)
 
 
 def heaviside(x: Tensor, threshold: Tensor | float = 0.0) -> Tensor:
@@ -68,7 +78,7 @@ class _SpikeFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_spike: Tensor):
         (x,) = ctx.saved_tensors
-        return grad_spike * surrogate_grad(x, ctx.kind, ctx.alpha), None, None
+        return spike_grad(grad_spike, x, ctx.kind, ctx.alpha), None, None
 
 
 def spike(x: Tensor, kind: str = "exp", alpha: float = 1.0) -> Tensor:
@@ -175,10 +185,10 @@ def _sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
     return grad.sum(dim=dims, keepdim=True).view(shape) if dims else grad
 
 
-def _reduce_product(grad: Tensor, trace: Tensor, shape: torch.Size) -> Tensor:
-    """sum(grad * trace) reduced to a parameter's ``shape``; a dot product (one read, no
-    temporary) when the parameter is a single value."""
-    if len(shape) == 0:
+def _reduce_product(grad: Tensor, trace: Tensor | float, shape: torch.Size) -> Tensor:
+    """sum(grad * trace) reduced to a parameter's ``shape``, in one reduction; a dot product (one
+    read, no temporary) when the parameter is a single value."""
+    if len(shape) == 0 and isinstance(trace, Tensor):
         return torch.dot(grad.reshape(-1), trace.reshape(-1))
     return _sum_to_shape(grad * trace, shape)
 
@@ -206,12 +216,11 @@ class TracedLIF(torch.autograd.Function):
     def backward(ctx, grad_s, _grad_u):
         u, threshold, th_trace, a_trace = ctx.saved_tensors
         # delta = dE/ds * phi(U - th): the gradient of the current (the spatial error)
-        grad = surrogate_grad(u - threshold, ctx.surrogate, ctx.alpha, inplace=True).mul_(grad_s)
+        grad = spike_grad(grad_s, u - threshold, ctx.surrogate, ctx.alpha, scratch=True)
         grad_th = grad_a = None
         if ctx.needs_input_grad[2]:  # ds/dth = phi (dU/dth - 1), dU/dth = th_trace
-            grad_th = -_sum_to_shape(grad, threshold.shape)
-            if th_trace is not None:
-                grad_th += _reduce_product(grad, th_trace, threshold.shape)
+            factor = -1.0 if th_trace is None else th_trace - 1.0
+            grad_th = _reduce_product(grad, factor, threshold.shape)
         if ctx.needs_input_grad[3]:  # dU/da = a_trace; one leak per layer
             grad_a = grad.new_zeros(()) if a_trace is None else _reduce_product(grad, a_trace, torch.Size())
         return grad, None, grad_th, grad_a, None, None, None, None, None, None

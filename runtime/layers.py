@@ -34,8 +34,24 @@ Identity = nn.Identity
 GRANULARITIES = ("layer", "channel", "neuron")
 
 
-class _Neuron(nn.Module):
+class _PlainState:
+    """Writes the state attributes named in ``STATE`` straight into the instance: they are never
+    Parameters, buffers or modules, and nn.Module's registry checks on every write cost more than
+    the small per-step ops themselves."""
+
+    STATE: frozenset = frozenset()
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self.STATE:
+            self.__dict__[name] = value
+        else:
+            super().__setattr__(name, value)
+
+
+class _Neuron(_PlainState, nn.Module):
     """Common part of LIF and LeakyReadout: the leak, the state and the STOP switch."""
+
+    STATE = frozenset({"u", "s", "th_trace", "a_trace"})
 
     def __init__(self, leak: float, leak_range: tuple[float, float], learn_leak: bool,
                  share_leak_with: "_Neuron | None") -> None:
@@ -208,8 +224,10 @@ class LeakyReadout(_Neuron):
         return f"leak={self.leak.item():.3f}"
 
 
-class _Synapse:
+class _Synapse(_PlainState):
     """Mixin for synaptic ops: input and bias traces under STOP, decaying with the target's leak."""
+
+    STATE = frozenset({"w_trace", "b_trace"})
 
     def _init_synapse(self, op: SF.SynapticOp) -> None:
         self._op = op
@@ -293,12 +311,26 @@ class BatchNorm2d(nn.BatchNorm2d):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1) -> None:
         super().__init__(num_features, eps, momentum)
         self.frozen = False
+        self._affine, self._affine_key = None, None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.frozen:  # a fixed affine map; its backward keeps only the per-channel scale
-            return lean.frozen_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                          self.eps)
+            scale, shift = self._frozen_affine()
+            view = (-1,) + (1,) * (x.dim() - 2)
+            return torch.addcmul(shift.view(view), x, scale.view(view))
         return super().forward(x)
+
+    def _frozen_affine(self) -> tuple[Tensor, Tensor]:
+        """(scale, shift) of the frozen map, recomputed only when a statistic or parameter changed."""
+        args = (self.running_mean, self.running_var, self.weight, self.bias)
+        if any(t is not None and t.requires_grad for t in args):  # learning them: a fresh graph each step
+            return lean.frozen_affine(*args, self.eps)
+        key = tuple(None if t is None else (t.data_ptr(), t._version) for t in args) + (self.eps,)
+        if key != self._affine_key:
+            with torch.no_grad():
+                self._affine = lean.frozen_affine(*args, self.eps)
+            self._affine_key = key
+        return self._affine
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", frozen" if self.frozen else "")

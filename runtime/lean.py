@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def frozen_batch_norm(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
-                      eps: float) -> Tensor:
-    """Eval-mode batch norm of ``x`` ``[B, C, ...]`` as ``x * scale + shift``.
+def frozen_affine(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+                  eps: float) -> tuple[Tensor, Tensor]:
+    """Eval-mode batch norm as ``x * scale + shift``: the per-channel ``(scale, shift)``, each ``[C]``.
 
-    Backward keeps only the per-channel scale (and ``x`` only if weight or bias learn).
+    Applied as ``torch.addcmul(shift, x, scale)``, backward keeps only the scale (and ``x`` only if
+    weight or bias learn).
     """
     scale = torch.rsqrt(var + eps)
     if weight is not None:
@@ -28,8 +29,7 @@ def frozen_batch_norm(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | Non
     shift = -mean * scale
     if bias is not None:
         shift = shift + bias
-    view = (-1,) + (1,) * (x.dim() - 2)
-    return torch.addcmul(shift.view(view), x, scale.view(view))
+    return scale, shift
 
 
 class _AvgPool2d(torch.autograd.Function):

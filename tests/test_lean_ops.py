@@ -59,6 +59,16 @@ def test_frozen_batchnorm_is_eval_batchnorm_and_keeps_only_the_scale():
     (gw_ref,) = torch.autograd.grad(F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False,
                                                  0.0, bn.eps), bn.weight, grad)
     assert torch.allclose(gw, gw_ref, rtol=1e-12)
+    # frozen again, the cached map follows changed statistics (calibration, load_state_dict)
+    bn.weight.requires_grad_(False)
+    bn(x)
+    with torch.no_grad():
+        bn.running_mean.add_(1.0)
+    ref = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    assert torch.allclose(bn(x), ref, rtol=1e-12, atol=1e-12)
+    bn.load_state_dict({k: v * 2 if k != "num_batches_tracked" else v for k, v in bn.state_dict().items()})
+    ref = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    assert torch.allclose(bn(x), ref, rtol=1e-12, atol=1e-12)
 
 
 def test_heaviside_writes_the_comparison_as_floats():
@@ -69,13 +79,21 @@ def test_heaviside_writes_the_comparison_as_floats():
     assert SF.heaviside(u).tolist() == [[0.0, 0.0, 1.0, 1.0]]
 
 
+CURVES = {"exp": lambda x: torch.exp(-1.3 * x.abs()), "atan": lambda x: 1 / (1 + (torch.pi * 1.3 * x) ** 2),
+          "fast_sigmoid": lambda x: 1 / (1 + 1.3 * x.abs()) ** 2,
+          "triangle": lambda x: torch.clamp(1 - 1.3 * x.abs(), min=0)}
+
+
 @pytest.mark.parametrize("kind", SF.SURROGATES)
-def test_surrogate_in_place_equals_out_of_place(kind):
+def test_spike_grad_is_the_surrogate_curve_times_the_incoming_gradient(kind):
     x = torch.arange(-50, 51, dtype=torch.float64) / 16
-    ref = SF.surrogate_grad(x, kind, 1.3)
-    assert torch.equal(x, torch.arange(-50, 51, dtype=torch.float64) / 16)  # untouched
-    assert torch.equal(SF.surrogate_grad(x.clone(), kind, 1.3, inplace=True), ref)
-    assert ref[50] == 1.0 and bool((ref >= 0).all())
+    g = torch.randn_like(x)
+    ref = g * CURVES[kind](x)
+    assert torch.allclose(SF.spike_grad(g, x, kind, 1.3), ref, rtol=1e-14, atol=0)
+    assert torch.equal(x, torch.arange(-50, 51, dtype=torch.float64) / 16)  # untouched without scratch
+    assert torch.allclose(SF.spike_grad(g, x.clone(), kind, 1.3, scratch=True), ref, rtol=1e-14, atol=0)
+    phi = SF.surrogate_grad(x, kind, 1.3)
+    assert phi[50] == 1.0 and bool((phi >= 0).all())
 
 
 def test_all_finite_is_exact_where_the_sum_screen_overflows():
