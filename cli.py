@@ -10,17 +10,14 @@ import logging
 import sys
 
 
-def _prepare_learning(n_threads: int | None) -> None:
-    """Thread count, and glibc settings that keep a per-step learner's tensors off fresh mmaps."""
+def _set_threads(n: int | None) -> None:
     import torch
-    from .runtime.allocator import steady_malloc
-    if n_threads:
-        torch.set_num_threads(n_threads)
-    steady_malloc()
+    if n:
+        torch.set_num_threads(n)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    _prepare_learning(args.threads)
+    _set_threads(args.threads)
     from .runtime.demo import format_summary, run_demo
     summary = run_demo(data=args.data, model=args.model, T=args.T, size=args.size, passes=args.passes,
                        lr=args.lr, seed=args.seed, device=args.device, max_samples=args.max_samples,
@@ -33,7 +30,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    _prepare_learning(args.threads)
+    _set_threads(args.threads)
     from .runtime.train import TrainConfig, train
     cfg = TrainConfig(model=args.model, data=args.data, method=args.method, learn=args.learn,
                       update=args.update, loss=args.loss, optimizer=args.optimizer, lr=args.lr,

@@ -101,7 +101,6 @@ def _status(session, pipeline, start: float, rss0: float) -> str:
 def run_stream(args: argparse.Namespace) -> int:
     import torch
 
-    from .allocator import steady_malloc
     from .session import LabelTrack, StreamSession
     from .stop import STOP
     from .stream.binning import Binner
@@ -109,7 +108,6 @@ def run_stream(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    steady_malloc()
     torch.manual_seed(args.seed)
     source = open_source(args.source, args.packet_us, args.realtime, args.seed)
     labels = LabelTrack.from_csv(args.labels) if args.labels else getattr(source, "labels", None)

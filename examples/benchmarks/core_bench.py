@@ -7,10 +7,8 @@ accuracy on the emulated digits. Prints tables and writes JSON, CSV and a PNG pl
 Memory: each (method, T) runs in a fresh subprocess. Two views: the peak of bytes autograd saves for
 backward (exact, noise-free; parameters excluded) and the process RSS peak (sampled every 1 ms) minus
 the RSS after a warm-up sample and ``malloc_trim``, with glibc returning large blocks at once.
-Time: per training time step, measured side by side in one process, once with glibc's thresholds fixed
-(``stoprt.runtime.allocator.steady_malloc``, as the stoprt commands run) and once with glibc's own. The
-floor is a plain non-spiking forward+backward of the same convolutional stack (ReLU instead of LIF),
-once per step.
+Time: per training time step, measured side by side in one run. The floor is a plain non-spiking
+forward+backward of the same convolutional stack (ReLU instead of LIF), once per step.
 """
 
 from __future__ import annotations
@@ -31,7 +29,6 @@ from torch import nn
 
 from stoprt.devices.measure import RSSPeak, release_free_memory
 from stoprt.runtime import layers as L, models
-from stoprt.runtime.allocator import steady_malloc
 from stoprt.runtime.bptt import BPTT
 from stoprt.runtime.stop import STOP
 from stoprt.runtime.train import TrainConfig, train
@@ -145,10 +142,7 @@ def memory_sweep(args) -> list[dict]:
 
 
 def time_per_step(args) -> dict:
-    """STOP, BPTT and the non-spiking floor per training step, interleaved in one process (this one,
-    fresh), with glibc's thresholds fixed as the stoprt commands set them (``--malloc steady``) or as
-    glibc starts (``default``)."""
-    steady = args.malloc == "steady" and steady_malloc()
+    """STOP, BPTT and the non-spiking floor per training step, interleaved in one process."""
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     T = args.time_T
@@ -175,21 +169,8 @@ def time_per_step(args) -> dict:
             t0 = time.perf_counter()
             fn()
             best[k] = min(best[k], (time.perf_counter() - t0) / T)
-    return {"T": T, "batch": args.batch, "malloc": "steady" if steady else "default",
-            "ms_per_step": {k: 1e3 * v for k, v in best.items()},
+    return {"T": T, "batch": args.batch, "ms_per_step": {k: 1e3 * v for k, v in best.items()},
             "stop_over_floor": best["stop"] / best["floor"], "bptt_over_floor": best["bptt"] / best["floor"]}
-
-
-def timing_runs(args) -> dict:
-    """:func:`time_per_step` in a fresh process for each allocator setting: {"steady": ..., "default": ...}."""
-    runs = {}
-    for malloc in ("steady", "default"):
-        cmd = [sys.executable, __file__, "--child-timing", "--malloc", malloc, "--batch", str(args.batch),
-               "--size", str(args.size), "--width", str(args.width), "--time-T", str(args.time_T),
-               "--repeats", str(args.repeats), "--threads", str(args.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        runs[malloc] = json.loads(out.stdout.strip().splitlines()[-1])
-    return runs
 
 
 def accuracy_variants(args) -> list[dict]:
@@ -249,16 +230,11 @@ def main() -> None:
     p.add_argument("--acc-lr", type=float, default=3e-3)
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--child-timing", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--malloc", choices=("steady", "default"), default="steady", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--T", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child_memory:
         print(json.dumps(measure_memory(args)))
-        return
-    if args.child_timing:
-        print(json.dumps(time_per_step(args)))
         return
     if args.quick:
         args.batch, args.size, args.width, args.Ts, args.repeats = 4, 16, 0.25, [5, 15], 2
@@ -274,22 +250,18 @@ def main() -> None:
     growth = {k: stop[hi][k] / stop[lo][k] - 1 for k in ("saved_for_backward_mib", "rss_delta_mib")}
     print(f"  STOP growth T={lo}->{hi}: saved-for-backward {100 * growth['saved_for_backward_mib']:+.1f}%, "
           f"RSS delta {100 * growth['rss_delta_mib']:+.1f}% (target: within 5%)")
-    print(f"Time per training step (best of {args.repeats} interleaved runs, a fresh process per allocator setting):")
-    timings = timing_runs(args)
-    for malloc, label in (("steady", "steady malloc (as the stoprt commands run)"), ("default", "glibc default")):
-        t = timings[malloc]
-        ms = t["ms_per_step"]
-        print(f"  {label}: STOP {ms['stop']:.1f} ms, BPTT {ms['bptt']:.1f} ms, non-spiking floor {ms['floor']:.1f} ms: "
-              f"STOP/floor {t['stop_over_floor']:.2f}x (target <= 1.3x), BPTT/floor {t['bptt_over_floor']:.2f}x")
-    timing = {**timings["steady"], "glibc_default": timings["default"]}
+    print("Time per training step (best of interleaved runs):")
+    timing = time_per_step(args)
+    ms = timing["ms_per_step"]
+    print(f"  STOP {ms['stop']:.1f} ms, BPTT {ms['bptt']:.1f} ms, non-spiking floor {ms['floor']:.1f} ms: "
+          f"STOP/floor {timing['stop_over_floor']:.2f}x (target <= 1.3x), BPTT/floor {timing['bptt_over_floor']:.2f}x")
     acc = []
     if not args.skip_accuracy:
         print(f"Accuracy on the emulated digits ({args.acc_model}, {args.acc_epochs} epochs, same data and seed):")
         acc = accuracy_variants(args)
     result = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "cpus": psutil.cpu_count(), "threads": args.threads, "torch": torch.__version__},
-              "config": {k: v for k, v in vars(args).items()
-                         if k not in ("child_memory", "child_timing", "malloc", "method", "T")},
+              "config": {k: v for k, v in vars(args).items() if k not in ("child_memory", "method", "T")},
               "memory": mem, "stop_memory_growth": growth, "timing": timing, "accuracy": acc}
     (out / "core_bench.json").write_text(json.dumps(result, indent=2))
     with (out / "core_memory.csv").open("w", newline="") as f:

@@ -28,7 +28,6 @@ import core_bench  # noqa: E402  (its memory probes and non-spiking floor, share
 import peer_methods  # noqa: E402
 import peer_nets  # noqa: E402
 
-from stoprt.runtime.allocator import steady_malloc  # noqa: E402
 from stoprt.runtime.batchnorm import calibrate_batchnorm  # noqa: E402
 from stoprt.runtime.datasets import load_builtin  # noqa: E402
 
@@ -91,13 +90,8 @@ def memory(a) -> dict:
 
 
 def timing(a) -> dict:
-    """Training time per step of every method and the non-spiking floor, interleaved, best of n.
-
-    ``--malloc steady`` fixes glibc's thresholds first (as the stoprt commands do), for every method and
-    the floor alike; ``default`` leaves glibc as it starts.
-    """
+    """Training time per step of every method and the non-spiking floor, interleaved, best of n."""
     torch.set_num_threads(a.threads)
-    steady = a.malloc == "steady" and steady_malloc()
     xs, y = _sparse_input(a.T, a.batch, a.size, a.seed)
     runs = {}
     for name in a.methods:
@@ -121,8 +115,7 @@ def timing(a) -> dict:
             t0 = time.perf_counter()
             fn()
             best[k] = min(best[k], (time.perf_counter() - t0) / a.T)
-    return {"T": a.T, "batch": a.batch, "repeats": a.repeats, "malloc": "steady" if steady else "default",
-            "ms_per_step": {k: 1e3 * v for k, v in best.items()}}
+    return {"T": a.T, "batch": a.batch, "repeats": a.repeats, "ms_per_step": {k: 1e3 * v for k, v in best.items()}}
 
 
 def accuracy(a) -> dict:
@@ -243,8 +236,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int)
     p.add_argument("--n-test", type=int)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--malloc", choices=("steady", "default"), default="steady",
-                   help="timing: glibc thresholds fixed as the stoprt commands set them, or glibc's own")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--stoprt-only", action="store_true", help="latency: leave the peers out")

@@ -144,12 +144,7 @@ def timing_section(tim: dict, targets: list, losses: list) -> list[str]:
              "them alike; the best run is the least disturbed). *Floor*: the same convolutions, frozen BN and "
              "pools with ReLU instead of LIF, one forward + backward per step (no spiking, no time): the "
              "least any per-step method can cost. On this shared machine the ratios at the small size (about "
-             "20 ms a step) moved by 10-15% between full runs; the large size is steadier.", "",
-             "Two allocator settings, each in its own process with every method and the floor: *steady malloc* "
-             "(glibc's mmap and trim thresholds fixed, `stoprt.runtime.allocator.steady_malloc`, as the stoprt "
-             "commands run; the targets judge this one) and *glibc default* (thresholds as glibc starts and "
-             "moves them). Under the default, tensors that a per-step method allocates and frees at every step "
-             "keep page-faulting in, more for the methods with more per-step tensors; the floor barely moves.", ""]
+             "20 ms a step) moved by 10-15% between full runs; the large size is steadier.", ""]
     if tim.get("skipped"):
         lines += [f"Not measured: {tim['skipped']}.", ""]
     for res in tim["results"]:
@@ -160,25 +155,14 @@ def timing_section(tim: dict, targets: list, losses: list) -> list[str]:
             continue
         ms = res["ms_per_step"]
         floor = ms["floor"]
-        default = res.get("default_malloc") or {}
         lines += [head, ""]
-
-        def plain(k: str) -> list[str]:
-            v = default.get(k)
-            return [f"{v:.1f}", f"{v / default['floor']:.2f}"] if isinstance(v, float) and "floor" in default else ["-", "-"]
-
-        lines += _table(["method", "ms / step", "x floor", "glibc default: ms / step", "x floor"],
-                        [[LABELS.get(k, "non-spiking floor"), f"{v:.1f}", f"{v / floor:.2f}", *plain(k)]
-                         for k, v in ms.items()])
+        lines += _table(["method", "ms / step", "x floor"],
+                        [[LABELS.get(k, "non-spiking floor"), f"{v:.1f}", f"{v / floor:.2f}"] for k, v in ms.items()])
         lines.append("")
         for stop in (m for m in STOPS if m in ms):
             ratio = ms[stop] / floor
             targets.append((f"{LABELS[stop]} within {TIME_TARGET}x of the floor ({res['name']})", f"{ratio:.3f}x",
                             _verdict(ratio <= TIME_TARGET)))
-            if isinstance(default.get(stop), float) and "floor" in default:
-                ratio = default[stop] / default["floor"]
-                targets.append((f"{LABELS[stop]} within {TIME_TARGET}x of the floor ({res['name']}, glibc default "
-                                "malloc, for reference)", f"{ratio:.3f}x", _verdict(ratio <= TIME_TARGET)))
             if "sj-ottt" in ms:
                 targets.append((f"{LABELS[stop]} faster than SpikingJelly OTTT ({res['name']})",
                                 f"{ms[stop]:.1f} vs {ms['sj-ottt']:.1f} ms", _verdict(ms[stop] < ms["sj-ottt"])))

@@ -130,18 +130,14 @@ def run_timing(r: Runner, c: dict) -> dict:
         args = ["--methods", *methods, "--T", c["T"], "--repeats", c["repeats"], "--batch", cfg["batch"],
                 "--size", cfg["size"], "--width", cfg["width"]]
         load = os.getloadavg()[0]
-        res = {**cfg, "load_before": load, **r.child(python, "timing", args + ["--malloc", "steady"], timeout=c["timeout"])}
-        if "error" not in res:  # the same with glibc as it starts, for reference
-            default = r.child(python, "timing", args + ["--malloc", "default"], timeout=c["timeout"])
-            res["default_malloc"] = default.get("ms_per_step", {"error": default.get("error")})
+        res = {**cfg, "load_before": load, **r.child(python, "timing", args, timeout=c["timeout"])}
         res["load_after"] = os.getloadavg()[0]
         results.append(res)
         if "error" in res:
             r.log(f"  {cfg['name']}: FAILED {res['error']}")
         else:
-            for label, ms in (("steady malloc", res["ms_per_step"]), ("glibc default", res["default_malloc"])):
-                r.log(f"  {cfg['name']} ({label}): " + ", ".join(f"{k} {v:.1f}" for k, v in ms.items()
-                                                             if isinstance(v, float)) + " ms/step")
+            ms = res["ms_per_step"]
+            r.log(f"  {cfg['name']}: " + ", ".join(f"{k} {v:.1f}" for k, v in ms.items()) + " ms/step")
     return {"config": c, "methods": methods, "results": results}
 
 
