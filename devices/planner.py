@@ -357,9 +357,10 @@ class MemoryPlanner:
     @staticmethod
     def _update_transient(learned: list, optimizer: str, cuda: bool, nbytes) -> int:
         """Temporaries of :meth:`Learner._apply_update`: a copy of every learned parameter (kept to roll
-        back an update that makes NaN/Inf), a bool finiteness mask per tensor, and the optimizer's own:
-        Adam's ``sqrt(v) / c`` makes two parameter-sized temporaries at a time in torch's per-tensor
-        CPU loop and one per parameter at once in the foreach (CUDA) path; SGD updates in place."""
+        back an update that makes NaN/Inf; the finiteness checks are a sum per tensor) and the
+        optimizer's own: Adam's ``sqrt(v) / c`` makes two parameter-sized temporaries at a time in
+        torch's per-tensor CPU loop and one per parameter at once in the foreach (CUDA) path; SGD
+        updates in place."""
         if not learned:
             return 0
         largest = max(p.numel() for p in learned)
@@ -368,4 +369,4 @@ class MemoryPlanner:
             temps = 0
         else:
             temps = copy_all if cuda else 2 * nbytes(largest)
-        return copy_all + nbytes(largest, 1) + temps
+        return copy_all + temps

@@ -52,11 +52,6 @@ def spike_grad(grad_spike: Tensor, x: Tensor, kind: str, alpha: float, scratch: 
     raise ValueError(f"unknown surrogate {kind!r}; choose one of {SURROGATES}")
 
 
-def surrogate_grad(x: Tensor, kind: str, alpha: float) -> Tensor:
-    """The surrogate derivative phi(x) itself (see :func:`spike_grad`)."""
-    return spike_grad(torch.ones_like(x), x, kind, alpha)
-
-
 def heaviside(x: Tensor, threshold: Tensor | float = 0.0) -> Tensor:
     """[x > threshold] in ``x``'s dtype and shape (no autograd).
 
@@ -236,7 +231,7 @@ class TracedReadout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, current, carried, leak, a_trace):
         ctx.save_for_backward(a_trace)
-        return current.clone() if carried is None else current + carried
+        return current if carried is None else current + carried
 
     @staticmethod
     def backward(ctx, grad_u):

@@ -294,8 +294,7 @@ class AvgPool2d(nn.AvgPool2d):
     """``torch.nn.AvgPool2d`` whose backward keeps no tensor (its gradient depends only on shapes)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        stride = self.kernel_size if self.stride is None else self.stride
-        return lean.avg_pool2d(x, _pair(self.kernel_size), _pair(stride), _pair(self.padding), self.ceil_mode,
+        return lean.avg_pool2d(x, _pair(self.kernel_size), _pair(self.stride), _pair(self.padding), self.ceil_mode,
                                self.count_include_pad, self.divisor_override)
 
 

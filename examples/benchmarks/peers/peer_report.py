@@ -359,8 +359,8 @@ def write(out: Path) -> Path:
                                ["stoprt source", _tree_line({n: d.get("tree", {}) for n, d in
                                                              zip(("memory", "timing", "accuracy", "latency"), (mem, tim, acc, lat)) if d})],
                                ["peer environment", _env_line(run)]])
-    lines += ["", "**Noise.** This machine is shared with other engineers' jobs. Memory in saved-for-backward "
-              "bytes is exact; RSS deltas vary by a few MiB; times are the best of interleaved repeats, and "
+    lines += ["", "**Noise.** This machine is shared with other engineers' jobs. Memory in bytes held for training "
+              "and saved for backward is exact; RSS deltas vary by a few MiB; times are the best of interleaved repeats, and "
               "each timing table states the load average around it. Accuracies are one seed each.", ""]
     lines += [f"- {note}" for note in run.get("notes", []) + problems]
     lines += ["", "## Targets", ""]
