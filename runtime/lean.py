@@ -1,5 +1,5 @@
-"""Two ops whose backward keeps less than torch's own, for layers that sit between every synaptic op
-and its neurons in the networks STOP trains.
+"""BatchNorm2d and AvgPool2d, the layers that sit between the synaptic ops and the neurons of the
+networks STOP trains, with ops whose backward keeps less than torch's own.
 
 * Frozen BatchNorm is a fixed per-channel affine map: its input gradient needs only the scale, yet
   ``F.batch_norm`` keeps its whole input for backward.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def frozen_affine(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -53,3 +53,52 @@ def avg_pool2d(x: Tensor, kernel_size, stride, padding, ceil_mode: bool = False,
     if torch.is_grad_enabled() and x.requires_grad and x.dim() == 4:
         return _AvgPool2d.apply(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
     return F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+
+
+def _pair(v) -> list[int]:
+    return [v, v] if isinstance(v, int) else list(v)
+
+
+class AvgPool2d(nn.AvgPool2d):
+    """``torch.nn.AvgPool2d`` whose backward keeps no tensor (its gradient depends only on shapes)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return avg_pool2d(x, _pair(self.kernel_size), _pair(self.stride), _pair(self.padding), self.ceil_mode,
+                          self.count_include_pad, self.divisor_override)
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm over channels. ``frozen``: always the running statistics, a fixed affine map.
+
+    STOP freezes it (per-step batch statistics would break the exactness of its traces); BPTT does
+    too by default, so both train identical models. Estimate the statistics from data with
+    :func:`stoprt.runtime.batchnorm.calibrate_batchnorm`; fold into the preceding convolution for
+    deployment with :func:`stoprt.runtime.batchnorm.fold_batchnorm`.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1) -> None:
+        super().__init__(num_features, eps, momentum)
+        self.frozen = False
+        self._affine, self._affine_key = None, None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.frozen:  # a fixed affine map; its backward keeps only the per-channel scale
+            scale, shift = self._frozen_affine()
+            view = (-1,) + (1,) * (x.dim() - 2)
+            return torch.addcmul(shift.view(view), x, scale.view(view))
+        return super().forward(x)
+
+    def _frozen_affine(self) -> tuple[Tensor, Tensor]:
+        """(scale, shift) of the frozen map, recomputed only when a statistic or parameter changed."""
+        args = (self.running_mean, self.running_var, self.weight, self.bias)
+        if any(t is not None and t.requires_grad for t in args):  # learning them: a fresh graph each step
+            return frozen_affine(*args, self.eps)
+        key = tuple(None if t is None else (t.data_ptr(), t._version) for t in args) + (self.eps,)
+        if key != self._affine_key:
+            with torch.no_grad():
+                self._affine = frozen_affine(*args, self.eps)
+            self._affine_key = key
+        return self._affine
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", frozen" if self.frozen else "")
