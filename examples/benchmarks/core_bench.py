@@ -39,7 +39,8 @@ def vgg(args) -> L.Sequential:
 
 
 def floor_stack(net: L.Sequential) -> nn.Sequential:
-    """The same convolutions, BN (frozen) and pools as ``net``, with ReLU for every neuron layer."""
+    """The same convolutions, BN (frozen) and pools as ``net`` in plain torch layers, with ReLU for
+    every neuron layer."""
     layers = []
     for m in net:
         if isinstance(m, L._Neuron):
@@ -54,6 +55,9 @@ def floor_stack(net: L.Sequential) -> nn.Sequential:
             layers.append(lin)
         elif isinstance(m, L.BatchNorm2d):
             layers.append(nn.BatchNorm2d(m.num_features).eval())
+        elif isinstance(m, L.AvgPool2d):  # torch's own: the floor uses none of stoprt's ops
+            layers.append(nn.AvgPool2d(m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
+                                       m.divisor_override))
         else:
             layers.append(m)
     return nn.Sequential(*layers)
