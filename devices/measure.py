@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import torch
@@ -82,11 +83,12 @@ class SavedTensorsMeter:
 
     Use as the ``saved_tensors_hooks`` context around the steps; call :meth:`new_step` where the
     previous graph has been freed (after each STOP step) and :meth:`snapshot` at the end of each
-    step's forward (the learner's loss does it, see :meth:`loss`).
+    step's forward (the learner's loss does it, see :meth:`loss`). ``state`` lists the tensors the
+    network keeps between steps (default: stoprt layers' state and traces).
     """
 
-    def __init__(self, net: nn.Module) -> None:
-        self.net = net
+    def __init__(self, net: nn.Module, state: Callable[[nn.Module], list[Tensor]] = L.state_tensors) -> None:
+        self.net, self._state = net, state
         self.persistent = {_storage(t)[0] for t in list(net.parameters()) + list(net.buffers())}
         self.saved: dict[int, int] = {}
         self.saved_bytes = 0
@@ -119,7 +121,7 @@ class SavedTensorsMeter:
 
     def snapshot(self) -> None:
         state = {}
-        for t in L.state_tensors(self.net):
+        for t in self._state(self.net):
             key, nbytes = _storage(t)
             state[key] = nbytes
         total = self.saved_bytes + sum(b for k, b in state.items() if k not in self.saved)

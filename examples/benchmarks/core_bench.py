@@ -27,7 +27,7 @@ import psutil
 import torch
 from torch import nn
 
-from stoprt.devices.measure import RSSPeak, release_free_memory
+from stoprt.devices.measure import RSSPeak, SavedTensorsMeter, release_free_memory
 from stoprt.runtime import layers as L, models
 from stoprt.runtime.bptt import BPTT
 from stoprt.runtime.stop import STOP
@@ -74,26 +74,6 @@ def run_sample(learner, xs, y) -> None:
     learner.end_sample()
 
 
-class SavedBytes:
-    """Peak of the bytes autograd holds for backward (distinct storages, parameters excluded: they
-    exist anyway), over a sample."""
-
-    def __init__(self, net: nn.Module) -> None:
-        self.params = {p.untyped_storage().data_ptr() for p in net.parameters()}
-        self.live: dict[int, int] = {}
-        self.peak = 0
-
-    def pack(self, t: torch.Tensor):
-        key = t.untyped_storage().data_ptr()
-        if key not in self.live and key not in self.params:
-            self.live[key] = t.untyped_storage().nbytes()
-            self.peak = max(self.peak, sum(self.live.values()))
-        return t
-
-    def reset(self) -> None:
-        self.live.clear()
-
-
 def measure_memory(args) -> dict:
     """In this (fresh) process: memory of one training sample of T steps."""
     torch.manual_seed(0)
@@ -105,21 +85,21 @@ def measure_memory(args) -> dict:
     run_sample(learner, xs[:3], y)  # warm up: optimizer state, thread pools, first-use allocations
     release_free_memory()
     baseline = psutil.Process().memory_info().rss
-    counter = SavedBytes(net)
+    meter = SavedTensorsMeter(net)
     sampler = RSSPeak()
     sampler.start()
     start = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+    with meter:
         for x in xs:
             learner.step(x, y)
             if args.method == "stop":
-                counter.reset()  # each STOP step's graph is freed by its backward
+                meter.new_step()  # each STOP step's graph is freed by its backward
     state_bytes = sum(t.numel() * t.element_size() for t in L.state_tensors(net))
     learner.end_sample()
     seconds = time.perf_counter() - start
     peak = sampler.stop()
     return {"method": args.method, "T": args.T, "batch": args.batch,
-            "saved_for_backward_mib": counter.peak / 2**20,
+            "saved_for_backward_mib": meter.peak_saved / 2**20,
             "rss_delta_mib": max(peak - baseline, 0) / 2**20,
             "state_and_traces_mib": state_bytes / 2**20,
             "seconds_per_step": seconds / args.T}

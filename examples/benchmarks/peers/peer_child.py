@@ -28,6 +28,7 @@ import core_bench  # noqa: E402  (its memory probes and non-spiking floor, share
 import peer_methods  # noqa: E402
 import peer_nets  # noqa: E402
 
+from stoprt.devices.measure import SavedTensorsMeter  # noqa: E402
 from stoprt.runtime.batchnorm import calibrate_batchnorm  # noqa: E402
 from stoprt.runtime.datasets import load_builtin  # noqa: E402
 
@@ -58,34 +59,24 @@ def memory(a) -> dict:
     method.train_sample(xs[:3], y)  # warm up: optimizer state, thread pools, first-use allocations
     core_bench.release_free_memory()
     baseline = psutil.Process().memory_info().rss
-    counter = core_bench.SavedBytes(method.net)
+    # Saved for backward, and with the state the modules keep (each storage once): what training holds.
+    meter = SavedTensorsMeter(method.net, state=held_tensors)
     # Not counted either: the input sample, which exists before training and is the same for every
     # method. (A layer that saves its input x_t = xs[t] pins the storage of the whole sequence.)
-    counter.params.add(xs.untyped_storage().data_ptr())
+    meter.persistent.add(xs.untyped_storage().data_ptr())
     if a.method in peer_methods.ONLINE:
         # each step's graph is freed by that step's backward: count one step's at a time
-        method.net.register_forward_pre_hook(lambda *_: counter.reset())
-    held = {"peak": 0, "state_at_peak": 0}
-
-    def after_forward(*_) -> None:
-        # The end of a forward is where a step's graph is complete: saved for backward plus the state
-        # the modules keep, each storage once, is what training holds beyond parameters there.
-        state = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held_tensors(method.net)}
-        state = {k: b for k, b in state.items() if k not in counter.params}
-        total = sum(counter.live.values()) + sum(b for k, b in state.items() if k not in counter.live)
-        if total > held["peak"]:
-            held.update(peak=total, state_at_peak=sum(state.values()))
-
-    method.net.register_forward_hook(after_forward)
+        method.net.register_forward_pre_hook(lambda *_: meter.new_step())
+    method.net.register_forward_hook(lambda *_: meter.snapshot())  # a step's graph is complete here
     sampler = core_bench.RSSPeak()
     sampler.start()
     start = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+    with meter:
         method.train_sample(xs, y)
     seconds = time.perf_counter() - start
     peak = sampler.stop()
-    return {"method": a.method, "T": a.T, "batch": a.batch, "saved_for_backward_mib": counter.peak / 2**20,
-            "held_mib": held["peak"] / 2**20, "state_mib": held["state_at_peak"] / 2**20,
+    return {"method": a.method, "T": a.T, "batch": a.batch, "saved_for_backward_mib": meter.peak_saved / 2**20,
+            "held_mib": meter.peak_total / 2**20, "state_mib": meter.state_at_peak / 2**20,
             "rss_delta_mib": max(peak - baseline, 0) / 2**20, "seconds_per_step": seconds / a.T}
 
 
