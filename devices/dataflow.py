@@ -2,8 +2,9 @@
 
 :func:`trace_network` runs one step at batch 1 on a copy of the network with hooks on every leaf layer
 (and on :class:`~stoprt.runtime.layers.Residual`, whose sum is a new tensor) and records, per call, the
-value that went in and the value that came out. Values are identified by their storage, so views
-(Flatten, Identity) pass a value through and the memory planner can count every storage once.
+value that went in and the value that came out. Values are followed by their storage; a layer whose
+output is a view of its input (Flatten, Identity; Dropout outside training) says so in its declaration
+(:func:`stoprt.runtime.kinds.step_keeps`), and the memory planner then counts that storage once.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..runtime import layers as L
 
 @dataclass
 class LayerCall:
-    """One leaf layer run in the dry run: which value went in and which came out."""
+    """One leaf layer (or Residual sum) run in the dry run: its role and which values went in and out."""
 
     module: nn.Module
     kind: str
@@ -27,27 +28,12 @@ class LayerCall:
     out: int
 
 
-KINDS = ((L.Linear, "synapse"), (L.Conv2d, "synapse"), (L.BatchNorm2d, "bn"), (L.LIF, "lif"),
-          (L.LeakyReadout, "readout"), (nn.AvgPool2d, "pool"), (nn.AdaptiveAvgPool2d, "pool"),
-          (nn.MaxPool2d, "maxpool"), (nn.AdaptiveMaxPool2d, "maxpool"), (L.Dropout, "dropout"),
-          (nn.Flatten, "view"), (nn.Identity, "view"))
-
-
-def layer_kind(module: nn.Module) -> str | None:
-    return next((k for cls, k in KINDS if isinstance(module, cls)), None)
-
-
-def global_mean(module: nn.Module) -> bool:
-    """AdaptiveAvgPool2d to 1x1, which torch computes as a mean: its backward keeps no tensor."""
-    size = getattr(module, "output_size", None) if isinstance(module, nn.AdaptiveAvgPool2d) else None
-    return size is not None and all(s == 1 for s in ((size, size) if isinstance(size, int) else size))
-
-
 def trace_network(net: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[LayerCall], list[tuple[int, ...]]]:
     """Dry run of one step at batch 1 on a copy of ``net``: the leaf calls and every value's shape.
 
-    Values are numbered in order of creation (0 is the network input); shapes exclude the batch.
-    Raises ValueError for a layer the planner has no rule for.
+    Values are numbered in order of creation (0 is the network input); every call's output is a new
+    value, views included (the layer's declaration says whether it is one). Shapes exclude the batch.
+    Raises ValueError for a layer the registry of layer kinds does not know.
     """
     twin = copy.deepcopy(net).cpu().float().eval()
     L.set_stop_mode(twin, False)
@@ -67,23 +53,19 @@ def trace_network(net: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[La
         pending[id(module)] = by_storage[storage(args[0])]
 
     def after(module, args, out):
-        kind = "add" if isinstance(module, L.Residual) else layer_kind(module)
-        inp = pending.pop(id(module))
-        if kind == "view":
-            value = inp
-        else:
-            value = len(shapes)
-            shapes.append(tuple(out.shape[1:]))
-        by_storage[storage(out)] = value
-        calls.append(LayerCall(module, kind, inp, value))
+        value = len(shapes)
+        shapes.append(tuple(out.shape[1:]))  # [1, *shape] -> shape
+        by_storage[storage(out)] = value  # a view's storage now names its newest value
+        calls.append(LayerCall(module, L.layer_kind(module), pending.pop(id(module)), value))
 
     handles = []
     for m in twin.modules():
-        leaf = not any(True for _ in m.children())
-        if leaf or isinstance(m, L.Residual):
-            if leaf and layer_kind(m) is None:
-                raise ValueError(f"the memory planner has no rule for layer {type(m).__name__}; it knows "
-                                 + ", ".join(sorted({c.__name__ for c, _ in KINDS})))
+        leaf = not any(True for _ in m.children())  # containers of any class are walked through
+        try:
+            kind = L.layer_kind(m, strict=leaf)
+        except L.UnknownLayerError as err:
+            raise ValueError(f"the memory planner has no rule for layer {type(m).__name__}: {err}") from None
+        if leaf or kind == L.RESIDUAL:
             handles += [m.register_forward_pre_hook(before), m.register_forward_hook(after)]
     x = torch.zeros(1, *input_shape)
     by_storage[storage(x)] = 0

@@ -1,26 +1,20 @@
 """Analytic memory model of a stoprt network: training (STOP, BPTT) and streaming inference.
 
 A dry run at batch 1 walks the network's layers in execution order and records every tensor that flows
-between them (shape, producer, which value is a view of which). Per layer type, rules then say what
-each mode keeps, derived from what our layers and torch's kernels save for backward:
+between them (shape, producer; :mod:`stoprt.devices.dataflow`). Each layer declares next to its code
+what it keeps in a step, for each mode (``keeps`` on the stoprt layers, ``kinds.TORCH_LAYERS`` for
+torch's own; read through :func:`stoprt.runtime.kinds.step_keeps`): tensors saved for backward and the
+state it holds, with their size and the steps at which they exist. In short:
 
-==================  =========================================  ============================================
-layer               STOP (one step's graph + state)            BPTT (every step's graph kept)
-==================  =========================================  ============================================
-Linear / Conv2d     state: input-shaped w_trace, scalar        its input (conv: always; linear: when the
-                    b_trace (TracedSynapse saves only these)    weight learns)
-BatchNorm2d         frozen: its input (eval batch_norm)         same; unfrozen: input + mean/invstd [C]
-LIF (soft reset)    state: u, s, th_trace, a_trace;            s[t-1] (for th*s), a(U - th s) (for the
-                    saved: u - th (spike's surrogate)           leak), u - th; state u, s of the last step
-LIF soft_nodecay    as soft                                    U[t-1] instead of a(U - th s)
-LIF hard            (STOP refuses it)                          U[t-1] and (1 - s[t-1])
-LeakyReadout        state: u, a_trace                          U[t-1] (for the leak); state u
-Avg/AdaptivePool    its input (a pool to 1x1 is a mean: none)   its input (to 1x1: none)
-MaxPool2d           its input + int64 indices                  its input + int64 indices
-Dropout             one mask per sample (state, saved)         the same mask
-Flatten, Identity   nothing (views)                            nothing
-loss (CE)           log-softmax [B, K], target, a scalar       the same, every step
-==================  =========================================  ============================================
+* STOP keeps one step's graph: the synaptic ops and neurons keep only state and traces (input-shaped
+  input traces, u, s, threshold and leak traces); frozen BatchNorm its per-channel scale; max pooling
+  its input and indices; dropout one mask per sample;
+* BPTT keeps every step's graph: what torch's kernels and the plain dynamics
+  (``functional.lif_step`` / ``readout_step``) save, at every step;
+* inference keeps the last step's state.
+
+The loss (not a layer) is the planner's own rule: cross-entropy keeps its log-softmax ``[B, K]``, the
+target and a scalar per step; MSE the output and the one-hot target.
 
 Storages are counted once however many ops save them (the spikes a LIF keeps as state are the tensor
 the next pooling layer saves). The sum is what ``saved_tensors_hooks`` sees plus the layers' state
@@ -42,7 +36,8 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from ..runtime import layers as L
-from .dataflow import LayerCall, global_mean, trace_network
+from ..runtime.kinds import INPUT, OUTPUT, STATS, StepContext, Steps
+from .dataflow import trace_network
 
 MIB = 2**20
 MODES = ("stop", "bptt", "infer")
@@ -61,14 +56,13 @@ CPU_RUNTIME_OVERHEAD_MIB = 320.0
 CUDA_BLOCK = 512
 CUDA_RESERVED_SLACK = 0.10
 
-STATS = "stats"  # element size of BatchNorm's saved statistics: float32, or the dtype if wider
-
-# Flags saying at which steps a tensor is alive at the end of the last step's forward (the peak).
-EVERY, PREV, FROM1, LAST, ONCE, STEP0 = 1, 2, 4, 8, 16, 32
+EVERY, PREV, FROM1, LAST, ONCE, STEP0 = (Steps.EVERY, Steps.PREV, Steps.FROM1, Steps.LAST, Steps.ONCE,
+                                          Steps.STEP0)
 
 
-def _steps_alive(flags: int, T: int, window_all: bool) -> int:
-    """How many copies of a per-step tensor are alive: all kept steps (BPTT) or only the last one."""
+def _steps_alive(flags: Steps, T: int, window_all: bool) -> int:
+    """How many copies of a per-step tensor are alive at the end of the last step's forward (the peak):
+    those of all kept steps (BPTT) or only the last step's."""
     if not flags or T < 1:
         return 0
     if flags & ONCE:
@@ -159,7 +153,7 @@ class MemoryPlanner:
             own = dict(m.named_parameters(recurse=False))
             if isinstance(m, L.BatchNorm2d):
                 kinds = {n: None if (mode == "stop" or freeze_batchnorm) else "bn" for n in own}
-            elif isinstance(m, L._Neuron):
+            elif L.layer_kind(m, strict=False) == L.NEURON:
                 kinds = {"leak": "leak", "threshold": "threshold"}
             else:
                 kinds = {n: "weight" for n in own}
@@ -169,125 +163,55 @@ class MemoryPlanner:
                     out.add(id(p))
         return out
 
-    # ---- the per-layer rules --------------------------------------------------------------
+    # ---- what the layers keep ---------------------------------------------------------------
     def _ledger(self, mode: str, learn: tuple[str, ...], freeze_batchnorm: bool, loss: str) -> dict:
-        """key -> [numel per sample, fixed numel, element size (None: the dtype's), saved flags,
-        state flags]; cached per configuration, so a plan is arithmetic on it."""
+        """storage key -> [numel per sample, fixed numel, element size (None: the dtype's), saved steps,
+        state steps], from the layers' declarations; cached per configuration, so a plan is arithmetic."""
         cache_key = (mode, learn, freeze_batchnorm, loss)
         if cache_key in self._ledgers:
             return self._ledgers[cache_key]
         learned = self.learned(mode, learn, freeze_batchnorm)
         items: dict = {}
-        shapes, alias = self.shapes, {}
-        rg = {0: False}
+        alias: dict[int, int] = {}  # value -> the value it is a view of
+        grad = {0: False}  # value -> whether it requires grad (the network input does not)
 
         def val(v: int) -> int:
             return alias.get(v, v)
 
-        def n(v: int) -> int:
-            return math.prod(shapes[v])
-
-        def add(key, numel: int, flags: int, state: bool = False, fixed: int = 0, elsize: int | str | None = None):
-            item = items.setdefault(key, [numel, fixed, elsize, 0, 0])
-            item[4 if state else 3] |= flags
+        def numel(v: int) -> int:  # per sample: shapes exclude the batch
+            return math.prod(self.shapes[v])
 
         def learns(p) -> bool:
             return p is not None and id(p) in learned
 
-        train = mode != "infer"
+        def add(key, per_sample: int, steps: Steps, state: bool = False, fixed: int = 0, elsize=None) -> None:
+            item = items.setdefault(key, [per_sample, fixed, elsize, Steps(0), Steps(0)])
+            item[4 if state else 3] |= steps
+
         for i, c in enumerate(self.calls):
-            m, vin, vout = c.module, val(c.inp), c.out
-            rin = rg[vin]
-            if c.kind == "view":
+            vin = val(c.inp)
+            ctx = StepContext(mode, grad[vin], learns, freeze_batchnorm)
+            kept = L.step_keeps(c.module, ctx)
+            if kept is None:  # a view: its output is its input's storage
+                alias[c.out] = vin
                 continue
-            if c.kind == "add":
-                rg[vout] = rin or any(learns(p) for p in m.parameters())
-            elif c.kind == "synapse":
-                w, b = learns(m.weight), learns(m.bias)
-                rg[vout] = rin or w or b
-                if mode == "stop":
-                    if w:
-                        add(("w_trace", i), n(vin), EVERY, state=True)
-                    if b:
-                        add(("b_trace", i), 0, EVERY, state=True, fixed=1)
-                elif mode == "bptt" and (w or (rin and isinstance(m, L.Conv2d))):
-                    add(("v", vin), n(vin), EVERY)
-            elif c.kind == "bn":
-                trains = mode == "bptt" and not freeze_batchnorm
-                rg[vout] = rin or any(learns(p) for p in m.parameters())
-                if train and rg[vout] and trains:
-                    add(("v", vin), n(vin), EVERY)
-                    # save_mean and save_invstd, one value per channel (float32 or wider)
-                    add(("bn_stats", i), 0, EVERY, fixed=2 * m.num_features, elsize=STATS)
-                elif train and rin:  # frozen: x * scale + shift keeps only the (cached) per-channel scale
-                    add(("bn_scale", i), 0, ONCE, fixed=m.num_features)
-            elif c.kind in ("lif", "readout"):
-                th = learns(getattr(m, "threshold", None))
-                lk = learns(m.leak)
-                u = ("u", i) if c.kind == "lif" else ("v", vout)
-                rg[vout] = train and (rin or th or lk)
-                if not train:
-                    add(u, n(vout), LAST, state=True)
-                    add(("v", vout), n(vout), LAST, state=True)
-                elif mode == "stop":  # backward keeps U[t] (the state) and the traces, nothing else
-                    add(u, n(vout), EVERY, state=True)
-                    add(("v", vout), n(vout), EVERY, state=True)
-                    if th:
-                        add(("th_trace", i), n(vout), FROM1, state=True)
-                    if lk:
-                        add(("a_trace", i), n(vout), FROM1, state=True)
-                else:
-                    self._bptt_neuron(add, c, i, u, n(vout), th, lk, rg[vout])
-            elif c.kind in ("pool", "maxpool"):
-                rg[vout] = rin
-                if train and rin and not global_mean(m) and not isinstance(m, L.AvgPool2d):
-                    add(("v", vin), n(vin), EVERY)
-                    if c.kind == "maxpool":
-                        add(("indices", i), n(vout), EVERY, elsize=8)
-            elif c.kind == "dropout":
-                if not train or m.p == 0.0:
-                    alias[vout] = vin
-                    continue
-                rg[vout] = rin
-                add(("mask", i), n(vin), ONCE, state=True)
-        if train:
-            out, classes = val(self.calls[-1].out), n(val(self.calls[-1].out))
+            grad[c.out] = ctx.train and (ctx.input_grad or any(learns(p) for p in c.module.parameters()))
+            for k in kept:
+                key = ("v", vin) if k.name == INPUT else ("v", c.out) if k.name == OUTPUT else (k.name, i)
+                sized = {INPUT: vin, OUTPUT: c.out}.get(k.size)
+                add(key, 0 if sized is None else numel(sized), k.steps, k.state,
+                    0 if sized is not None else k.size, k.elsize)
+        if mode != "infer":
+            classes = numel(val(self.calls[-1].out))
             if loss == "ce":  # log-softmax output each step; the step's target; nll's total weight
                 add(("log_softmax",), classes, EVERY)
                 add(("target",), 1, ONCE, elsize=8)
                 add(("nll_weight",), 0, EVERY, fixed=1)
             else:  # mse: the output and the float one-hot target
-                add(("v", out), classes, EVERY)
+                add(("v", val(self.calls[-1].out)), classes, EVERY)
                 add(("one_hot",), classes, EVERY)
         self._ledgers[cache_key] = items
         return items
-
-    @staticmethod
-    def _bptt_neuron(add, c: LayerCall, i: int, u, numel: int, th: bool, lk: bool, rg_x: bool) -> None:
-        """What the plain dynamics (functional.lif_step / readout_step) save at every step."""
-        add(u, numel, LAST, state=True)
-        add(("v", c.out), numel, LAST, state=True)
-        reset = getattr(c.module, "reset", None)
-        if reset is None:  # readout: leak * U[t-1]
-            if lk:
-                add(u, numel, PREV)
-            return
-        # Step 0 starts from scalar zeros: the saved tensors are scalars or threshold-shaped there.
-        if th and reset in ("soft", "soft_nodecay"):
-            add(("v", c.out), numel, PREV)  # th * s[t-1] keeps s[t-1]
-            add(("s0", i), 0, STEP0, fixed=1)
-        if reset == "soft" and lk:
-            add(("carried", i), numel, FROM1)  # leak * (U - th s) keeps U - th s
-            add(("carried0", i), 0, STEP0, fixed=c.module.threshold.numel())
-        if reset in ("soft_nodecay", "hard") and lk:
-            add(u, numel, PREV)  # leak * U[t-1] keeps U[t-1]
-            add(("u0", i), 0, STEP0, fixed=1)
-        if reset == "hard":
-            add(("keep", i), numel, FROM1)  # (a U) * (1 - s) keeps 1 - s
-            if lk:
-                add(("keep0", i), 0, STEP0, fixed=1)
-        if rg_x:
-            add(("x", i), numel, EVERY)
 
     # ---- the estimate ---------------------------------------------------------------------
     def plan(self, mode: str = "stop", batch: int = 1, T: int = 10, dtype: str = "float32",

@@ -82,7 +82,15 @@ _LAYERS: dict[str, tuple[type, Callable[[Any], dict], Callable[..., nn.Module]]]
 }
 _BY_CLASS = {cls: name for name, (cls, _, _) in _LAYERS.items()}
 _BY_CLASS[nn.AvgPool2d] = "AvgPool2d"  # torch's own, as users and importers may build it
-_NEURONS = (L.LIF, L.LeakyReadout)
+
+
+def layer_class(name: str) -> type:
+    """The class of a layer type of the format (``"Linear"``, ``"MaxPool2d"``, ...); KeyError if unknown."""
+    return _LAYERS[name][0]
+
+
+def _is_neuron(m: nn.Module) -> bool:
+    return L.layer_kind(m, strict=False) == L.NEURON
 
 
 def describe(net: nn.Module) -> dict:
@@ -112,7 +120,7 @@ def _describe(m: nn.Module, path: str, leak_owner: dict[int, str]) -> dict:
                                 f"cannot be described: not a stoprt layer; supported: Sequential, Residual, "
                                 f"{', '.join(_LAYERS)}")
     node = {"type": name, **_LAYERS[name][1](m)}
-    if isinstance(m, _NEURONS):
+    if _is_neuron(m):
         owner = leak_owner.setdefault(id(m.leak), path)
         node["share_leak_with"] = owner if owner != path else None
     return node
@@ -152,7 +160,7 @@ def _build(node: Any, path: str, built: dict[str, nn.Module]) -> nn.Module:
         elif kind in _LAYERS:
             shared = args.pop("share_leak_with", None)
             if shared is not None:
-                if shared not in built or not isinstance(built[shared], _NEURONS):
+                if shared not in built or not _is_neuron(built[shared]):
                     raise ArchitectureError(f"layer {where} shares the leak of {shared!r}, which is not an "
                                             "earlier neuron layer")
                 args["share_leak_with"] = built[shared]

@@ -27,9 +27,9 @@ from ..runtime.stop import KINDS, STOP
 from .onnx_step import StepFunction, export_step
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
-# Layers that may sit between the backbone's last LIF and the split: they pass spikes on unchanged in
-# time (what reaches the head is still a function of this step's spikes only).
-_SPIKE_PASSTHROUGH = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.MaxPool2d, nn.Flatten, nn.Identity, L.Dropout)
+# Roles of the layers that may sit between the backbone's last LIF and the split: they pass spikes on
+# unchanged in time (what reaches the head is still a function of this step's spikes only).
+_SPIKE_PASSTHROUGH = (L.CURRENT_PASS, L.SPIKE_PASS)
 
 
 def split_network(net: nn.Sequential, index: int) -> tuple[L.Sequential, L.Sequential]:
@@ -47,7 +47,7 @@ def split_network(net: nn.Sequential, index: int) -> tuple[L.Sequential, L.Seque
         raise ValueError(f"split index must be in 1..{len(net) - 1}, got {index}")
     layers = list(net)
     last = index - 1
-    while last >= 0 and isinstance(layers[last], _SPIKE_PASSTHROUGH):
+    while last >= 0 and L.layer_kind(layers[last], strict=False) in _SPIKE_PASSTHROUGH:
         last -= 1
     if last < 0 or not isinstance(layers[last], L.LIF):
         where = f"layer {last} ({type(layers[last]).__name__})" if last >= 0 else "no layer"

@@ -119,34 +119,38 @@ class StepFunction(nn.Module):
         net.eval().requires_grad_(False)
         self.net = net
         self.params_as_inputs = params_as_inputs
-        self.slots: list[tuple[nn.Module, str]] = []
+        self.neurons: list[L.Neuron] = []
         self.state_names: list[str] = []
         for path, m in net.named_modules():
-            if isinstance(m, L._Neuron):
-                for attr in ("u", "s") if isinstance(m, L.LIF) else ("u",):
-                    self.slots.append((m, attr))
-                    self.state_names.append(f"state.{path}.{attr}")
-        if not self.slots:
+            if L.layer_kind(m, strict=False) == L.NEURON:
+                self.neurons.append(m)
+                self.state_names += [f"state.{path}.{name}" for name in m.state_names]
+        if not self.neurons:
             raise StepGraphError("the network has no neuron layer: nothing carries state between steps")
         # named_parameters drops duplicates: a shared leak is one input (functional_call ties it).
         self.param_names = [name for name, _ in net.named_parameters()] if params_as_inputs else []
 
     def forward(self, x: Tensor, *flat: Tensor) -> tuple[Tensor, ...]:
-        n = len(self.slots)
+        n = len(self.state_names)
         if len(flat) != n + len(self.param_names):
             raise ValueError(f"expected {n} state and {len(self.param_names)} parameter tensors, got {len(flat)}")
-        for (m, attr), value in zip(self.slots, flat[:n]):
-            setattr(m, attr, value)
+        state = iter(flat[:n])  # each [B, *shape], in the order of state_names
+        for m in self.neurons:
+            m.set_state({name: next(state) for name in m.state_names})
         try:
             if self.params_as_inputs:
                 params = dict(zip(self.param_names, flat[n:]))
                 y = torch.func.functional_call(self.net, params, (x,))
             else:
                 y = self.net(x)
-            new_state = [getattr(m, attr) for m, attr in self.slots]
+            new_state = self._state()
         finally:
             L.reset_state(self.net)  # no tensor of this call survives in the modules
         return (y, *new_state)
+
+    def _state(self) -> list[Tensor]:
+        """The neurons' state tensors ``[B, *shape]``, in the order of :attr:`state_names`."""
+        return [t for m in self.neurons for t in m.get_state().values()]
 
     @property
     def device(self) -> torch.device:
@@ -162,7 +166,7 @@ class StepFunction(nn.Module):
     def shapes(self, input_shape: tuple[int, ...]) -> tuple[list[int], list[list[int]]]:
         """Output shape and state shapes (without batch), by a dry run on zeros."""
         y = self.net(torch.zeros(1, *input_shape, device=self.device))
-        shapes = [list(getattr(m, attr).shape[1:]) for m, attr in self.slots]
+        shapes = [list(t.shape[1:]) for t in self._state()]  # [1, *shape] -> shape
         L.reset_state(self.net)
         return list(y.shape[1:]), shapes
 
@@ -222,7 +226,7 @@ def export_step(net: nn.Module, path: str | os.PathLike, *, input_shape=None, op
     sig.constants = {traced[i.name]: i.name for i in proto.graph.initializer if i.name in traced}
     if not params_as_inputs:
         _bake(proto, {n: p.detach().numpy() for n, p in zip(pnames, params)})
-    check_step_graph(proto, n_lif=sum(isinstance(m, L.LIF) for m in net.modules()))
+    check_step_graph(proto, n_lif=sum(isinstance(m, L.LIF) for m in net.modules()))  # spiking neurons
     del proto.metadata_props[:]
     for key, value in sig.to_metadata().items():
         entry = proto.metadata_props.add()

@@ -48,8 +48,8 @@ class TorchStepRunner:
         self.device = torch.device(device) if device is not None else (
             first.device if first is not None else torch.device("cpu"))
         self.net.to(self.device)
-        self._slots = [(f"state.{path}.{attr}", m, attr) for path, m in net.named_modules()
-                       if isinstance(m, L._Neuron) for attr in (("u", "s") if isinstance(m, L.LIF) else ("u",))]
+        self._neurons = [(f"state.{path}", m) for path, m in net.named_modules()
+                         if L.layer_kind(m, strict=False) == L.NEURON]
         self.reset()
 
     @torch.no_grad()
@@ -64,5 +64,5 @@ class TorchStepRunner:
 
     def state(self) -> dict[str, np.ndarray]:
         """The state after the last step (empty before the first), as numpy arrays."""
-        return {name: getattr(m, attr).detach().cpu().numpy() for name, m, attr in self._slots
-                if getattr(m, attr) is not None}
+        return {f"{prefix}.{name}": t.detach().cpu().numpy() for prefix, m in self._neurons
+                for name, t in m.get_state().items() if t is not None}

@@ -4,6 +4,9 @@ Every layer owns its state (membrane, last spikes) and, under STOP, its forward 
 resets them (:func:`reset_state`); user code never touches them. Shapes: a step's input is
 ``[B, C, H, W]`` for convolutional layers and ``[B, N]`` for dense ones.
 
+Each layer declares its role (``KIND``) and what it keeps in a step (``keeps``) next to its code;
+:mod:`stoprt.runtime.kinds` is the registry that reads them (:func:`layer_kind`, :func:`step_keeps`).
+
 A layer runs in one of two ways:
 
 * plain (default): the dynamics of :func:`~stoprt.runtime.functional.lif_step`; with autograd enabled
@@ -22,9 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as SF
+from .kinds import (AFFINE_PASS, CURRENT_PASS, INPUT, NEURON, OUTPUT, RESIDUAL, SEQUENCE, SPIKE_PASS,  # noqa: F401
+                    SYNAPSE, Kept, StepContext, Steps, UnknownLayerError, layer_kind, step_keeps)
 from .lean import AvgPool2d, BatchNorm2d  # noqa: F401  (stoprt layers, defined beside the ops they use)
 
-# Pooling, flattening and identity need nothing of their own: torch's modules are used as they are.
+# Pooling, flattening and identity need nothing of their own: torch's modules are used as they are
+# (their roles are registered in kinds.TORCH_LAYERS).
 AdaptiveAvgPool2d = nn.AdaptiveAvgPool2d
 MaxPool2d = nn.MaxPool2d
 Flatten = nn.Flatten
@@ -34,11 +40,11 @@ GRANULARITIES = ("layer", "channel", "neuron")
 
 
 class _PlainState:
-    """Writes the state attributes named in ``STATE`` straight into the instance: they are never
-    Parameters, buffers or modules, and nn.Module's registry checks on every write cost more than
-    the small per-step ops themselves."""
+    """Writes the state attributes named in ``STATE`` (every tensor the layer holds between steps)
+    straight into the instance: they are never Parameters, buffers or modules, and nn.Module's
+    registry checks on every write cost more than the small per-step ops themselves."""
 
-    STATE: frozenset = frozenset()
+    STATE: tuple[str, ...] = ()
 
     def __setattr__(self, name: str, value) -> None:
         if name in self.STATE:
@@ -47,13 +53,21 @@ class _PlainState:
             super().__setattr__(name, value)
 
 
-class _Neuron(_PlainState, nn.Module):
-    """Common part of LIF and LeakyReadout: the leak, the state and the STOP switch."""
+class Neuron(_PlainState, nn.Module):
+    """Common part of LIF and LeakyReadout: the leak, the state and the STOP switch.
 
-    STATE = frozenset({"u", "s", "th_trace", "a_trace"})
+    ``state_names``: the state the plain dynamics carry from one step to the next (what a step graph
+    takes and returns), read and written with :meth:`get_state` / :meth:`set_state`; STOP's traces
+    are not part of it.
+    """
+
+    KIND = NEURON
+    STATE = ("u", "s", "th_trace", "a_trace")
+    state_names: tuple[str, ...] = ()
+    MEMBRANE = "u"  # what ``keeps`` calls the membrane: a tensor of its own, or the output itself
 
     def __init__(self, leak: float, leak_range: tuple[float, float], learn_leak: bool,
-                 share_leak_with: "_Neuron | None") -> None:
+                 share_leak_with: "Neuron | None") -> None:
         super().__init__()
         lo, hi = leak_range
         if not 0.0 < lo < hi < 1.0:
@@ -79,14 +93,45 @@ class _Neuron(_PlainState, nn.Module):
         self.th_trace: Tensor | None = None
         self.a_trace: Tensor | None = None
 
+    def get_state(self) -> dict[str, Tensor | None]:
+        """The plain dynamics' state by name (``[B, *shape]`` each; None before the first step)."""
+        return {name: getattr(self, name) for name in self.state_names}
+
+    def set_state(self, values: dict[str, Tensor | None]) -> None:
+        """Set some or all of the state named in ``state_names`` (e.g. a step graph's inputs)."""
+        unknown = set(values) - set(self.state_names)
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no state {sorted(unknown)}; its state is "
+                             f"{list(self.state_names)}")
+        for name, value in values.items():
+            setattr(self, name, value)
+
     def _clamp_leak(self) -> int:
         lo, hi = self.leak_range
         out = int((self.leak < lo).item() or (self.leak > hi).item())
         self.leak.clamp_(lo, hi)
         return out
 
+    def keeps(self, ctx: StepContext) -> list[Kept]:
+        """Inference: the last step's state. STOP: the state and traces (TracedLIF / TracedReadout save
+        U[t] and the traces, nothing else). BPTT: what the plain dynamics save, see ``_plain_keeps``."""
+        u, th, lk = self.MEMBRANE, ctx.learns(getattr(self, "threshold", None)), ctx.learns(self.leak)
+        if not ctx.train:
+            return [Kept(u, Steps.LAST, state=True), Kept(OUTPUT, Steps.LAST, state=True)]
+        if ctx.mode == "bptt":
+            return self._plain_keeps(th, lk, ctx.input_grad or th or lk)
+        out = [Kept(u, Steps.EVERY, state=True), Kept(OUTPUT, Steps.EVERY, state=True)]
+        if th:
+            out.append(Kept("th_trace", Steps.FROM1, state=True))
+        if lk:
+            out.append(Kept("a_trace", Steps.FROM1, state=True))
+        return out
 
-class LIF(_Neuron):
+    def _plain_keeps(self, th: bool, lk: bool, out_grad: bool) -> list[Kept]:
+        raise NotImplementedError
+
+
+class LIF(Neuron):
     """Leaky integrate-and-fire neurons with soft reset, learnable threshold and leak.
 
     Args:
@@ -108,11 +153,13 @@ class LIF(_Neuron):
     Input ``[B, *shape]`` current, output spikes of the same shape.
     """
 
+    state_names = ("u", "s")
+
     def __init__(self, threshold: str = "layer", shape: int | Iterable[int] | None = None,
                  init_threshold: float = 1.0, threshold_floor: float = 0.05, leak: float = 0.5,
                  leak_range: tuple[float, float] = (0.01, 0.99), surrogate: str = "exp",
                  alpha: float = 1.0, learn_threshold: bool = True, learn_leak: bool = True,
-                 share_leak_with: _Neuron | None = None, reset: str = "soft") -> None:
+                 share_leak_with: Neuron | None = None, reset: str = "soft") -> None:
         if threshold not in GRANULARITIES:
             raise ValueError(f"threshold granularity must be one of {GRANULARITIES}, got {threshold!r}")
         if surrogate not in SF.SURROGATES:
@@ -133,6 +180,7 @@ class LIF(_Neuron):
             self._make_threshold(())
         elif shape is not None:
             shape = (shape,) if isinstance(shape, int) else tuple(shape)
+            # neuron: [*shape]; channel: [C, 1, 1] (broadcasts over [B, C, H, W]) or [N]
             self._make_threshold(shape if threshold == "neuron" else (shape[0],) + (1,) * (len(shape) - 1))
 
     def _make_threshold(self, shape: tuple[int, ...], like: Tensor | None = None) -> None:
@@ -146,9 +194,9 @@ class LIF(_Neuron):
 
     def forward(self, current: Tensor) -> Tensor:
         if self.threshold is None:  # sized by the first input (Sequential's dry run does this)
-            shape = tuple(current.shape[1:])
+            shape = tuple(current.shape[1:])  # [B, *shape] -> [*shape]
             if self.granularity == "channel":
-                shape = shape[:1] + (1,) * (len(shape) - 1)
+                shape = shape[:1] + (1,) * (len(shape) - 1)  # [C, H, W] -> [C, 1, 1]
             self._make_threshold(shape, like=current)
         th, a = self.threshold, self.leak
         if not self.stop_mode:
@@ -172,6 +220,26 @@ class LIF(_Neuron):
         self.u, self.s = u.detach(), s.detach()
         return s
 
+    def _plain_keeps(self, th: bool, lk: bool, out_grad: bool) -> list[Kept]:
+        """What ``functional.lif_step`` saves for backward at every step (BPTT keeps every step's graph),
+        besides the last step's state u, s. Step 0 starts from scalar zeros: what it saves is a scalar
+        or threshold-shaped there (STEP0)."""
+        every, prev, from1, step0 = Steps.EVERY, Steps.PREV, Steps.FROM1, Steps.STEP0
+        out = [Kept("u", Steps.LAST, state=True), Kept(OUTPUT, Steps.LAST, state=True)]
+        if th and self.reset in ("soft", "soft_nodecay"):  # th * s[t-1] keeps s[t-1]
+            out += [Kept(OUTPUT, prev), Kept("s0", step0, 1)]
+        if self.reset == "soft" and lk:  # leak * (U - th s) keeps U - th s
+            out += [Kept("carried", from1), Kept("carried0", step0, self.threshold.numel())]
+        if self.reset in ("soft_nodecay", "hard") and lk:  # leak * U[t-1] keeps U[t-1]
+            out += [Kept("u", prev), Kept("u0", step0, 1)]
+        if self.reset == "hard":  # (a U) * (1 - s) keeps 1 - s
+            out.append(Kept("keep", from1))
+            if lk:
+                out.append(Kept("keep0", step0, 1))
+        if out_grad:  # the spike's surrogate keeps U - th
+            out.append(Kept("x", every))
+        return out
+
     @torch.no_grad()
     def constrain_(self) -> int:
         """Clamp threshold and leak into their ranges; returns how many values were clamped."""
@@ -188,14 +256,17 @@ class LIF(_Neuron):
                 f"leak={self.leak.item():.3f}, surrogate={self.surrogate!r}{reset}")
 
 
-class LeakyReadout(_Neuron):
+class LeakyReadout(Neuron):
     """Non-spiking leaky integrator, an alternative output layer: U[t] = a U[t-1] + I[t].
 
     Its output is the membrane potential ``[B, N]``, used directly as logits.
     """
 
+    state_names = ("u",)
+    MEMBRANE = OUTPUT
+
     def __init__(self, leak: float = 0.9, leak_range: tuple[float, float] = (0.01, 0.99),
-                 learn_leak: bool = True, share_leak_with: _Neuron | None = None) -> None:
+                 learn_leak: bool = True, share_leak_with: Neuron | None = None) -> None:
         super().__init__(leak, leak_range, learn_leak, share_leak_with)
         self.threshold = None
 
@@ -215,6 +286,10 @@ class LeakyReadout(_Neuron):
         self.u = u.detach()
         return u
 
+    def _plain_keeps(self, th: bool, lk: bool, out_grad: bool) -> list[Kept]:
+        # readout_step: leak * U[t-1] keeps U[t-1]
+        return [Kept(OUTPUT, Steps.LAST, state=True)] + ([Kept(OUTPUT, Steps.PREV)] if lk else [])
+
     @torch.no_grad()
     def constrain_(self) -> int:
         return self._clamp_leak()
@@ -223,10 +298,16 @@ class LeakyReadout(_Neuron):
         return f"leak={self.leak.item():.3f}"
 
 
-class _Synapse(_PlainState):
-    """Mixin for synaptic ops: input and bias traces under STOP, decaying with the target's leak."""
+class Synapse(_PlainState):
+    """Mixin for synaptic ops: input and bias traces under STOP, decaying with the target's leak.
 
-    STATE = frozenset({"w_trace", "b_trace"})
+    ``PLAIN_KEEPS_INPUT``: whether torch's own op keeps its input whenever any gradient flows through
+    it (convolution), or only when the weight learns (linear).
+    """
+
+    KIND = SYNAPSE
+    STATE = ("w_trace", "b_trace")
+    PLAIN_KEEPS_INPUT = False
 
     def _init_synapse(self, op: SF.SynapticOp) -> None:
         self._op = op
@@ -254,8 +335,19 @@ class _Synapse(_PlainState):
             return self._op.forward(x, self.weight, self.bias)
         return SF.TracedSynapse.apply(x, self.weight, self.bias, self.w_trace, self.b_trace, self._op)
 
+    def keeps(self, ctx: StepContext) -> list[Kept]:
+        """STOP: the input trace (input-shaped) and the scalar bias trace, as state (TracedSynapse saves
+        only these and the weight). BPTT: torch's op keeps its input."""
+        w, b = ctx.learns(self.weight), ctx.learns(self.bias)
+        if ctx.mode == "stop":
+            return ([Kept("w_trace", Steps.EVERY, INPUT, state=True)] if w else []) + (
+                [Kept("b_trace", Steps.EVERY, 1, state=True)] if b else [])
+        if ctx.mode == "bptt" and (w or (ctx.input_grad and self.PLAIN_KEEPS_INPUT)):
+            return [Kept(INPUT, Steps.EVERY, INPUT)]
+        return []
 
-class Linear(_Synapse, nn.Linear):
+
+class Linear(Synapse, nn.Linear):
     """Dense synaptic layer: ``[B, in_features] -> [B, out_features]``."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
@@ -266,12 +358,14 @@ class Linear(_Synapse, nn.Linear):
         return self._forward_stop(x) if self.stop_mode else F.linear(x, self.weight, self.bias)
 
 
-class Conv2d(_Synapse, nn.Conv2d):
+class Conv2d(Synapse, nn.Conv2d):
     """Convolutional synaptic layer: ``[B, C_in, H, W] -> [B, C_out, H', W']``.
 
     Stride, padding, dilation and groups as in ``torch.nn.Conv2d``; padding must be numeric and the
     padding mode ``"zeros"`` (the transpose used for the spatial error assumes it).
     """
+
+    PLAIN_KEEPS_INPUT = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True) -> None:
@@ -285,11 +379,14 @@ class Conv2d(_Synapse, nn.Conv2d):
         return self._forward_stop(x) if self.stop_mode else self._conv_forward(x, self.weight, self.bias)
 
 
-class Dropout(nn.Module):
+class Dropout(_PlainState, nn.Module):
     """Dropout with one mask per sample, reused at every time step (a fixed, linear op in time).
 
     The mask is drawn at the first step after :func:`reset_state` in training mode.
     """
+
+    KIND = CURRENT_PASS
+    STATE = ("mask",)
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()
@@ -309,6 +406,11 @@ class Dropout(nn.Module):
             self.mask = torch.bernoulli(keep) / (1.0 - self.p)
         return x * self.mask
 
+    def keeps(self, ctx: StepContext) -> list[Kept] | None:
+        if not ctx.train or self.p == 0.0:
+            return None  # forward returns its input itself
+        return [Kept("mask", Steps.ONCE, INPUT, state=True)]  # the sample's mask, saved by the product too
+
     def extra_repr(self) -> str:
         return f"p={self.p}"
 
@@ -319,6 +421,8 @@ class Residual(nn.Module):
     The sum is a current: follow the block with a neuron layer, or feed it into the next block.
     """
 
+    KIND = RESIDUAL
+
     def __init__(self, main: nn.Module, shortcut: nn.Module | None = None) -> None:
         super().__init__()
         self.main = main
@@ -326,6 +430,9 @@ class Residual(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.main(x) + self.shortcut(x)
+
+    def keeps(self, ctx: StepContext) -> list[Kept]:
+        return []  # the sum is a new tensor; its backward keeps nothing
 
 
 class Sequential(nn.Sequential):
@@ -352,31 +459,34 @@ class Sequential(nn.Sequential):
 
 
 def _fill_channels(module: nn.Module, channels: int | None, spatial: bool) -> tuple[int | None, bool]:
-    """Walk the layers in order, tracking the channel count, and size per-channel thresholds."""
-    if isinstance(module, (nn.Conv2d, BatchNorm2d)):
-        return getattr(module, "out_channels", getattr(module, "num_features", None)), True
-    if isinstance(module, nn.Linear):
-        return module.out_features, False
-    if isinstance(module, nn.Flatten):
-        return None, False
+    """Walk the layers in order, tracking the channel count (C of ``[B, C, H, W]``, ``spatial``; N of
+    ``[B, N]``), and size per-channel thresholds. Layers that keep the layout pass it on."""
+    kind = layer_kind(module, strict=False)
+    if kind == SEQUENCE:
+        for child in module:
+            channels, spatial = _fill_channels(child, channels, spatial)
+        return channels, spatial
+    if kind == RESIDUAL:
+        out = _fill_channels(module.main, channels, spatial)
+        _fill_channels(module.shortcut, channels, spatial)
+        return out
     if isinstance(module, LIF):
         if channels is not None:
             module.materialize(channels, spatial)
         return channels, spatial
-    if isinstance(module, Residual):
-        out = _fill_channels(module.main, channels, spatial)
-        _fill_channels(module.shortcut, channels, spatial)
-        return out
-    if isinstance(module, nn.Sequential):
-        for child in module:
-            channels, spatial = _fill_channels(child, channels, spatial)
+    if isinstance(module, nn.Flatten):
+        return None, False  # [B, C, H, W] -> [B, C*H*W]: no channels any more
+    if isinstance(module, (nn.Conv2d, BatchNorm2d)):  # -> [B, C_out, H', W']
+        return getattr(module, "out_channels", getattr(module, "num_features", None)), True
+    if isinstance(module, nn.Linear):  # -> [B, out_features]
+        return module.out_features, False
     return channels, spatial
 
 
 def reset_state(net: nn.Module) -> None:
     """Reset every stateful layer of ``net`` (membranes, spikes, traces, dropout masks)."""
     for m in net.modules():
-        if isinstance(m, (_Neuron, _Synapse, Dropout)):
+        if isinstance(m, _PlainState):
             m.reset_state()
 
 
@@ -396,12 +506,12 @@ def freeze_batchnorm(net: nn.Module, frozen: bool = True) -> None:
                 p.requires_grad_(not frozen)
 
 
-def neurons(net: nn.Module) -> list[_Neuron]:
+def neurons(net: nn.Module) -> list[Neuron]:
     """All neuron layers (LIF and LeakyReadout) of ``net`` in module order."""
-    return [m for m in net.modules() if isinstance(m, _Neuron)]
+    return [m for m in net.modules() if isinstance(m, Neuron)]
 
 
 def state_tensors(net: nn.Module) -> list[Tensor]:
     """Every state and trace tensor the layers hold now (what the runtime keeps between steps)."""
-    names = ("u", "s", "th_trace", "a_trace", "w_trace", "b_trace", "mask")
-    return [t for m in net.modules() for n in names if isinstance(t := getattr(m, n, None), Tensor)]
+    return [t for m in net.modules() if isinstance(m, _PlainState)
+            for n in m.STATE if isinstance(t := getattr(m, n, None), Tensor)]

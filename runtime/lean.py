@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kinds import AFFINE_PASS, CURRENT_PASS, INPUT, STATS, Kept, StepContext, Steps
+
 
 def frozen_affine(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
                   eps: float) -> tuple[Tensor, Tensor]:
@@ -62,6 +64,11 @@ def _pair(v) -> list[int]:
 class AvgPool2d(nn.AvgPool2d):
     """``torch.nn.AvgPool2d`` whose backward keeps no tensor (its gradient depends only on shapes)."""
 
+    KIND = CURRENT_PASS
+
+    def keeps(self, ctx: StepContext) -> list[Kept]:
+        return []
+
     def forward(self, x: Tensor) -> Tensor:
         return avg_pool2d(x, _pair(self.kernel_size), _pair(self.stride), _pair(self.padding), self.ceil_mode,
                           self.count_include_pad, self.divisor_override)
@@ -75,6 +82,8 @@ class BatchNorm2d(nn.BatchNorm2d):
     :func:`stoprt.runtime.batchnorm.calibrate_batchnorm`; fold into the preceding convolution for
     deployment with :func:`stoprt.runtime.batchnorm.fold_batchnorm`.
     """
+
+    KIND = AFFINE_PASS
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1) -> None:
         super().__init__(num_features, eps, momentum)
@@ -99,6 +108,16 @@ class BatchNorm2d(nn.BatchNorm2d):
                 self._affine = frozen_affine(*args, self.eps)
             self._affine_key = key
         return self._affine
+
+    def keeps(self, ctx: StepContext) -> list[Kept]:
+        """Batch statistics (BPTT unfrozen): the input and save_mean / save_invstd ``[C]``, every step.
+        Frozen: only the per-channel scale, cached across the sample."""
+        if ctx.mode == "bptt" and not ctx.freeze_batchnorm and (
+                ctx.input_grad or any(ctx.learns(p) for p in self.parameters())):
+            return [Kept(INPUT, Steps.EVERY, INPUT), Kept("stats", Steps.EVERY, 2 * self.num_features, elsize=STATS)]
+        if ctx.train and ctx.input_grad:
+            return [Kept("scale", Steps.ONCE, self.num_features)]
+        return []
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", frozen" if self.frozen else "")

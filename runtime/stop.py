@@ -60,7 +60,7 @@ class STOP(Learner):
         super().__init__(net, optimizer, loss, check_inputs, keep_last_good)
         self.learn, self.update = learn, update
         for m in net.modules():
-            if isinstance(m, L._Synapse) and "weight" not in learn:
+            if isinstance(m, L.Synapse) and "weight" not in learn:
                 for p in (m.weight, m.bias):
                     if p is not None:
                         p.requires_grad_(False)
@@ -69,7 +69,7 @@ class STOP(Learner):
             if isinstance(m, L.LIF):
                 m.threshold.requires_grad_("threshold" in learn and m.learn_threshold
                                            and id(m.threshold) in self._held)
-            if isinstance(m, L._Neuron):
+            if isinstance(m, L.Neuron):
                 m.leak.requires_grad_("leak" in learn and m.learn_leak and id(m.leak) in self._held)
         L.freeze_batchnorm(net)
         self.wiring = wire(net)

@@ -19,11 +19,6 @@ from torch import nn
 
 from . import layers as L
 
-# Ops that pass a current through unchanged in time (linear and time-invariant).
-_CURRENT_PASSTHROUGH = (L.BatchNorm2d, L.Dropout, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten,
-                        nn.Identity)
-_SPIKE_ONLY = (nn.MaxPool2d, nn.AdaptiveMaxPool2d)
-
 
 class WiringError(ValueError):
     """The network has a structure STOP cannot compute exact gradients for."""
@@ -34,38 +29,39 @@ def _name(names: dict[int, str], module: nn.Module) -> str:
 
 
 def _flow(module: nn.Module, open_ops: frozenset, targets: dict, names: dict) -> frozenset:
-    """Propagate the set of ops whose current is in flight through ``module``; record targets."""
-    if isinstance(module, L._Neuron):
+    """Propagate the set of ops whose current is in flight through ``module``; record targets.
+
+    What each layer does with a current is its role in the registry of layer kinds (``L.layer_kind``).
+    """
+    try:
+        kind = L.layer_kind(module)
+    except L.UnknownLayerError as err:
+        raise WiringError(f"STOP cannot follow currents through {_name(names, module)}: {err}") from None
+    if kind == L.NEURON:
         if getattr(module, "reset", "soft") == "hard":
             raise WiringError(f"{_name(names, module)} uses a hard reset: its per-neuron decay a (1 - s) would "
                               "need a trace per synapse; STOP needs reset='soft' or 'soft_nodecay'")
         for op in open_ops:
             targets.setdefault(op, []).append(module)
         return frozenset()
-    if isinstance(module, L._Synapse):
+    if kind == L.SYNAPSE:
         if open_ops:
             feeders = ", ".join(_name(names, op) for op in open_ops)
             raise WiringError(f"{_name(names, module)} receives the current of {feeders} with no neuron "
                               "layer in between; STOP needs spikes (or the network input) at each op")
         return frozenset({module})
-    if isinstance(module, _CURRENT_PASSTHROUGH):
+    if kind in (L.CURRENT_PASS, L.AFFINE_PASS):  # linear (or affine) and fixed in time
         return open_ops
-    if isinstance(module, (nn.Linear, nn.Conv2d, nn.Dropout, nn.BatchNorm2d)):
-        raise WiringError(f"{_name(names, module)} is a plain torch layer; use its stoprt.runtime.layers "
-                          "counterpart (it keeps STOP's traces, per-sample dropout masks, frozen BN)")
-    if isinstance(module, _SPIKE_ONLY):
+    if kind == L.SPIKE_PASS:
         if open_ops:
             raise WiringError(f"{_name(names, module)} acts on a current: max pooling is not linear, so "
                               "STOP's traces are inexact there; pool after the LIF or use AvgPool2d")
         return open_ops
-    if isinstance(module, L.Residual):
+    if kind == L.RESIDUAL:
         return _flow(module.main, open_ops, targets, names) | _flow(module.shortcut, open_ops, targets, names)
-    if isinstance(module, nn.Sequential):
-        for child in module:
-            open_ops = _flow(child, open_ops, targets, names)
-        return open_ops
-    raise WiringError(f"STOP cannot follow currents through {_name(names, module)}; build the network "
-                      "from stoprt.runtime.layers (Sequential, Residual and the layer types)")
+    for child in module:  # a sequence
+        open_ops = _flow(child, open_ops, targets, names)
+    return open_ops
 
 
 def wire(net: nn.Module) -> dict[nn.Module, list[nn.Module]]:
@@ -87,6 +83,6 @@ def wire(net: nn.Module) -> dict[nn.Module, list[nn.Module]]:
                               "tie them with LIF(share_leak_with=...) so one input trace is exact")
         object.__setattr__(op, "post_neuron", neurons[0])
     for m in net.modules():
-        if isinstance(m, L._Synapse) and m not in targets:
+        if L.layer_kind(m, strict=False) == L.SYNAPSE and m not in targets:
             raise WiringError(f"{_name(names, m)} is not reached by the network's forward structure")
     return targets

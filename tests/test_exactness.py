@@ -24,7 +24,7 @@ def _randomise(net: torch.nn.Module, seed: int) -> None:
         for m in net.modules():
             if isinstance(m, L.LIF):
                 m.threshold.copy_(0.6 + 0.6 * torch.rand(m.threshold.shape, generator=g))
-            if isinstance(m, L._Neuron):
+            if isinstance(m, L.Neuron):
                 m.leak.fill_(0.3 + 0.6 * torch.rand((), generator=g).item())
             if isinstance(m, L.BatchNorm2d):
                 m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))

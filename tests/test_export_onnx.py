@@ -48,7 +48,7 @@ def dyadic_(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 pick(m.bias, [0.0, 0.125, 0.25])
             if isinstance(m, L.LIF):
                 pick(m.threshold, [0.5, 0.75, 1.0, 1.25])
-            if isinstance(m, L._Neuron):
+            if isinstance(m, L.Neuron):
                 pick(m.leak, [0.5, 0.625, 0.75, 0.875])
     return net
 

@@ -43,7 +43,7 @@ def floor_stack(net: L.Sequential) -> nn.Sequential:
     every neuron layer."""
     layers = []
     for m in net:
-        if isinstance(m, L._Neuron):
+        if isinstance(m, L.Neuron):
             layers.append(nn.ReLU())
         elif isinstance(m, L.Conv2d):
             conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, bias=m.bias is not None)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ...runtime import layers as L
+from ..architecture import layer_class
 
 
 class ConversionError(ValueError):
@@ -35,14 +36,13 @@ class Layer:
     origin: str = "?"
 
 
-BUILDERS = {
-    "Linear": L.Linear, "Conv2d": L.Conv2d, "BatchNorm2d": L.BatchNorm2d, "Dropout": L.Dropout,
-    "AvgPool2d": L.AvgPool2d, "MaxPool2d": nn.MaxPool2d, "Flatten": nn.Flatten, "LIF": L.LIF,
-    "LeakyReadout": L.LeakyReadout,
-}
-SYNAPTIC = ("Linear", "Conv2d")
-# Linear in their input and blind to a positive common factor: a scalar scale passes through them.
-SCALE_PASSTHROUGH = ("AvgPool2d", "MaxPool2d", "Flatten", "Dropout")
+# The layer types an importer makes (the architecture format's names), and what their roles allow:
+# synaptic ops take a folded factor; layers linear in their input and blind to a positive common
+# factor (current_pass; max pooling, a spike_pass, too) let a scalar scale pass through.
+BUILDERS = ("Linear", "Conv2d", "BatchNorm2d", "Dropout", "AvgPool2d", "MaxPool2d", "Flatten", "LIF",
+            "LeakyReadout")
+SYNAPTIC = tuple(n for n in BUILDERS if L.layer_kind(layer_class(n)) == L.SYNAPSE)
+SCALE_PASSTHROUGH = tuple(n for n in BUILDERS if L.layer_kind(layer_class(n)) in (L.CURRENT_PASS, L.SPIKE_PASS))
 SNAP = 1e-9  # relative distance from 1 (or from 0 for offsets) below which a factor is taken as exact
 
 
@@ -272,7 +272,7 @@ def build(layers: Iterable[Layer], input_shape: Iterable[int] | None = None,
     modules = []
     for layer in layers:
         try:
-            modules.append(BUILDERS[layer.kind](**_constructor_args(layer.kwargs)))
+            modules.append(layer_class(layer.kind)(**_constructor_args(layer.kwargs)))
         except (TypeError, ValueError) as err:
             raise ConversionError(f"{layer.origin}: cannot make a stoprt {layer.kind} from {layer.kwargs}: "
                                   f"{err}") from err
