@@ -139,7 +139,7 @@ class MemoryPlanner:
             raise ValueError("the planner needs the input shape: build the network with "
                              "Sequential(..., input_shape=...) or pass input_shape")
         self.net, self.input_shape = net, tuple(input_shape)
-        self.calls, self.shapes = trace_network(net, self.input_shape)
+        self.calls, self.shapes = trace_network(net, self.input_shape)  # shapes: [*shape] per value, no batch
         self.params = list(net.parameters())  # distinct: a shared leak counts once
         self._ledgers: dict[tuple, dict] = {}
 
@@ -241,7 +241,7 @@ class MemoryPlanner:
         ledger = self._ledger(mode, tuple(sorted(learn)), freeze_batchnorm, loss)
         state = activations = 0
         for numel, fixed, elsize, saved_flags, state_flags in ledger.values():
-            b = nbytes(numel * batch + fixed, elsize)
+            b = nbytes(numel * batch + fixed, elsize)  # [B, *shape] per sample, plus a fixed count
             held_state = _steps_alive(state_flags, T, False)
             state += b * held_state
             activations += b * (_steps_alive(saved_flags | state_flags, T, mode == "bptt") - held_state)
@@ -271,6 +271,7 @@ class MemoryPlanner:
         (one backward per step adds it in place), two under BPTT (autograd sums the T steps'
         contributions out of place in the accumulation buffer)."""
         frame = nbytes(math.prod(self.input_shape) * batch)
+        # per call: its input [B, *in] and three output-sized temporaries besides the output [B, *out]
         widest = max(nbytes((math.prod(self.shapes[c.inp]) + 3 * math.prod(self.shapes[c.out])) * batch)
                      for c in self.calls)
         if mode == "infer":

@@ -55,7 +55,7 @@ def split_network(net: nn.Sequential, index: int) -> tuple[L.Sequential, L.Seque
                          "so that spikes cross the boundary")
     backbone = L.Sequential(*layers[:index], input_shape=input_shape)
     head = L.Sequential(*layers[index:])
-    out_shape, _ = StepFunction(backbone).shapes(tuple(input_shape))
+    out_shape, _ = StepFunction(backbone).shapes(tuple(input_shape))  # the backbone's output, no batch
     head.input_shape = tuple(out_shape)
     return backbone, head
 
@@ -118,7 +118,7 @@ class HybridSTOP:
 
     def step(self, x: Tensor, target: Tensor | None = None) -> Tensor:
         """One time step ``[B, *input_shape]``: backbone on the backend, then the head learns (with a target)."""
-        features = torch.as_tensor(self.runner.step(x))
+        features = torch.as_tensor(self.runner.step(x))  # [B, *head.input_shape]
         return self.learner.step(features.to(self.device), target)
 
     def end_sample(self) -> Tensor | None:
@@ -134,6 +134,7 @@ class HybridSTOP:
             raise ValueError(f"predict takes a sample [T, B, ...] with T >= 1, got shape {tuple(x_seq.shape)}")
         self.runner.reset()
         try:
+            # T steps of [B, *head.input_shape] -> [T, B, *head.input_shape]
             features = torch.stack([torch.as_tensor(self.runner.step(x_t)).to(self.device) for x_t in x_seq])
         finally:
             self.runner.reset()

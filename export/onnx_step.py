@@ -165,7 +165,7 @@ class StepFunction(nn.Module):
     @torch.no_grad()
     def shapes(self, input_shape: tuple[int, ...]) -> tuple[list[int], list[list[int]]]:
         """Output shape and state shapes (without batch), by a dry run on zeros."""
-        y = self.net(torch.zeros(1, *input_shape, device=self.device))
+        y = self.net(torch.zeros(1, *input_shape, device=self.device))  # [1, *output_shape]
         shapes = [list(t.shape[1:]) for t in self._state()]  # [1, *shape] -> shape
         L.reset_state(self.net)
         return list(y.shape[1:]), shapes
@@ -203,8 +203,8 @@ def export_step(net: nn.Module, path: str | os.PathLike, *, input_shape=None, op
     fn = StepFunction(net, params_as_inputs=True).cpu()
     out_shape, state_shapes = fn.shapes(shape)
     params = fn.parameters_list()
-    x = torch.zeros(_TRACE_BATCH, *shape)
-    state = [torch.zeros(_TRACE_BATCH, *s) for s in state_shapes]
+    x = torch.zeros(_TRACE_BATCH, *shape)  # [B, *input_shape]
+    state = [torch.zeros(_TRACE_BATCH, *s) for s in state_shapes]  # each [B, *state_shape]
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     dynamic = {"x": {0: batch}, "flat": tuple([{0: batch} for _ in state] + [None for _ in params])}
     pnames = [f"param.{n}" for n in fn.param_names]

@@ -52,6 +52,11 @@ class _PlainState:
         else:
             super().__setattr__(name, value)
 
+    def reset_state(self) -> None:
+        """Forget the sample: every tensor in ``STATE`` (membrane, spikes, traces, masks) back to None."""
+        for name in self.STATE:
+            self.__dict__[name] = None
+
 
 class Neuron(_PlainState, nn.Module):
     """Common part of LIF and LeakyReadout: the leak, the state and the STOP switch.
@@ -62,7 +67,7 @@ class Neuron(_PlainState, nn.Module):
     """
 
     KIND = NEURON
-    STATE = ("u", "s", "th_trace", "a_trace")
+    STATE = ("u", "s", "th_trace", "a_trace")  # each [B, *shape] (a trace None until it is nonzero)
     state_names: tuple[str, ...] = ()
     MEMBRANE = "u"  # what ``keeps`` calls the membrane: a tensor of its own, or the output itself
 
@@ -85,13 +90,6 @@ class Neuron(_PlainState, nn.Module):
         self.learn_leak = learn_leak if share_leak_with is None else share_leak_with.learn_leak
         self.stop_mode = False
         self.reset_state()
-
-    def reset_state(self) -> None:
-        """Forget the sample: membrane, spikes and traces back to zero."""
-        self.u: Tensor | None = None
-        self.s: Tensor | None = None
-        self.th_trace: Tensor | None = None
-        self.a_trace: Tensor | None = None
 
     def get_state(self) -> dict[str, Tensor | None]:
         """The plain dynamics' state by name (``[B, *shape]`` each; None before the first step)."""
@@ -306,7 +304,7 @@ class Synapse(_PlainState):
     """
 
     KIND = SYNAPSE
-    STATE = ("w_trace", "b_trace")
+    STATE = ("w_trace", "b_trace")  # shaped like the input; a scalar
     PLAIN_KEEPS_INPUT = False
 
     def _init_synapse(self, op: SF.SynapticOp) -> None:
@@ -316,10 +314,6 @@ class Synapse(_PlainState):
         # nn.Module's registry so the neuron is not counted as a child of this layer.
         object.__setattr__(self, "post_neuron", None)
         self.reset_state()
-
-    def reset_state(self) -> None:
-        self.w_trace: Tensor | None = None
-        self.b_trace: Tensor | None = None
 
     def _forward_stop(self, x: Tensor) -> Tensor:
         if self.post_neuron is None:
@@ -394,9 +388,6 @@ class Dropout(_PlainState, nn.Module):
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.p = p
         self.reset_state()
-
-    def reset_state(self) -> None:
-        self.mask: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
