@@ -20,10 +20,9 @@ from ..runtime import layers as L
 
 @dataclass
 class LayerCall:
-    """One leaf layer (or Residual sum) run in the dry run: its role and which values went in and out."""
+    """One leaf layer (or Residual sum) run in the dry run: which values went in and came out."""
 
     module: nn.Module
-    kind: str
     inp: int
     out: int
 
@@ -56,7 +55,7 @@ def trace_network(net: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[La
         value = len(shapes)
         shapes.append(tuple(out.shape[1:]))  # [1, *shape] -> shape
         by_storage[storage(out)] = value  # a view's storage now names its newest value
-        calls.append(LayerCall(module, L.layer_kind(module), pending.pop(id(module)), value))
+        calls.append(LayerCall(module, pending.pop(id(module)), value))
 
     handles = []
     for m in twin.modules():
@@ -77,4 +76,4 @@ def trace_network(net: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[La
             h.remove()
     # Map the twin's modules back to the caller's, so parameters are looked up on the real network.
     originals = dict(zip((id(m) for m in twin.modules()), net.modules()))
-    return [LayerCall(originals[id(c.module)], c.kind, c.inp, c.out) for c in calls], shapes
+    return [LayerCall(originals[id(c.module)], c.inp, c.out) for c in calls], shapes

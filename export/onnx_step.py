@@ -122,7 +122,7 @@ class StepFunction(nn.Module):
         self.neurons: list[L.Neuron] = []
         self.state_names: list[str] = []
         for path, m in net.named_modules():
-            if L.layer_kind(m, strict=False) == L.NEURON:
+            if isinstance(m, L.Neuron):  # a layer with state, read and written by name
                 self.neurons.append(m)
                 self.state_names += [f"state.{path}.{name}" for name in m.state_names]
         if not self.neurons:

@@ -49,7 +49,7 @@ class TorchStepRunner:
             first.device if first is not None else torch.device("cpu"))
         self.net.to(self.device)
         self._neurons = [(f"state.{path}", m) for path, m in net.named_modules()
-                         if L.layer_kind(m, strict=False) == L.NEURON]
+                         if isinstance(m, L.Neuron)]
         self.reset()
 
     @torch.no_grad()

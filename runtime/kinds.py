@@ -152,4 +152,9 @@ def step_keeps(module: nn.Module, ctx: StepContext) -> list[Kept] | None:
     entry = _entry(type(module))
     if entry is None:
         layer_kind(module)  # raises, naming the layer
-    return module.keeps(ctx) if entry[1] is None else entry[1](module, ctx)
+    if entry[1] is not None:
+        return entry[1](module, ctx)
+    if not callable(getattr(type(module), "keeps", None)):
+        raise UnknownLayerError(f"{type(module).__qualname__} declares KIND but not keeps(ctx), what it keeps "
+                                "in a step")
+    return module.keeps(ctx)

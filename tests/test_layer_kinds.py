@@ -151,9 +151,24 @@ def test_no_module_outside_runtime_uses_a_private_name_of_runtime():
 
 def test_the_private_name_check_sees_both_forms(tmp_path: Path):
     probe = tmp_path / "probe.py"
-    probe.write_text("from stoprt.runtime import layers as L\nfrom stoprt.runtime.lean import _pair\n"
-                     "import stoprt.runtime.functional as SF\nx = L._PlainState\ny = SF._sum_to_shape\n"
-                     "z = L.Neuron\n")
+    probe.write_text("from stoprt.runtime import layers as lyr\nfrom stoprt.runtime.lean import _pair\n"
+                     "import stoprt.runtime.functional as SF\nx = lyr._PlainState\ny = SF._sum_to_shape\n"
+                     "z = lyr.Neuron\nfrom ..runtime.functional import _reduce_product\n")
     found = _private_uses(probe, Path("export", "probe.py"))
     assert [f.split(" ", 1)[1] for f in found] == [
-        "imports stoprt.runtime.lean._pair", "reads L._PlainState", "reads SF._sum_to_shape"]
+        "imports stoprt.runtime.lean._pair", "imports stoprt.runtime.functional._reduce_product",
+        "reads lyr._PlainState", "reads SF._sum_to_shape"]
+
+
+def test_a_layer_without_its_declaration_is_named():
+    class Half(nn.Module):
+        KIND = L.CURRENT_PASS
+
+        def forward(self, x):
+            return x / 2
+
+    ctx = L.StepContext("stop", True, lambda p: False)
+    with pytest.raises(L.UnknownLayerError, match="Half declares KIND but not keeps"):
+        L.step_keeps(Half(), ctx)
+    assert L.step_keeps(L.Flatten(), ctx) is None  # a view
+    assert L.step_keeps(L.MaxPool2d(2), ctx)[1] == L.Kept("indices", L.Steps.EVERY, L.OUTPUT, elsize=8)
