@@ -4,8 +4,9 @@ Every stoprt layer class declares both next to its code: a class attribute ``KIN
 below) and a method ``keeps(ctx) -> list[Kept] | None``. torch's own layers that stoprt uses as they
 are (pooling, flattening, identity, ``nn.Sequential``) cannot carry an attribute, so they are
 registered in :data:`TORCH_LAYERS`. Everything that needs to know a layer's role (the wiring STOP's
-traces need, the memory planner, hybrid splits, model files, importers, the ONNX step graph) asks
-:func:`layer_kind`; the memory planner asks :func:`step_keeps` what a layer keeps.
+traces need, the memory planner, hybrid splits, model files, importers, channel sizing) asks
+:func:`layer_kind`; the memory planner asks :func:`step_keeps` what a layer keeps. (A neuron's state is
+read and written by name through :class:`stoprt.runtime.layers.Neuron`'s ``get_state`` / ``set_state``.)
 
 Roles (what the dataflow of currents and spikes needs to know):
 
