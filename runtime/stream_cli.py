@@ -55,21 +55,13 @@ def load_model(spec: str, in_channels: int, size: int, classes: int, device: str
         return models.build_model(spec, **kwargs).to(device), {"model": {"name": spec, "kwargs": kwargs}}
     if not Path(spec).exists():
         raise ValueError(f"--model {spec!r} is neither a built-in model ({', '.join(models.MODELS)}) nor a file")
-    try:
-        from ..export.model_file import load_any
-    except ImportError:
-        load_any = None
-    if load_any is not None:
-        net, input_spec = load_any(spec)
-        return net.to(device), {"input_spec": input_spec, "source_model": str(spec)}
-    from .checkpoint import load_checkpoint
-    data = load_checkpoint(spec)
-    described = data.get("model") or data.get("meta", {}).get("model")
-    if not described:
-        raise ValueError(f"{spec} holds no model description")
-    net = models.build_model(described["name"], **described["kwargs"])
-    net.load_state_dict(data["model_state"])
-    return net.to(device), {"model": described}
+    # Files (model files, bundles, training and session checkpoints) have one reader, in export/;
+    # the session records the architecture so that its own session.pt loads the same way.
+    from ..export.architecture import describe
+    from ..export.model_file import load_any
+    net, input_spec = load_any(spec)
+    return net.to(device), {"model": {"architecture": describe(net)}, "input_spec": input_spec,
+                            "source_model": str(spec)}
 
 
 def _backend_runner(args: argparse.Namespace):
