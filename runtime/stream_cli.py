@@ -137,7 +137,8 @@ def run_stream(args: argparse.Namespace) -> int:
         saved = load_checkpoint(Path(args.checkpoint) / "session.pt")
         _check_resume(saved, args, Path(args.checkpoint) / "session.pt")
     # A resume continues at the stream time of its checkpoint (a sample boundary): the source starts
-    # there, and the time grid of the steps is the one of the interrupted run.
+    # there, and the time grid of the steps is the one of the interrupted run. (By event count, events
+    # sharing the timestamp of the checkpoint's last step but left out of it would be skipped.)
     start_us = saved["session"]["t_us"] if saved and saved["session"]["t_us"] >= 0 else None
     source = open_source(args.source, args.packet_us, args.realtime, args.seed, start_us=start_us)
     labels = LabelTrack.from_csv(args.labels) if args.labels else getattr(source, "labels", None)

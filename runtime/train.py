@@ -201,12 +201,12 @@ def _rng_states() -> dict:
 
 
 def _set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
+    torch.set_rng_state(states["torch"].cpu())  # a checkpoint loaded onto CUDA moved it there
     name, keys, pos, has_gauss, gauss = states["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     random.setstate(states["python"])
     if states.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
 
 
 def _restore(path: str, cfg: TrainConfig, net, learner: Learner) -> dict:
