@@ -98,7 +98,8 @@ def _check_resume(data: dict, args: argparse.Namespace, path: Path) -> None:
         raise ValueError(f"{path} does not record its source and settings (written by an older stoprt); "
                          "pass --force to resume it anyway")
     now = {k: getattr(args, k) for k in _SETTINGS}
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now[k]!r})" for k in _SETTINGS if saved.get(k) != now[k]]
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now[k]!r})"
+               for k in _SETTINGS if saved.get(k) != now[k]]
     if changed:
         raise ValueError(f"{path} was written with other settings: {', '.join(changed)}; resume with the same "
                          "ones, or pass --force")
