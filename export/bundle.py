@@ -5,17 +5,21 @@ Contents::
     model.stoprt      the stoprt model file (weights, architecture, input spec)
     step.onnx         the ONNX step graph (optional; see stoprt.export.onnx_step)
     input_spec.json   how events become the network's input (also inside the model file)
-    manifest.json     format, versions (stoprt, torch, onnx, opset) and, per file, sha256 and size
+    manifest.json     format, versions (stoprt, torch, onnx, opset), per file sha256 and size, and
+                      ``manifest_sha256``: a sha256 of the manifest's other fields (canonical JSON)
 
 The directory is assembled next to its destination and renamed into place, so a reader sees the
-old bundle or the new one, never half of one. :func:`load_bundle` checks every checksum before
-using a file and names the file that does not match.
+old bundle or the new one, never half of one. :func:`load_bundle` checks the manifest's own checksum
+and every file's before using a file, names the file that does not match, and checks that the
+manifest's input spec is the model file's. A bundle written before ``manifest_sha256`` existed loads
+with a warning (the spec comparison still covers its input spec).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tarfile
@@ -38,6 +42,8 @@ MANIFEST = "manifest.json"
 MODEL_FILE = "model.stoprt"
 ONNX_FILE = "step.onnx"
 SPEC_FILE = "input_spec.json"
+CHECKSUM = "manifest_sha256"
+_log = logging.getLogger(__name__)
 
 
 class BundleError(ValueError):
@@ -89,6 +95,7 @@ def write_bundle(out: str | os.PathLike, net: nn.Module, input_spec: Mapping[str
         manifest = {"format": FORMAT, "version": VERSION, "created": datetime.now(timezone.utc).isoformat(),
                     "versions": versions, "model": MODEL_FILE, "onnx": ONNX_FILE if onnx else None,
                     "params_as_inputs": bool(onnx and params_as_inputs), "input_spec": spec, "files": files}
+        manifest[CHECKSUM] = _manifest_sha256(manifest)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if archive:
             _write_tar(staging, out)
@@ -158,6 +165,8 @@ def load_bundle(path: str | os.PathLike, extract_to: str | os.PathLike | None = 
     if manifest.get("model") not in manifest["files"]:
         raise BundleError(f"{root}: {MANIFEST} lists no model file")
     net, spec = load_model(root / manifest["model"])
+    if manifest.get("input_spec") != spec:
+        raise BundleError(f"{root}: the input spec in {MANIFEST} differs from the model file's (altered)")
     onnx_name = manifest.get("onnx")
     if onnx_name is not None and onnx_name not in manifest["files"]:
         raise BundleError(f"{root}: {MANIFEST} names {onnx_name} without its checksum")
@@ -178,9 +187,20 @@ def _read_manifest(root: Path) -> dict:
         raise BundleError(f"{root} is a bundle of version {manifest.get('version')} (stoprt "
                           f"{manifest.get('versions', {}).get('stoprt')}); this stoprt {__version__} reads "
                           f"version {VERSION}")
+    if CHECKSUM not in manifest:
+        _log.warning("stoprt: warning: %s has no %s (written by an older stoprt); its fields are unverified. "
+                     "Export the bundle again to add it.", file, CHECKSUM)
+    elif manifest[CHECKSUM] != _manifest_sha256(manifest):
+        raise BundleError(f"{file} does not match its {CHECKSUM} (a field was altered, or the file is corrupted)")
     if not isinstance(manifest.get("files"), dict):
         raise BundleError(f"{file} has no file list")
     return manifest
+
+
+def _manifest_sha256(manifest: Mapping[str, Any]) -> str:
+    """sha256 of the manifest's fields other than the checksum itself, as canonical JSON."""
+    body = {k: v for k, v in manifest.items() if k != CHECKSUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _extract(archive: Path, root: Path) -> None:

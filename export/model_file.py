@@ -2,17 +2,20 @@
 
 Layout: a safetensors file (when the ``safetensors`` package is importable) whose string metadata
 holds the format tag and version, the stoprt version, the JSON architecture
-(:mod:`stoprt.export.architecture`), the JSON input spec, and a sha256 over the tensors; otherwise a
+(:mod:`stoprt.export.architecture`), the JSON input spec, and ``digests``: a sha256 of every tensor
+and one of the other metadata (:func:`stoprt.runtime.checkpoint.digests`, checked on load; files
+written before it existed load with a warning); otherwise a
 ``torch.save`` file of the same content (tensors and strings only, loaded with
 ``weights_only=True``). A parameter shared by several layers (a tied leak) is stored once and
-recorded as an alias. Files are written atomically (temporary file, fsync, rename).
+recorded as an alias. Files are written atomically (temporary file, fsync, rename). Parameters holding NaN or Inf are
+refused on load, from a model file or a checkpoint.
 
-:func:`load_any` also takes a training checkpoint of ``runtime/train.py`` or a bundle directory.
+:func:`load_any` also takes a training checkpoint of ``runtime/train.py``, a session checkpoint of
+``stoprt stream`` (``session.pt``) or a bundle directory.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,6 +26,8 @@ from torch import nn
 
 from .. import __version__
 from ..runtime.atomic import atomic_path
+from ..runtime.checkpoint import (CheckpointError, check_finite, digests, first_mismatch, mismatch_message,
+                                  warn_unverified)
 from . import architecture
 
 FORMAT = "stoprt-model"
@@ -95,7 +100,8 @@ def save_model(path: str | os.PathLike, net: nn.Module, input_spec: Mapping[str,
     tensors, aliases = _dedupe(net.state_dict())
     meta = {"format": FORMAT, "format_version": str(VERSION), "stoprt_version": __version__,
             "architecture": json.dumps(arch), "input_spec": json.dumps(spec),
-            "aliases": json.dumps(aliases), "tensors_sha256": _digest(tensors)}
+            "aliases": json.dumps(aliases)}
+    meta["digests"] = json.dumps(digests({"tensors": tensors, "metadata": meta}))
     if use_safetensors is None:
         use_safetensors = _safetensors() is not None
     with atomic_path(path) as tmp:
@@ -124,8 +130,7 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     if meta.get("format_version") != str(VERSION):
         raise ModelFileError(f"{path} has model file format version {meta.get('format_version')} (written by "
                              f"stoprt {meta.get('stoprt_version')}); this stoprt {__version__} reads version {VERSION}")
-    if meta.get("tensors_sha256") != _digest(tensors):
-        raise ModelFileError(f"{path} is corrupted: its weights do not match their checksum")
+    _verify(path, meta, tensors)
     try:
         arch, spec, aliases = (json.loads(meta[k]) for k in ("architecture", "input_spec", "aliases"))
     except (KeyError, ValueError) as err:
@@ -134,13 +139,14 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     state = dict(tensors)
     state.update({key: tensors[first] for key, first in aliases.items() if first in tensors})
     check_state_dict(net, state, str(path))
+    _check_finite(state, path)
     net.load_state_dict(state)
     return net.eval(), spec
 
 
 def load_any(path: str | os.PathLike) -> tuple[nn.Module, dict]:
-    """``(net, input_spec)`` from a model file, a bundle (directory or ``.tar``), or a training
-    checkpoint of ``runtime/train.py`` (its model is rebuilt by name and must fit the weights)."""
+    """``(net, input_spec)`` from a model file, a bundle (directory or ``.tar``), or a training or
+    stream-session checkpoint (its model is rebuilt from its description and must fit the weights)."""
     path = Path(path)
     if path.is_dir() or path.suffix == ".tar":
         from .bundle import load_bundle
@@ -165,7 +171,8 @@ def _from_checkpoint(path: Path) -> tuple[nn.Module, dict]:
         ckpt = load_checkpoint(path)
     except CheckpointError as err:
         raise ModelFileError(str(err)) from err
-    model = ckpt.get("model")
+    session_meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}  # a `stoprt stream` session.pt
+    model = ckpt.get("model") or session_meta.get("model")
     if not isinstance(model, dict) or not ({"name", "architecture"} & set(model)) or "model_state" not in ckpt:
         raise ModelFileError(f"{path} is a stoprt checkpoint without a model description (model/model_state)")
     if "architecture" in model:  # written by an importer without the model file module
@@ -173,8 +180,10 @@ def _from_checkpoint(path: Path) -> tuple[nn.Module, dict]:
     else:
         net = build_model(model["name"], **model.get("kwargs", {}))
     check_state_dict(net, ckpt["model_state"], str(path))
+    _check_finite(ckpt["model_state"], path)
     net.load_state_dict(ckpt["model_state"])
-    spec = {k: v for k, v in (ckpt.get("input_spec") or {}).items() if k in _SPEC_KEYS}
+    spec = ckpt.get("input_spec") or session_meta.get("input_spec") or {}
+    spec = {k: v for k, v in spec.items() if k in _SPEC_KEYS}
     return net.eval(), normalize_input_spec(spec, net)
 
 
@@ -193,13 +202,27 @@ def _dedupe(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
     return tensors, aliases
 
 
-def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].contiguous()
-        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+def _verify(path: Path, meta: dict[str, str], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Check the digests written by :func:`save_model` (a file without them: warn, see the docstring)."""
+    meta = dict(meta)
+    saved = meta.pop("digests", None)
+    if saved is None:
+        warn_unverified(path)
+        return
+    try:
+        saved = json.loads(saved)
+    except ValueError as err:
+        raise ModelFileError(f"{path} is corrupted: unreadable checksums ({err})") from err
+    key = first_mismatch(saved, {"tensors": tensors, "metadata": meta})
+    if key is not None:
+        raise ModelFileError(mismatch_message(path, key))
+
+
+def _check_finite(state: Mapping[str, torch.Tensor], path: Path) -> None:
+    try:
+        check_finite(state, path)
+    except CheckpointError as err:
+        raise ModelFileError(str(err)) from err
 
 
 def _safetensors():

@@ -1,15 +1,24 @@
-"""Checkpoints: written atomically, loaded without executing code from the file.
+"""Checkpoints: written atomically, checked on load, loaded without executing code from the file.
 
 A checkpoint is one ``torch.save`` file holding only tensors and plain Python values, so it loads
 with ``torch.load(weights_only=True)``: no unrestricted pickle. It is written atomically
 (:mod:`stoprt.runtime.atomic`): a crash at any moment leaves the old checkpoint or the new one.
+
+Integrity: :func:`digests` records a sha256 of every tensor's bytes (keyed by its path in the
+payload) and one over all plain values; :func:`save_checkpoint` stores them under ``"integrity"``
+and :func:`load_checkpoint` refuses a file whose content does not match, naming the tensor. The
+model file (``stoprt.export.model_file``) uses the same record. Files written before this record
+existed (no ``"integrity"`` key) still load, with a warning to re-save them: refusing would strand a
+user's training progress, and the warning says the content is unverified.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -17,21 +26,82 @@ from .atomic import atomic_path
 
 FORMAT = "stoprt-checkpoint"
 VERSION = 1
+PLAIN = "<plain values>"  # the digests key of everything that is not a tensor
+_log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: corrupted, from another version, or not ours."""
 
 
+def digests(tree: Any) -> dict[str, str]:
+    """sha256 of each tensor in a nested payload (dicts, lists, tuples), keyed by its path
+    (``"model_state/fc.weight"``), plus :data:`PLAIN` over every other value with its path and type."""
+    out: dict[str, str] = {}
+    plain = hashlib.sha256()
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, torch.Tensor):
+            t = node.detach().cpu().contiguous()
+            h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            out[path] = h.hexdigest()
+        elif isinstance(node, Mapping):
+            plain.update(f"{path}:{type(node).__name__}{len(node)};".encode())
+            for key in sorted(node, key=lambda k: (type(k).__name__, str(k))):
+                plain.update(f"{type(key).__name__}:{key!s}|".encode())
+                walk(node[key], f"{path}/{key}" if path else str(key))
+        elif isinstance(node, (list, tuple)):
+            plain.update(f"{path}:{type(node).__name__}{len(node)};".encode())
+            for i, item in enumerate(node):
+                walk(item, f"{path}/{i}" if path else str(i))
+        else:
+            plain.update(f"{path}={type(node).__name__}:{node!r};".encode())
+
+    walk(tree, "")
+    out[PLAIN] = plain.hexdigest()
+    return out
+
+
+def first_mismatch(saved: Mapping[str, str], tree: Any) -> str | None:
+    """The first path whose digest differs from ``saved`` (a tensor's path, or :data:`PLAIN`), or None."""
+    now = digests(tree)
+    for key in sorted(set(saved) | set(now), key=lambda k: (k == PLAIN, k)):
+        if saved.get(key) != now.get(key):
+            return key
+    return None
+
+
+def mismatch_message(path: str | os.PathLike, key: str) -> str:
+    what = "its plain (non-tensor) values" if key == PLAIN else f"tensor {key!r}"
+    return f"{path} is corrupted: {what} does not match the checksum written when it was saved"
+
+
+def warn_unverified(path: str | os.PathLike) -> None:
+    _log.warning("stoprt: warning: %s has no integrity checksums (written by an older stoprt); loaded "
+                 "unverified. Save it again (it is re-saved with checksums) to protect it.", path)
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Refuse parameters holding NaN or Inf (a diverged or damaged model), naming the first one."""
+    for key, t in state.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{source}: parameter {key!r} holds {bad} NaN/Inf value(s) of {t.numel()}; "
+                                  "refusing to load it as a model")
+
+
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """Atomically write ``payload`` (tensors and plain values) with our format tag and version."""
+    """Atomically write ``payload`` (tensors and plain values) with our format tag, version and digests."""
+    body = {"format": FORMAT, "version": VERSION, **payload}
     with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
+        torch.save({**body, "integrity": digests(body)}, tmp)
     return Path(path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint`; clear errors for anything else."""
+    """Load a checkpoint written by :func:`save_checkpoint`; clear errors for anything else,
+    including content that does not match its digests."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -45,4 +115,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if data.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {data.get('version')}; this stoprt reads "
                               f"version {VERSION}")
+    saved = data.pop("integrity", None)
+    if saved is None:
+        warn_unverified(path)
+    elif not isinstance(saved, dict):
+        raise CheckpointError(f"{path} is corrupted: its integrity record is unreadable")
+    else:
+        key = first_mismatch(saved, data)
+        if key is not None:
+            raise CheckpointError(mismatch_message(path, key))
     return data

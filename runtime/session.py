@@ -12,10 +12,13 @@ that label. Labels may be sparse (unlabelled samples only predict) or late: with
 arrives, which gives exactly the update an in-time label would have.
 
 Checkpoints hold everything learned and where the stream was: parameters (weights, thresholds,
-leaks, BN), optimizer state, counters and the stream time. They are written atomically at sample
-boundaries, every ``checkpoint_every`` samples, and on SIGINT/SIGTERM (which end the current sample
-early). :meth:`StreamSession.resume` loads one; steps up to its stream time are then skipped, so an
-interrupted run continues where its checkpoint left it.
+leaks, BN), optimizer state, counters, the RNG state and the stream time, always as of a sample
+boundary. They are written atomically every ``checkpoint_every`` samples, at the end of the stream,
+and when the run stops early (SIGINT/SIGTERM or ``max_steps``): the sample in progress is then
+neither learned nor counted, and the checkpoint is the state at its start (the learner applies its
+updates at sample ends, so the parameters are still that state), so a resume learns that sample
+once, whole. :meth:`StreamSession.resume` loads a checkpoint; the caller should start the source at
+its stream time (``stats.t_us``), and steps up to that time are skipped anyway.
 """
 
 from __future__ import annotations
@@ -154,6 +157,7 @@ class StreamSession:
         self._last_unlabelled: _Sample | None = None
         self._stop_requested = False
         self._resume_after_us = -1
+        self._at_sample_start: dict | None = None  # counters and RNG at the start of the sample in progress
 
     # ---- one step -------------------------------------------------------------------------------
     def process(self, frame: Tensor, t_start: int, t_end: int) -> int:
@@ -165,6 +169,7 @@ class StreamSession:
         if self._sample is not None and self._boundary(segment):
             self._close_sample()
         if self._sample is None:
+            self._at_sample_start = self._counters() if self.checkpoint_path else None
             self._sample = _Sample(segment, t_start)
         sample = self._sample
         x = frame.unsqueeze(0)
@@ -238,21 +243,24 @@ class StreamSession:
     # ---- whole streams ------------------------------------------------------------------------
     def run(self, steps: Iterable[Any], max_steps: int | None = None, on_step=None) -> SessionStats:
         """Process ``steps`` (objects with ``frame``, ``t_start``, ``t_end``) until the stream ends,
-        ``max_steps`` are done, or SIGINT/SIGTERM; then close the sample and checkpoint."""
+        ``max_steps`` are done in this call, or SIGINT/SIGTERM; then checkpoint. At the stream's end
+        the last sample is closed; on an early stop it is left unlearned (see the module docstring)."""
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         for sig in previous:
             signal.signal(sig, self._request_stop)
+        steps0, ended = self.stats.steps, True
         try:
             for step in steps:
                 self.process(step.frame, step.t_start, step.t_end)
                 if on_step is not None:
                     on_step(self)
-                if self._stop_requested or (max_steps is not None and self.stats.steps >= max_steps):
+                if self._stop_requested or (max_steps is not None and self.stats.steps - steps0 >= max_steps):
+                    ended = False
                     break
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        self.finish()
+        self.finish(stream_ended=ended)
         return self.stats
 
     def _request_stop(self, signum, frame) -> None:
@@ -262,29 +270,38 @@ class StreamSession:
     def interrupted(self) -> bool:
         return self._stop_requested
 
-    def finish(self) -> None:
-        """Close the sample in progress and write a final checkpoint."""
-        if self._sample is not None and self._sample.steps:
+    def finish(self, stream_ended: bool = True) -> None:
+        """Write a final checkpoint; the sample in progress is closed first if the stream ended (or if
+        the learner updates within samples, so that its state is no longer the sample's start)."""
+        in_progress = self._sample is not None and self._sample.steps
+        if in_progress and (stream_ended or not self._updates_only_at_sample_end()):
             self._close_sample()
         if self.checkpoint_path:
             self.save()
 
+    def _updates_only_at_sample_end(self) -> bool:
+        return self.learner is None or getattr(self.learner, "update", "sample") == "sample"
+
     # ---- checkpoints ---------------------------------------------------------------------------
+    def _counters(self) -> dict:
+        return {"session": asdict(self.stats), "rng_state": torch.get_rng_state(),
+                "learner_stats": self.learner.stats.as_dict() if self.learner else None}
+
     def save(self) -> Path:
-        """Write ``session.pt`` atomically (call at sample boundaries; see the module docstring)."""
+        """Write ``session.pt`` atomically, as of the last sample boundary (see the module docstring)."""
         if self.checkpoint_path is None:
             raise ValueError("this session has no checkpoint_dir")
-        stats = asdict(self.stats)
+        at_start = self._at_sample_start if self._sample is not None and self._updates_only_at_sample_end() else None
+        counters = at_start or self._counters()
         return save_checkpoint(self.checkpoint_path, {
             "kind": "stream-session", "model_state": self.net.state_dict(),
             "optimizer_state": self.learner.optimizer.state_dict() if self.learner else None,
-            "learner_stats": self.learner.stats.as_dict() if self.learner else None,
-            "session": stats, "meta": self.meta, "saved_at": time.time(),
-            "rng_state": torch.get_rng_state()})
+            **counters, "meta": self.meta, "saved_at": time.time()})
 
-    def resume(self, path: str | Path | None = None) -> dict:
-        """Load a session checkpoint into this session; later steps up to its time are skipped."""
-        data = load_checkpoint(path or self.checkpoint_path)
+    def resume(self, path: str | Path | None = None, data: dict | None = None) -> dict:
+        """Load a session checkpoint (or its loaded ``data``) into this session; later steps up to its
+        time are skipped."""
+        data = data if data is not None else load_checkpoint(path or self.checkpoint_path)
         if data.get("kind") != "stream-session":
             raise ValueError(f"{path or self.checkpoint_path} is not a stream-session checkpoint")
         try:

@@ -24,12 +24,14 @@ from urllib.parse import parse_qs, urlparse
 import psutil
 
 
-def open_source(spec: str, packet_us: int, realtime: bool, seed: int = 0):
-    """The event source for a ``--source`` string (see the module docstring)."""
+def open_source(spec: str, packet_us: int, realtime: bool, seed: int = 0, start_us: int | None = None):
+    """The event source for a ``--source`` string (see the module docstring). ``start_us``: where a
+    resumed session continues; recordings and built-in streams start there (live sources are live)."""
     if spec.startswith("builtin:"):
         from .stream.builtin import BuiltinStream
         name, _, count = spec[len("builtin:"):].partition(":")
-        return BuiltinStream(name, n_samples=int(count or 200), packet_us=packet_us, seed=seed)
+        return BuiltinStream(name, n_samples=int(count or 200), packet_us=packet_us, seed=seed,
+                             start_us=start_us or 0)
     url = urlparse(spec)
     if url.scheme == "udp":
         from .stream.udp import DEFAULT_PORT, UDPSource
@@ -44,7 +46,7 @@ def open_source(spec: str, packet_us: int, realtime: bool, seed: int = 0):
     from .stream.sources import FileSource
     if not Path(spec).is_file():
         raise ValueError(f"no such recording: {spec} (or use udp://, dv://, nd://, builtin:digits)")
-    return FileSource(spec, packet_us=packet_us, realtime=realtime)
+    return FileSource(spec, packet_us=packet_us, realtime=realtime, start_us=start_us)
 
 
 def load_model(spec: str, in_channels: int, size: int, classes: int, device: str):
@@ -55,21 +57,13 @@ def load_model(spec: str, in_channels: int, size: int, classes: int, device: str
         return models.build_model(spec, **kwargs).to(device), {"model": {"name": spec, "kwargs": kwargs}}
     if not Path(spec).exists():
         raise ValueError(f"--model {spec!r} is neither a built-in model ({', '.join(models.MODELS)}) nor a file")
-    try:
-        from ..export.model_file import load_any
-    except ImportError:
-        load_any = None
-    if load_any is not None:
-        net, input_spec = load_any(spec)
-        return net.to(device), {"input_spec": input_spec, "source_model": str(spec)}
-    from .checkpoint import load_checkpoint
-    data = load_checkpoint(spec)
-    described = data.get("model") or data.get("meta", {}).get("model")
-    if not described:
-        raise ValueError(f"{spec} holds no model description")
-    net = models.build_model(described["name"], **described["kwargs"])
-    net.load_state_dict(data["model_state"])
-    return net.to(device), {"model": described}
+    # Files (model files, bundles, training and session checkpoints) have one reader, in export/;
+    # the session records the architecture so that its own session.pt loads the same way.
+    from ..export.architecture import describe
+    from ..export.model_file import load_any
+    net, input_spec = load_any(spec)
+    return net.to(device), {"model": {"architecture": describe(net)}, "input_spec": input_spec,
+                            "source_model": str(spec)}
 
 
 def _backend_runner(args: argparse.Namespace):
@@ -88,12 +82,36 @@ def _backend_runner(args: argparse.Namespace):
     return TrtStepRunner(engine)
 
 
-def _status(session, pipeline, start: float, rss0: float) -> str:
+# What a session's steps depend on: a resume with other values is refused (or forced with --force).
+_SETTINGS = ("source", "model", "learn", "labels", "classes", "size", "window", "dt_us", "events_per_step",
+             "sensor_width", "sensor_height", "lr", "late_label_steps", "seed")
+
+
+def _check_resume(data: dict, args: argparse.Namespace, path: Path) -> None:
+    """Refuse to resume a session checkpoint written for another source or other settings."""
+    if data.get("kind") != "stream-session":
+        raise ValueError(f"{path} is not a stream-session checkpoint")
+    saved = (data.get("meta") or {}).get("settings")
+    if args.force:
+        return
+    if saved is None:
+        raise ValueError(f"{path} does not record its source and settings (written by an older stoprt); "
+                         "pass --force to resume it anyway")
+    now = {k: getattr(args, k) for k in _SETTINGS}
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now[k]!r})"
+               for k in _SETTINGS if saved.get(k) != now[k]]
+    if changed:
+        raise ValueError(f"{path} was written with other settings: {', '.join(changed)}; resume with the same "
+                         "ones, or pass --force")
+
+
+def _status(session, pipeline, start: float, rss0: float, steps0: int = 0) -> str:
+    """``steps0``: steps done before this process (a resume); rates count this process's steps only."""
     s = session.stats
     elapsed = max(time.perf_counter() - start, 1e-9)
     p = pipeline.stats
     acc = "n/a" if s.accuracy is None else f"{100 * s.accuracy:.1f}%"
-    return (f"steps {s.steps} | {s.steps / elapsed:.0f} steps/s | real-time x{p.get('realtime_factor', 0.0):.2f} | "
+    return (f"steps {s.steps} | {(s.steps - steps0) / elapsed:.0f} steps/s | real-time x{p.get('realtime_factor', 0.0):.2f} | "
             f"drops {p.get('steps_dropped', 0)} | acc {acc} ({s.labelled_samples} labelled) | updates {s.updates} | "
             f"RSS {psutil.Process().memory_info().rss / 2**20:.0f} MiB (+{psutil.Process().memory_info().rss / 2**20 - rss0:.0f})")
 
@@ -101,6 +119,8 @@ def _status(session, pipeline, start: float, rss0: float) -> str:
 def run_stream(args: argparse.Namespace) -> int:
     import torch
 
+    from .atomic import remove_stale_temporaries
+    from .checkpoint import load_checkpoint
     from .session import LabelTrack, StreamSession
     from .stop import STOP
     from .stream.binning import Binner
@@ -109,7 +129,19 @@ def run_stream(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    source = open_source(args.source, args.packet_us, args.realtime, args.seed)
+    saved = None
+    if args.checkpoint:
+        remove_stale_temporaries(Path(args.checkpoint) / "session.pt")  # of killed earlier runs
+    if args.resume:
+        if not args.checkpoint:
+            raise ValueError("--resume needs --checkpoint DIR")
+        saved = load_checkpoint(Path(args.checkpoint) / "session.pt")
+        _check_resume(saved, args, Path(args.checkpoint) / "session.pt")
+    # A resume continues at the stream time of its checkpoint (a sample boundary): the source starts
+    # there, and the time grid of the steps is the one of the interrupted run. (By event count, events
+    # sharing the timestamp of the checkpoint's last step but left out of it would be skipped.)
+    start_us = saved["session"]["t_us"] if saved and saved["session"]["t_us"] >= 0 else None
+    source = open_source(args.source, args.packet_us, args.realtime, args.seed, start_us=start_us)
     labels = LabelTrack.from_csv(args.labels) if args.labels else getattr(source, "labels", None)
     classes = args.classes or getattr(source, "num_classes", 10)
     net, meta = load_model(args.model, 2, args.size, classes, args.device)
@@ -119,7 +151,7 @@ def run_stream(args: argparse.Namespace) -> int:
         raise ValueError("the source does not state its sensor size: pass --sensor-width and --sensor-height")
     by_count = {"mode": "count", "events_per_step": args.events_per_step} if args.events_per_step else {}
     binner = Binner(sensor, out_size=(input_shape[-1], input_shape[-2]), dt_us=args.dt_us,
-                    device=args.device, **by_count)
+                    device=args.device, t_start=None if by_count else start_us, **by_count)
     learner = runner = None
     if args.backend != "torch":
         if args.learn:
@@ -136,16 +168,15 @@ def run_stream(args: argparse.Namespace) -> int:
                             checkpoint_dir=args.checkpoint,
                             checkpoint_every=args.checkpoint_every, late_label_steps=args.late_label_steps,
                             meta={**meta, "input_shape": list(input_shape), "dt_us": args.dt_us,
-                                  "events_per_step": args.events_per_step, "source": args.source})
-    if args.resume:
-        if not args.checkpoint:
-            raise ValueError("--resume needs --checkpoint DIR")
-        session.resume()
+                                  "events_per_step": args.events_per_step, "source": args.source,
+                                  "settings": {k: getattr(args, k) for k in _SETTINGS}})
+    if saved is not None:
+        session.resume(data=saved)
         print(f"stoprt stream: resumed at step {session.stats.steps}, stream time {session.stats.t_us} us",
               file=sys.stderr)
     pipeline = StreamPipeline(source, binner, max_queue_steps=args.queue, drop=args.drop)
     rss0 = psutil.Process().memory_info().rss / 2**20
-    start = time.perf_counter()
+    start, steps0 = time.perf_counter(), session.stats.steps
     last = [0.0]
     live = sys.stderr.isatty() and not args.quiet
 
@@ -153,7 +184,7 @@ def run_stream(args: argparse.Namespace) -> int:
         now = time.perf_counter()
         if not args.quiet and now - last[0] >= (0.5 if live else 10.0):
             last[0] = now
-            print(("\r" if live else "") + _status(sess, pipeline, start, rss0), end="" if live else "\n",
+            print(("\r" if live else "") + _status(sess, pipeline, start, rss0, steps0), end="" if live else "\n",
                   file=sys.stderr, flush=True)
 
     try:
@@ -167,10 +198,10 @@ def run_stream(args: argparse.Namespace) -> int:
     summary = {"source": args.source, "model": args.model, "learning": bool(args.learn),
                "steps": stats.steps, "samples": stats.samples, "labelled_samples": stats.labelled_samples,
                "accuracy": stats.accuracy, "updates": stats.updates, "interrupted": session.interrupted,
-               "seconds": seconds, "steps_per_s": stats.steps / seconds if seconds > 0 else 0.0,
+               "seconds": seconds, "steps_per_s": (stats.steps - steps0) / seconds if seconds > 0 else 0.0,
                "pipeline": pipeline.stats, "peak_rss_mib": psutil.Process().memory_info().rss / 2**20,
                "checkpoint": str(session.checkpoint_path) if session.checkpoint_path else None}
-    print("stoprt stream: " + _status(session, pipeline, start, rss0))
+    print("stoprt stream: " + _status(session, pipeline, start, rss0, steps0))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
@@ -196,6 +227,7 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", metavar="DIR", help="write session.pt here (atomically)")
     p.add_argument("--checkpoint-every", type=int, default=50, help="samples between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from DIR/session.pt")
+    p.add_argument("--force", action="store_true", help="resume even if the source or settings differ")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--realtime", action="store_true", help="pace a recording by its timestamps")
     p.add_argument("--queue", type=int, default=8, help="steps buffered between producer and model")

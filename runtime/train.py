@@ -5,6 +5,12 @@ processes (``all_reduce``) once before each optimizer update. ``DistributedDataP
 not used: its reducer fires on every ``backward``, which STOP calls once per time step, and the layers'
 per-step state lives in the modules; averaging at the update is the same arithmetic with T times less
 communication. Process group: gloo on CPU, nccl on CUDA.
+
+Exact resume: the sample order of an epoch is a function of (seed, epoch) alone, and a checkpoint
+holds the data position (epoch, batches done, the epoch's running counts), the learner's counters,
+the metrics history and the RNG states (torch, CUDA, numpy, Python). A run interrupted after a
+checkpoint and resumed from it therefore equals the uninterrupted run bit for bit (parameters,
+optimizer state, metrics; only the timing columns differ, as they do between any two runs).
 """
 
 from __future__ import annotations
@@ -13,20 +19,22 @@ import csv
 import itertools
 import json
 import os
+import random
 import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from . import models
-from .atomic import atomic_path, write_text
+from .atomic import atomic_path, remove_stale_temporaries, write_text
 from .batchnorm import calibrate_batchnorm
 from .bptt import BPTT
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import check_finite, load_checkpoint, save_checkpoint
 from .learner import Learner
 from .progress import ProgressBar
 from .stop import STOP
@@ -166,50 +174,101 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+class _EpochOrder(Sampler):
+    """This process's sample order in one epoch (``DistributedSampler``: shuffled by seed + epoch,
+    sharded when data-parallel), starting after the samples a resumed run has already learned."""
+
+    def __init__(self, base: DistributedSampler) -> None:
+        self.base, self.skip = base, 0
+
+    def start(self, epoch: int, skip: int) -> None:
+        self.base.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.base), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(len(self.base) - self.skip, 0)
+
+
+def _rng_states() -> dict:
+    """Every RNG a training step may draw from (numpy's key array as a list: checkpoints hold no numpy)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"].cpu())  # a checkpoint loaded onto CUDA moved it there
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    random.setstate(states["python"])
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
+
+
+def _restore(path: str, cfg: TrainConfig, net, learner: Learner) -> dict:
+    """Load a checkpoint into ``net`` and ``learner``; returns it (position, history, RNG states)."""
+    state = load_checkpoint(path, map_location=cfg.device)
+    check_finite(state["model_state"], path)
+    net.load_state_dict(state["model_state"])
+    learner.optimizer.load_state_dict(state["optimizer_state"])
+    for key, value in (state.get("stats") or {}).items():
+        setattr(learner.stats, key, value)
+    return state
+
+
 def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     """Train per ``cfg``; returns the final metrics and the per-epoch history."""
     cfg.validate()
     rank, world = _distributed()
     train_set, test_set = load_data(cfg, "train"), load_data(cfg, "test")
     net, learner = build(cfg, train_set.input_shape, train_set.num_classes)
-    start_epoch = 0
     if cfg.calibrate_bn and not resume:
         calibrate_batchnorm(net, (x.to(cfg.device).transpose(0, 1) for x, _ in
                                   itertools.islice(DataLoader(train_set, cfg.batch_size), cfg.calibrate_bn)))
-    if resume:
-        state = load_checkpoint(resume, map_location=cfg.device)
-        net.load_state_dict(state["model_state"])
-        learner.optimizer.load_state_dict(state["optimizer_state"])
-        start_epoch = int(state["epoch"])
+    state = _restore(resume, cfg, net, learner) if resume else {}
+    start_epoch = int(state.get("epoch", 0))
+    position = state.get("position") or {}  # mid-epoch: batches done and the epoch's running counts
+    history: list[dict] = list(state.get("history") or [])
     if world > 1:
         for t in list(net.parameters()) + list(net.buffers()):
             dist.broadcast(t.data, 0)
         learner.grad_sync = _average_gradients(world)
-    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed) if world > 1 else None
-    generator = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(train_set, cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                              generator=generator, drop_last=False)
+    order = _EpochOrder(DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed))
+    # The loader's own generator only seeds workers; with it, iterating draws nothing from torch's RNG.
+    train_loader = DataLoader(train_set, cfg.batch_size, sampler=order,
+                              generator=torch.Generator().manual_seed(cfg.seed), drop_last=False)
     test_sampler = DistributedSampler(test_set, world, rank, shuffle=False) if world > 1 else None
     test_loader = DataLoader(test_set, cfg.batch_size, sampler=test_sampler)
     out_dir = Path(cfg.out_dir) if cfg.out_dir and rank == 0 else None
-    history: list[dict] = []
+    if out_dir:
+        for name in ("checkpoint.pt", "metrics.csv", "metrics.json", "result.json"):
+            remove_stale_temporaries(out_dir / name)
+    if state.get("rng"):
+        _set_rng_states(state["rng"])
     for epoch in range(start_epoch, cfg.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        done = int(position.get("batch", 0)) if epoch == start_epoch else 0
+        order.start(epoch, done * cfg.batch_size)
         net.train()
         bar = ProgressBar(len(train_loader), f"epoch {epoch + 1}/{cfg.epochs}", enabled=cfg.progress and rank == 0)
-        correct = seen = 0
-        t0, steps0 = time.perf_counter(), learner.stats.steps
-        for i, (x, y) in enumerate(train_loader):
+        correct, seen, seconds0 = (position["correct"], position["seen"], position["seconds"]) if done else (0, 0, 0.0)
+        steps0 = position["steps0"] if done else learner.stats.steps
+        t0 = time.perf_counter()
+        for i, (x, y) in enumerate(train_loader, start=done):
             x, y = x.to(cfg.device), y.to(cfg.device)
             pred = run_sample(learner, x, y)
             correct += int((pred == y).sum())
             seen += len(y)
             bar.update(1, acc=correct / seen, loss=learner.stats.last_loss)
             if out_dir and cfg.checkpoint_every and (i + 1) % cfg.checkpoint_every == 0:
-                _save(out_dir / "checkpoint.pt", cfg, net, learner, epoch, train_set)
+                _save(out_dir / "checkpoint.pt", cfg, net, learner, epoch, train_set, history,
+                      {"batch": i + 1, "correct": correct, "seen": seen, "steps0": steps0,
+                       "seconds": seconds0 + time.perf_counter() - t0})
         bar.close()
-        seconds = time.perf_counter() - t0
+        seconds = seconds0 + time.perf_counter() - t0
         steps = learner.stats.steps - steps0
         correct, seen = _sum_across([correct, seen], world, cfg.device)
         record = {"epoch": epoch + 1, "train_acc": correct / max(seen, 1),
@@ -220,7 +279,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                   "peak_rss_mib": _peak_rss_mib()}
         history.append(record)
         if out_dir:
-            _save(out_dir / "checkpoint.pt", cfg, net, learner, epoch + 1, train_set)
+            _save(out_dir / "checkpoint.pt", cfg, net, learner, epoch + 1, train_set, history, None)
             write_metrics(out_dir, history)
     result = {"config": asdict(cfg), "world_size": world, "history": history,
               "ranks_in_sync": _ranks_in_sync(net) if world > 1 else None,
@@ -230,14 +289,17 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     return result
 
 
-def _save(path: Path, cfg: TrainConfig, net, learner: Learner, epoch: int, data) -> None:
+def _save(path: Path, cfg: TrainConfig, net, learner: Learner, epoch: int, data, history: list[dict],
+          position: dict | None) -> None:
+    """``epoch``: epochs completed; ``position``: where in the next epoch (None: at its start)."""
     save_checkpoint(path, {
         "model": {"name": cfg.model, "kwargs": {"in_channels": data.input_shape[0], "size": data.input_shape[-1],
                                                 "classes": data.num_classes, "width": cfg.width,
                                                 "readout": cfg.readout, **cfg.model_kwargs}},
         "input_spec": {"source": cfg.data, "T": cfg.T, "shape": list(data.input_shape)},
         "model_state": net.state_dict(), "optimizer_state": learner.optimizer.state_dict(),
-        "epoch": epoch, "stats": learner.stats.as_dict(), "config": asdict(cfg),
+        "epoch": epoch, "position": position, "history": history, "rng": _rng_states(),
+        "stats": learner.stats.as_dict(), "config": asdict(cfg),
     })
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from stoprt.runtime import layers as L, models
+from stoprt.runtime.checkpoint import load_checkpoint
 from stoprt.runtime.session import LabelTrack, Segment, StreamSession
 from stoprt.runtime.stop import STOP
 
@@ -80,19 +81,39 @@ def test_a_late_label_replays_the_sample_like_an_in_time_label():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
 
 
-def test_sigterm_ends_the_sample_and_checkpoints(tmp_path):
+def _signalled_at(steps, i_signal, sig=signal.SIGTERM):
+    for i, st in enumerate(steps):
+        if i == i_signal:
+            os.kill(os.getpid(), sig)
+        yield st
+
+
+def test_sigterm_stops_and_checkpoints_at_the_last_sample_boundary(tmp_path):
     s = _session(tmp_path, window=5)
-
-    def stream():
-        for i, st in enumerate(_steps(100)):
-            if i == 12:
-                os.kill(os.getpid(), signal.SIGTERM)
-            yield st
-
-    stats = s.run(stream())
-    assert s.interrupted and stats.steps == 13 and stats.samples == 3
-    assert (tmp_path / "session.pt").is_file()
+    stats = s.run(_signalled_at(_steps(100), 12))
+    # Steps 10..12 began a third sample: it is neither learned nor counted, and the checkpoint is the
+    # state at its start, so that a resume runs it once, whole.
+    assert s.interrupted and stats.steps == 13 and stats.samples == 2
+    saved = load_checkpoint(tmp_path / "session.pt")["session"]
+    assert saved["steps"] == 10 and saved["t_us"] == 10 * DT and saved["samples"] == 2
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.parametrize("i_signal", [9, 14, 16, 33])  # mid-sample, at a sample start, in a gap
+def test_a_signal_mid_sample_then_resume_learns_each_sample_once(tmp_path, i_signal):
+    steps = _steps(60)
+    full = _session(labels=_labels(8))
+    full.run(steps)
+    cut = _session(tmp_path, labels=_labels(8))
+    cut.run(_signalled_at(steps, i_signal, signal.SIGINT))
+    resumed = _session(tmp_path, labels=_labels(8))
+    resumed.resume()
+    resumed.run(s for s in steps if s.t_start >= resumed.stats.t_us)  # the source starts at the checkpoint
+    assert resumed.stats.skipped_steps == 0
+    assert resumed.stats.updates == full.stats.updates == 8
+    assert resumed.stats.samples == full.stats.samples and resumed.stats.steps == full.stats.steps
+    for a, b in zip(full.net.parameters(), resumed.net.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_state_stays_bounded_and_old_labels_are_forgotten():

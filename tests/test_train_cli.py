@@ -26,10 +26,10 @@ def test_train_writes_checkpoint_metrics_and_resumes(tmp_path, capsys):
     assert ckpt["epoch"] == 1 and ckpt["input_spec"]["T"] == 10
     net = models.build_model(ckpt["model"]["name"], **ckpt["model"]["kwargs"])
     net.load_state_dict(ckpt["model_state"])
-    # Resume: continues at epoch 2 from the saved state.
+    # Resume: continues at epoch 2 from the saved state; the history keeps epoch 1.
     assert main(["train", "--model", "mlp", "--epochs", "2", "--out", str(out),
                  "--resume", str(out / "checkpoint.pt"), *QUICK]) == 0
-    assert [h["epoch"] for h in json.loads((out / "metrics.json").read_text())] == [2]
+    assert [h["epoch"] for h in json.loads((out / "metrics.json").read_text())] == [1, 2]
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
 
 

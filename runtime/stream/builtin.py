@@ -30,11 +30,13 @@ class BuiltinStream(EventSource):
         packet_us: packet length.
         sensor_size: ``(W, H)`` of the emulated sensor.
         loop: start over after the last recording (time keeps increasing) until closed.
+        start_us: seek: recordings that end before this stream time are not played (nor labelled),
+            events before it are dropped (a resumed session starts where its checkpoint is).
     """
 
     def __init__(self, name: str = "digits", n_samples: int = 200, gap_us: int = 20_000,
                  packet_us: int = 1000, sensor_size: tuple[int, int] = (32, 32), seed: int = 0,
-                 loop: bool = False) -> None:
+                 loop: bool = False, start_us: int = 0) -> None:
         super().__init__()
         if name not in DURATION_US:
             raise ValueError(f"unknown built-in stream {name!r}; choose from {sorted(DURATION_US)}")
@@ -48,7 +50,7 @@ class BuiltinStream(EventSource):
         self.sensor_size = sensor_size
         self._recordings, self._classes = recordings, [int(c) for c in labels]
         self._duration, self._period, self._packet_us = duration, duration + gap_us, packet_us
-        self.loop = loop
+        self.loop, self.start_us = loop, int(start_us)
         self._count = 0
 
     @property
@@ -60,12 +62,17 @@ class BuiltinStream(EventSource):
         while True:
             for events, label in zip(self._recordings, self._classes):
                 start = k * self._period
-                self.labels.add(start, start + self._duration, label)
                 k += 1
+                if start + self._duration <= self.start_us:
+                    continue
+                self.labels.add(start, start + self._duration, label)
                 if not len(events):
                     continue
                 events = events.copy()
                 events["t"] += start
+                events = events[events["t"] >= self.start_us]
+                if not len(events):
+                    continue
                 grid = np.arange(start, int(events["t"][-1]) + self._packet_us + 1, self._packet_us)
                 edges = np.searchsorted(events["t"], grid)
                 for lo, hi in zip(edges[:-1], edges[1:]):

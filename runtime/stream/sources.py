@@ -86,6 +86,9 @@ class FileSource(EventSource):
         errors: the reader's error mode; ``"skip"`` (default) counts per-event problems in
             ``stats["reader"]`` and drops those events, ``"raise"`` stops the stream at the first.
         format, chunk_size: passed to :func:`~stoprt.runtime.formats.open_events`.
+        start_us: seek: events before this stream time are read but dropped here, before any packet
+            is cut (a resumed session starts where its checkpoint is without binning the past);
+            counted in ``stats["seek_skipped_events"]``.
 
     Raises OSError when the file cannot be opened, :class:`~stoprt.runtime.formats.EventFormatError`
     (a ValueError) when its header is unreadable, both at construction.
@@ -94,7 +97,7 @@ class FileSource(EventSource):
     def __init__(self, path: str | os.PathLike, packet_us: int | None = None, packet_events: int | None = None,
                  realtime: bool = False, speed: float = 1.0, loop: bool = False,
                  sensor_size: tuple[int, int] | None = None, errors: str = "skip", format: str | None = None,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, start_us: int | None = None) -> None:
         super().__init__()
         if packet_us is not None and packet_events is not None:
             raise ValueError("give packet_us or packet_events, not both")
@@ -114,7 +117,8 @@ class FileSource(EventSource):
         self._reader: EventReader = self._open()
         self.format = self._reader.info.format
         self.sensor_size = self._reader.info.sensor_size
-        self._counts = {"packets": 0, "events": 0, "loops": 0}
+        self.start_us = start_us
+        self._counts = {"packets": 0, "events": 0, "loops": 0, "seek_skipped_events": 0}
         self._skipped_before = 0  # reader-skipped events of earlier passes
         self._started = False
 
@@ -142,6 +146,12 @@ class FileSource(EventSource):
                 last = int(chunk["t"][-1])
                 if offset:
                     chunk["t"] += offset
+                if self.start_us is not None and int(chunk["t"][0]) < self.start_us:
+                    keep = chunk["t"] >= self.start_us
+                    self._counts["seek_skipped_events"] += int(len(chunk) - keep.sum())
+                    chunk = chunk[keep]
+                    if not len(chunk):
+                        continue
                 yield chunk
             if not self.loop or first is None or self.closed:
                 return  # a file without events cannot be looped: it would spin for ever
