@@ -360,8 +360,8 @@ class EventReader:
 
     def truncated(self, nbytes: int, offset: int, what: str, detail: str | None = None) -> None:
         """The file ends inside a record: raise, or count and remember it (see the module docstring)."""
-        err = self.error(f"file ends inside a {what} ({detail or f'{nbytes} bytes left over'}; truncated file?)",
-                         offset)
+        left = detail or f"{nbytes} byte{'s' if nbytes != 1 else ''} left over"
+        err = self.error(f"file ends inside a {what} ({left}; truncated file?)", offset)
         if self.errors == "raise":
             raise err
         self.stats.truncated_bytes += nbytes
