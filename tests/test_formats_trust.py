@@ -170,3 +170,26 @@ def test_aedat2_real_dvs128_recording_matches_jaer_semantics() -> None:
     got = np.stack([ev["x"], ev["y"], ev["p"], ev["t"]], axis=1).astype(np.int64)
     assert np.array_equal(got, np.array(expected, dtype=np.int64))
     assert 0.3 < ev["p"].mean() < 0.7  # both polarities, neither dominant
+
+
+@pytest.mark.skipif(not AEDAT4.exists(), reason=f"fixture {AEDAT4} is absent (see ../shared/fixtures/dvs/SOURCES.md)")
+def test_aedat4_zstd_data_table_is_checked_whole(tmp_path: Path) -> None:
+    """The same walk for zstd files: the fixture's IOHeader says zstd, its data table is replaced by a
+    hand-made zstd frame (single segment, one raw block; RFC 8878), whole and then cut by a byte."""
+    from stoprt.runtime.formats.aedat4 import scan_layout
+    data = bytearray(AEDAT4.read_bytes())
+    header_at = IOHEADER_SIZE_AT + 4
+    root = header_at + struct.unpack_from("<I", data, header_at)[0]  # the flatbuffer's root table
+    assert struct.unpack_from("<i", data, root + 4)[0] == 1  # field 0 (compression) is LZ4 in the fixture
+    struct.pack_into("<i", data, root + 4, 3)  # now zstd
+    payload = b"FTAB-not-really"
+    frame = (struct.pack("<I", 0xFD2FB528) + bytes([0x20, len(payload)])
+             + (1 | (len(payload) << 3)).to_bytes(3, "little") + payload)
+    whole = bytes(data[:len(data) - 4010]) + frame
+    for cut, expect in ((0, None), (1, "data table")):
+        path = tmp_path / f"z{cut}.aedat4"
+        path.write_bytes(whole[:len(whole) - cut])
+        with open(path, "rb") as f:
+            layout = scan_layout(f, str(path))
+        assert layout.compression == "zstd" and layout.packets == len(_packet_offsets(AEDAT4.read_bytes()))
+        assert (layout.cut and layout.cut[2]) == expect
