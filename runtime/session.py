@@ -30,7 +30,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -114,10 +114,26 @@ class SessionStats:
         return self.correct / self.labelled_samples if self.labelled_samples else None
 
 
+@dataclass(frozen=True)
+class WindowPrediction:
+    """The prediction of one closed sample (readout window): ``index`` counts samples from 0 over the
+    session (resumes included), ``[t_start_us, t_end_us)`` is the stream time it covers, ``label`` its
+    class when labelled, ``score`` the predicted class's output summed over the window."""
+
+    index: int
+    t_start_us: int
+    t_end_us: int
+    steps: int
+    prediction: int
+    label: int | None
+    score: float
+
+
 @dataclass
 class _Sample:
     segment: Segment | None
     start_us: int
+    end_us: int = 0
     steps: int = 0
     output_sum: Tensor | None = None
     frames: list[Tensor] | None = field(default_factory=list)  # None: too long to keep for replay
@@ -137,12 +153,13 @@ class StreamSession:
         meta: extra JSON-able facts stored in checkpoints (model description, input spec).
         runner: for inference without learning, another backend with ``step(x) -> output`` and
             ``reset()`` (e.g. :class:`stoprt.export.ort_runner.OrtStepRunner`) used instead of ``net``.
+        on_prediction: called with a :class:`WindowPrediction` each time a sample closes.
     """
 
     def __init__(self, net: nn.Module, learner: STOP | None = None, window: int = 10,
                  labels: LabelTrack | None = None, checkpoint_dir: str | Path | None = None,
                  checkpoint_every: int = 0, late_label_steps: int = 0, meta: dict | None = None,
-                 runner: Any = None) -> None:
+                 runner: Any = None, on_prediction: Callable[[WindowPrediction], None] | None = None) -> None:
         if window < 1:
             raise ValueError(f"window must be at least 1 step, got {window}")
         if runner is not None and learner is not None:
@@ -152,6 +169,7 @@ class StreamSession:
         self.checkpoint_path = Path(checkpoint_dir) / "session.pt" if checkpoint_dir else None
         self.checkpoint_every, self.late_label_steps = checkpoint_every, late_label_steps
         self.meta = meta or {}
+        self.on_prediction = on_prediction
         self.stats = SessionStats()
         self._sample: _Sample | None = None
         self._last_unlabelled: _Sample | None = None
@@ -187,6 +205,7 @@ class StreamSession:
             else:
                 sample.frames = None  # longer than the replay bound: a late label will not apply
         sample.steps += 1
+        sample.end_us = t_end
         sample.output_sum = out if sample.output_sum is None else sample.output_sum + out
         self.stats.steps += 1
         self.stats.t_us = t_end
@@ -214,6 +233,11 @@ class StreamSession:
             self.stats.correct += int(prediction == sample.segment.label)
         elif sample.frames:
             self._last_unlabelled = sample
+        if self.on_prediction is not None:
+            self.on_prediction(WindowPrediction(
+                self.stats.samples - 1, sample.start_us, sample.end_us, sample.steps, prediction,
+                None if sample.segment is None else sample.segment.label,
+                float(sample.output_sum[0, prediction])))
         if self.labels is not None:
             self.labels.prune(sample.start_us)
         if self.checkpoint_path and self.checkpoint_every and self.stats.samples % self.checkpoint_every == 0:

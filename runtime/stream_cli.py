@@ -3,19 +3,27 @@
 Sources (``--source``):
 
 * a recording: any file :mod:`stoprt.runtime.formats` reads (``.bin``, ``.aedat``, ``.aedat4``,
-  ``.raw``, ``.dat``); ``--realtime`` paces it by its timestamps;
+  ``.raw``, ``.dat``; ``--format`` names the reader instead of the extension and header); ``--realtime``
+  paces it by its timestamps. A file cut short or with most of its events dropped streams what it has
+  with a warning on stderr (also in ``--json``'s ``warnings``); a file with no readable event is an
+  error (exit code 2);
 * ``udp://HOST:PORT?format=spif|stoprt&width=W&height=H[&timeout=S]``: events over UDP (see
   :mod:`stoprt.runtime.stream.udp` for the packet formats); the stream ends after ``timeout``
   seconds without data;
 * ``dv://`` (iniVation cameras via dv-processing) and ``nd://`` (Prophesee / iniVation via
   neuromorphic-drivers), optional extras;
 * ``builtin:digits`` / ``builtin:gestures``: emulated recordings back to back, with labels.
+
+Each closed readout window prints its predicted class and time on stdout (unless ``--quiet``);
+``--predictions FILE.csv|FILE.jsonl`` also writes them, a row per window (see
+:mod:`stoprt.runtime.stream.predictions`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -24,9 +32,13 @@ from urllib.parse import parse_qs, urlparse
 import psutil
 
 
-def open_source(spec: str, packet_us: int, realtime: bool, seed: int = 0, start_us: int | None = None):
-    """The event source for a ``--source`` string (see the module docstring). ``start_us``: where a
-    resumed session continues; recordings and built-in streams start there (live sources are live)."""
+def open_source(spec: str, packet_us: int, realtime: bool, seed: int = 0, format: str | None = None,
+                sensor_size: tuple[int, int] | None = None, start_us: int | None = None):
+    """The event source for a ``--source`` string (see the module docstring); ``format`` and
+    ``sensor_size`` apply to recordings. ``start_us``: where a resumed session continues; recordings
+    and built-in streams start there (live sources are live)."""
+    if format is not None and (spec.startswith("builtin:") or "://" in spec):
+        raise ValueError("--format applies to recordings (a udp:// source takes ?format=spif|stoprt)")
     if spec.startswith("builtin:"):
         from .stream.builtin import BuiltinStream
         name, _, count = spec[len("builtin:"):].partition(":")
@@ -46,7 +58,8 @@ def open_source(spec: str, packet_us: int, realtime: bool, seed: int = 0, start_
     from .stream.sources import FileSource
     if not Path(spec).is_file():
         raise ValueError(f"no such recording: {spec} (or use udp://, dv://, nd://, builtin:digits)")
-    return FileSource(spec, packet_us=packet_us, realtime=realtime, start_us=start_us)
+    return FileSource(spec, packet_us=packet_us, realtime=realtime, format=format, sensor_size=sensor_size,
+                      start_us=start_us)
 
 
 def load_model(spec: str, in_channels: int, size: int, classes: int, device: str):
@@ -83,7 +96,7 @@ def _backend_runner(args: argparse.Namespace):
 
 
 # What a session's steps depend on: a resume with other values is refused (or forced with --force).
-_SETTINGS = ("source", "model", "learn", "labels", "classes", "size", "window", "dt_us", "events_per_step",
+_SETTINGS = ("source", "format", "model", "learn", "labels", "classes", "size", "window", "dt_us", "events_per_step",
              "sensor_width", "sensor_height", "lr", "late_label_steps", "seed")
 
 
@@ -116,15 +129,20 @@ def _status(session, pipeline, start: float, rss0: float, steps0: int = 0) -> st
             f"RSS {psutil.Process().memory_info().rss / 2**20:.0f} MiB (+{psutil.Process().memory_info().rss / 2**20 - rss0:.0f})")
 
 
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
 def run_stream(args: argparse.Namespace) -> int:
     import torch
 
-    from .atomic import remove_stale_temporaries
+    from .atomic import remove_stale_temporaries, write_text
     from .checkpoint import load_checkpoint
     from .session import LabelTrack, StreamSession
     from .stop import STOP
     from .stream.binning import Binner
     from .stream.pipeline import StreamPipeline
+    from .stream.predictions import PredictionLog, check_path, describe
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,11 +155,17 @@ def run_stream(args: argparse.Namespace) -> int:
             raise ValueError("--resume needs --checkpoint DIR")
         saved = load_checkpoint(Path(args.checkpoint) / "session.pt")
         _check_resume(saved, args, Path(args.checkpoint) / "session.pt")
+    if args.predictions:
+        check_path(args.predictions)
+    if (args.sensor_width is None) != (args.sensor_height is None):
+        raise ValueError("pass both --sensor-width and --sensor-height, or neither")
+    given_sensor = (args.sensor_width, args.sensor_height) if args.sensor_width is not None else None
     # A resume continues at the stream time of its checkpoint (a sample boundary): the source starts
     # there, and the time grid of the steps is the one of the interrupted run. (By event count, events
     # sharing the timestamp of the checkpoint's last step but left out of it would be skipped.)
     start_us = saved["session"]["t_us"] if saved and saved["session"]["t_us"] >= 0 else None
-    source = open_source(args.source, args.packet_us, args.realtime, args.seed, start_us=start_us)
+    source = open_source(args.source, args.packet_us, args.realtime, args.seed, args.format, given_sensor,
+                         start_us=start_us)
     labels = LabelTrack.from_csv(args.labels) if args.labels else getattr(source, "labels", None)
     classes = args.classes or getattr(source, "num_classes", 10)
     net, meta = load_model(args.model, 2, args.size, classes, args.device)
@@ -164,7 +188,18 @@ def run_stream(args: argparse.Namespace) -> int:
         learner = STOP(net, torch.optim.Adam(net.parameters(), lr=args.lr), update="sample")
     else:
         net.eval()
+    live = sys.stderr.isatty() and not args.quiet
+    log = PredictionLog(args.predictions)
+
+    def on_prediction(p) -> None:
+        log(p)
+        if not args.quiet:
+            if live:
+                print("\r\033[K", end="", file=sys.stderr)  # the prediction replaces the status line
+            print(describe(p), flush=True)
+
     session = StreamSession(net, learner, runner=runner, window=args.window, labels=labels,
+                            on_prediction=on_prediction,
                             checkpoint_dir=args.checkpoint,
                             checkpoint_every=args.checkpoint_every, late_label_steps=args.late_label_steps,
                             meta={**meta, "input_shape": list(input_shape), "dt_us": args.dt_us,
@@ -178,7 +213,6 @@ def run_stream(args: argparse.Namespace) -> int:
     rss0 = psutil.Process().memory_info().rss / 2**20
     start, steps0 = time.perf_counter(), session.stats.steps
     last = [0.0]
-    live = sys.stderr.isatty() and not args.quiet
 
     def on_step(sess) -> None:
         now = time.perf_counter()
@@ -192,19 +226,26 @@ def run_stream(args: argparse.Namespace) -> int:
             stats = session.run(pipeline, max_steps=args.max_steps, on_step=on_step)
     finally:
         source.close()
+        log.close()
     if live:
         print(file=sys.stderr)
+    problems = source.problems() if hasattr(source, "problems") else []
+    if hasattr(source, "problems") and source.stats["events"] == 0 and not session.interrupted:
+        raise ValueError(f"{args.source}: no event could be read" + (f" ({'; '.join(problems)})" if problems else
+                                                                        " (empty file?)"))
+    for line in problems:
+        print(f"stoprt stream: warning: {line}", file=sys.stderr)
     seconds = time.perf_counter() - start
     summary = {"source": args.source, "model": args.model, "learning": bool(args.learn),
                "steps": stats.steps, "samples": stats.samples, "labelled_samples": stats.labelled_samples,
                "accuracy": stats.accuracy, "updates": stats.updates, "interrupted": session.interrupted,
                "seconds": seconds, "steps_per_s": (stats.steps - steps0) / seconds if seconds > 0 else 0.0,
-               "pipeline": pipeline.stats, "peak_rss_mib": psutil.Process().memory_info().rss / 2**20,
-               "checkpoint": str(session.checkpoint_path) if session.checkpoint_path else None}
+               "pipeline": pipeline.stats, "peak_rss_mib": _peak_rss_mib(),
+               "checkpoint": str(session.checkpoint_path) if session.checkpoint_path else None,
+               "warnings": problems, "predictions": log.summary()}
     print("stoprt stream: " + _status(session, pipeline, start, rss0, steps0))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
+        write_text(args.json, json.dumps(summary, indent=2, default=str))
     return 130 if session.interrupted else 0
 
 
@@ -220,7 +261,10 @@ def register(sub) -> None:
     p.add_argument("--dt-us", type=int, default=30_000, help="time step length (default 30000 us)")
     p.add_argument("--events-per-step", type=int, default=None, help="fixed event count per step instead")
     p.add_argument("--packet-us", type=int, default=1000, help=argparse.SUPPRESS)
-    p.add_argument("--sensor-width", type=int, default=None)
+    p.add_argument("--format", default=None, help="event file reader, instead of detecting it from the "
+                   "extension and header: nmnist, aedat2, aedat3, aedat4, evt2, evt3, dat")
+    p.add_argument("--sensor-width", type=int, default=None, help="sensor size of a recording (overrides its "
+                   "header; N-MNIST .bin is 34x34)")
     p.add_argument("--sensor-height", type=int, default=None)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--late-label-steps", type=int, default=0, help="keep this many steps to replay late labels")
@@ -238,5 +282,7 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write the summary as JSON")
+    p.add_argument("--predictions", metavar="FILE", help="write a row per readout window (.csv or .jsonl): "
+                   "window, t_start_us, t_end_us, steps, prediction, label, score")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_stream)

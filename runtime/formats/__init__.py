@@ -37,7 +37,7 @@ from .aedat4 import AEDAT4Reader
 from .dat import DATReader, DATWriter
 from .evt2 import EVT2Reader, EVT2Writer
 from .evt3 import EVT3Reader, EVT3Writer
-from .nmnist import NMNISTReader, NMNISTWriter
+from .nmnist import SENSOR_SIZE as NMNIST_SENSOR_SIZE, NMNISTReader, NMNISTWriter
 
 READERS: dict[str, type[EventReader]] = {
     "nmnist": NMNISTReader, "aedat2": AEDAT2Reader, "aedat3": AEDAT3Reader, "aedat4": AEDAT4Reader,
@@ -51,6 +51,8 @@ EXTENSIONS: dict[str, tuple[str, ...]] = {
     ".bin": ("nmnist",), ".aedat": ("aedat2", "aedat3", "aedat4"), ".aedat4": ("aedat4",),
     ".raw": ("evt2", "evt3"), ".dat": ("dat",),
 }
+# The geometry of formats whose files do not state it, where the format implies one.
+DEFAULT_SENSOR_SIZES: dict[str, tuple[int, int]] = {"nmnist": NMNIST_SENSOR_SIZE}
 DEFAULT_WRITER = {".bin": "nmnist", ".aedat": "aedat3", ".raw": "evt3", ".dat": "dat"}
 _PROPHESEE_NO_EVT = "prophesee-header"
 
@@ -120,7 +122,7 @@ def detect_format(source: Source) -> str:
         if allowed is not None and sniffed not in allowed:
             raise EventFormatError(f"the header says {sniffed} but the extension "
                                    f"{os.path.splitext(path)[1]!r} means {'/'.join(allowed)}; "
-                                   "pass format= to override", path=path, offset=0)
+                                   "pass format= (stoprt stream --format) to override", path=path, offset=0)
         return sniffed
     if allowed == ("nmnist",):
         return "nmnist"
@@ -128,7 +130,8 @@ def detect_format(source: Source) -> str:
         return "dat"  # a .dat without text header: the type/size pair follows directly
     what = f"a {'/'.join(allowed)} file needs a header that this file lacks" if allowed else \
         "unknown extension and no recognisable header"
-    raise EventFormatError(f"cannot tell the format: {what}; pass format= to override", path=path, offset=0)
+    raise EventFormatError(f"cannot tell the format: {what}; pass format= (stoprt stream --format) to override",
+                           path=path, offset=0)
 
 
 def open_events(source: Source, format: str | None = None, **kwargs: Any) -> EventReader:
@@ -161,7 +164,7 @@ def write_events(dest: Source, events: Any, format: str | None = None, **kwargs:
 
 
 __all__ = [
-    "DEFAULT_CHUNK_SIZE", "EXTENSIONS", "READERS", "WRITERS", "AEDAT2Reader", "AEDAT2Writer", "AEDAT3Reader",
+    "DEFAULT_CHUNK_SIZE", "DEFAULT_SENSOR_SIZES", "EXTENSIONS", "READERS", "WRITERS", "AEDAT2Reader", "AEDAT2Writer", "AEDAT3Reader",
     "AEDAT3Writer", "AEDAT4Reader", "DATReader", "DATWriter", "EVT2Reader", "EVT2Writer", "EVT3Reader",
     "EVT3Writer", "EventFormatError", "EventReader", "EventWriter", "NMNISTReader", "NMNISTWriter",
     "ReaderStats", "RecordingInfo", "detect_format", "open_events", "read_events", "sniff_format",

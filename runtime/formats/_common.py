@@ -12,6 +12,11 @@ Conventions used by every format module:
   sensor, timestamps that go backwards, unknown words, a truncated last record) are counted in
   :attr:`EventReader.stats` and the offending events dropped instead. Problems that leave no way to
   carry on (a bad header, a corrupt packet header) always raise.
+* A truncated file (one that ends inside a record, packet or frame) is one policy for every reader:
+  ``errors="raise"`` raises once the events before the cut are yielded; ``errors="skip"`` keeps those
+  events, counts the bytes in ``stats.truncated_bytes`` and keeps the message that would have been
+  raised in :attr:`EventReader.truncation` (``stoprt stream`` reads with ``"skip"`` and prints it as
+  a warning). A file cut inside its text header always raises.
 * Things a format carries besides polarity events (APS frames, IMU samples, triggers, invalid events)
   are skipped by design and counted, never an error.
 """
@@ -206,6 +211,10 @@ def read_text_header(src: ByteSource, prefix: bytes, path: str, *, stop: Callabl
             raise EventFormatError(f"header line longer than {MAX_HEADER_LINE} bytes", path=path, offset=src.pos)
         if not is_text_line(line):
             break
+        if not line.endswith(b"\n") and len(src.peek(len(line) + 1)) == len(line):
+            shown = line.decode("utf-8", "replace")[:60]
+            raise EventFormatError(f"file ends inside the text header (last line {shown!r} has no end of line; "
+                                   "truncated file?)", path=path, offset=src.pos)
         total += len(line)
         if total > max_bytes:
             raise EventFormatError(f"text header longer than {max_bytes} bytes", path=path, offset=src.pos)
@@ -221,6 +230,9 @@ def check_geometry(width: Any, height: Any, path: str) -> tuple[int | None, int 
     """Validate a sensor geometry (both or neither given, 1..65536 each)."""
     if width is None and height is None:
         return None, None
+    if width is None or height is None:
+        given, value, missing = ("height", height, "width") if width is None else ("width", width, "height")
+        raise EventFormatError(f"the sensor {given} is given ({value}) but not its {missing}", path=path)
     try:
         w, h = int(width), int(height)
     except (TypeError, ValueError):
@@ -294,6 +306,7 @@ class EventReader:
         self._src = ByteSource(source)
         self.path = self._src.name
         self._last_t: int | None = None
+        self.truncation: str | None = None  # errors="skip": why the file's end was not read
         self._gen: Iterator[tuple[np.ndarray, OffsetOf]] | None = None
         try:
             info = self._read_header()
@@ -345,10 +358,14 @@ class EventReader:
         if carry:
             self.truncated(len(carry), self._src.pos - len(carry), f"{size}-byte record")
 
-    def truncated(self, nbytes: int, offset: int, what: str) -> None:
+    def truncated(self, nbytes: int, offset: int, what: str, detail: str | None = None) -> None:
+        """The file ends inside a record: raise, or count and remember it (see the module docstring)."""
+        left = detail or f"{nbytes} byte{'s' if nbytes != 1 else ''} left over"
+        err = self.error(f"file ends inside a {what} ({left}; truncated file?)", offset)
         if self.errors == "raise":
-            raise self.error(f"file ends inside a {what} ({nbytes} bytes left over; truncated file?)", offset)
+            raise err
         self.stats.truncated_bytes += nbytes
+        self.truncation = str(err)
 
     # -- iteration ------------------------------------------------------------------------------
     def _check(self, ev: np.ndarray, offset_of: OffsetOf) -> np.ndarray:

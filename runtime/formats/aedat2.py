@@ -6,18 +6,31 @@ Binary layout: text header lines starting with ``#`` (the first is ``#!AER-DAT2.
 
 The address layout depends on the chip named by the ``# AEChip:`` header line:
 
-* DVS128 (``ch.unizh.ini.jaer.chip.retina.DVS128``, the default when no DAVIS chip is named):
-  ``x = (a >> 1) & 0x7F``, ``y = (a >> 8) & 0x7F``, ``p = a & 1``; bit 15 set marks a special
-  (external / sync) event, skipped.
+* DVS128 (``ch.unizh.ini.jaer.chip.retina.DVS128``, the default when no DAVIS chip is named): the raw
+  fields are ``rx = (a >> 1) & 0x7F``, ``ry = (a >> 8) & 0x7F`` and bit 0; bit 15 set marks a special
+  (external / sync) event, skipped. Events come out as ``x = 127 - rx``, ``y = 127 - ry`` and
+  ``p = 1 - (a & 1)`` (see "DVS128 orientation and polarity" below).
 * DAVIS (any chip class containing ``davis``):
   ``y = (a >> 22) & 0x1FF``, ``x = (a >> 12) & 0x3FF``, ``p = (a >> 11) & 1``; bit 31 set marks an APS
-  or IMU sample and bit 10 an external-input event, both skipped.
+  or IMU sample and bit 10 an external-input event, both skipped. These are the raw fields (jAER's
+  display origin, bottom left, is kept); the DAVIS orientation is not settled here.
 
-Coordinates and polarity are the raw address fields, as this project's reference specifies
-(``p = a & 1`` for DVS128): no axis is flipped and no polarity inverted. Note that jAER's own extractors
-transform them for display: its Tmpdiff128 extractor documents raw polarity 0 as ON (inverting the bit),
-and jAER puts the y origin at the bottom left. The sensor size comes from the chip name (e.g. Davis346
--> 346x260) where known.
+DVS128 orientation and polarity. The DVS128 hardware puts 0 in address bit 0 for an ON event, and both
+decoders of its makers mirror x:
+
+* jAER ``src/ch/unizh/ini/jaer/chip/retina/DVS128.java`` (SensorsINI/jaer @ a1db449), the
+  ``Extractor`` class: its comment (lines 424-428) says "The ON events have raw polarity 0 ... Raw
+  polarity 1 is OFF event"; line 530 sets ``type = (1 - addr) & 1`` (type 1 = ON), line 532
+  ``x = sizeX - 1 - rawX`` and line 533 keeps the raw y (jAER draws y = 0 at the bottom).
+* libcaer ``src/dvs128.c`` (inivation/libcaer @ f85411a), the USB translator that cAER uses to write
+  DVS128 Gesture's AEDAT 3.1 files: lines 694-701 invert x ("to correct for flipped camera"),
+  invert y ("to convert to CG format", origin top left) and invert the polarity bit ("hardware is
+  like this").
+
+stoprt's events use image coordinates with the origin at the top left and p = 1 for ON (as its other
+readers), so a DVS128 recording reads the same from an AEDAT 2.0 (jAER) file as from an AEDAT 3.1
+(cAER) file of the same sensor. The sensor size comes from the chip name (e.g. Davis346 -> 346x260)
+where known.
 """
 
 from __future__ import annotations
@@ -93,7 +106,8 @@ class AEDAT2Reader(EventReader):
             t = unwrap_u32(words[:, 1], wrap)
             if self.layout == "dvs128":
                 keep = (a & 0x8000) == 0
-                x, y, p = (a >> 1) & 0x7F, (a >> 8) & 0x7F, a & 1
+                # jAER DVS128.java:530-532 and libcaer dvs128.c:694-701 (see the module docstring).
+                x, y, p = 127 - ((a >> 1) & 0x7F), 127 - ((a >> 8) & 0x7F), 1 - (a & 1)
             else:
                 keep = (a & 0x80000400) == 0
                 x, y, p = (a >> 12) & 0x3FF, (a >> 22) & 0x1FF, (a >> 11) & 1
@@ -130,7 +144,7 @@ class AEDAT2Writer(EventWriter):
         ev = self._prepare(events, *self.size)
         x, y, p = (ev[k].astype(np.uint32) for k in ("x", "y", "p"))
         if self.layout == "dvs128":
-            a = (y << 8) | (x << 1) | p
+            a = ((127 - y) << 8) | ((127 - x) << 1) | (1 - p)  # the reader's mapping, inverted
         else:
             a = (y << 22) | (x << 12) | (p << 11)
         out = np.empty((len(ev), 2), dtype=">u4")

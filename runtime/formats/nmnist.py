@@ -8,8 +8,9 @@ Binary layout: no header; 5 bytes per event, big-endian bit order across the 40 
     byte 3: timestamp bits 15..8
     byte 4: timestamp bits 7..0          (timestamp in microseconds, 23 bits: < 8.39 s)
 
-The format stores no sensor size (N-MNIST is 34x34, N-Caltech101 up to 240x180): pass
-``sensor_size=(34, 34)`` to check coordinates. The original MATLAB tools mark timestamp overflows with
+The format stores no sensor size: N-MNIST is always 34x34 (:data:`SENSOR_SIZE`, which
+:class:`~stoprt.runtime.stream.sources.FileSource` and ``stoprt stream`` assume for ``.bin``), N-Caltech101
+up to 240x180. The reader itself checks coordinates only when given ``sensor_size``. The original MATLAB tools mark timestamp overflows with
 special events at y = 240; they are not interpreted here (no N-MNIST or N-Caltech101 sample needs it).
 """
 
@@ -24,6 +25,7 @@ from ._writer import EventWriter
 
 RECORD = 5
 MAX_T = 1 << 23
+SENSOR_SIZE = (34, 34)  # N-MNIST's ATIS crop
 
 
 class NMNISTReader(EventReader):

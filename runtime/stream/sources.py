@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..events import EVENT_DTYPE
-from ..formats import DEFAULT_CHUNK_SIZE, EventReader, open_events
+from ..formats import DEFAULT_CHUNK_SIZE, DEFAULT_SENSOR_SIZES, EventReader, open_events
 
 
 class EventSource:
@@ -81,8 +81,9 @@ class FileSource(EventSource):
         speed: replay speed factor for ``realtime`` (2.0 = twice as fast as recorded).
         loop: start over at the end of the file; timestamps keep increasing (each pass is shifted
             by the duration of the previous ones), so downstream time never goes backwards.
-        sensor_size: ``(W, H)`` for formats that do not state it (N-MNIST ``.bin``: ``(34, 34)``);
-            events outside it are then counted and skipped by the reader.
+        sensor_size: ``(W, H)`` overriding or supplying the file's geometry (default: the header's, or
+            the format's own, e.g. 34x34 for N-MNIST ``.bin``); events outside it are counted and
+            skipped by the reader.
         errors: the reader's error mode; ``"skip"`` (default) counts per-event problems in
             ``stats["reader"]`` and drops those events, ``"raise"`` stops the stream at the first.
         format, chunk_size: passed to :func:`~stoprt.runtime.formats.open_events`.
@@ -115,6 +116,11 @@ class FileSource(EventSource):
         self.live = self.realtime
         self._open_args = {"format": format, "sensor_size": sensor_size, "errors": errors, "chunk_size": chunk_size}
         self._reader: EventReader = self._open()
+        implied = DEFAULT_SENSOR_SIZES.get(self._reader.info.format)
+        if self._reader.info.sensor_size is None and implied is not None:
+            self._reader.close()
+            self._open_args["sensor_size"] = implied
+            self._reader = self._open()
         self.format = self._reader.info.format
         self.sensor_size = self._reader.info.sensor_size
         self.start_us = start_us
@@ -129,7 +135,26 @@ class FileSource(EventSource):
     def stats(self) -> dict[str, Any]:
         reader = self._reader.stats
         return {**self._counts, "skipped_events": self._skipped_before + reader.skipped_events,
-                "reader": reader.as_dict()}
+                "reader": reader.as_dict(), "truncation": self._reader.truncation}
+
+    def problems(self, share: float = 0.01) -> list[str]:
+        """One line per problem with the data read so far: the file was cut (see
+        :attr:`EventReader.truncation`), or more than ``share`` of its events (or EVT words) were dropped."""
+        r = self._reader.stats
+        out = [self._reader.truncation] if self._reader.truncation else []
+        dropped = {"backwards": r.backwards, "outside the sensor": r.out_of_bounds, "corrupt": r.corrupt}
+        total = r.skipped_events + r.events
+        if r.skipped_events and r.skipped_events > share * total:
+            why = ", ".join(f"{n:,} {k}" for k, n in dropped.items() if n)
+            hint = (f"is the {self.sensor_size[0]}x{self.sensor_size[1]} sensor size right?"
+                    if r.out_of_bounds > r.skipped_events // 2 and self.sensor_size else
+                    f"is this really a {self.format} file?")
+            out.append(f"{self.path}: {r.skipped_events:,} of {total:,} events dropped "
+                       f"({100 * r.skipped_events / total:.1f}%: {why}); {hint}")
+        if r.unknown_words and r.unknown_words > share * (r.unknown_words + r.events):
+            out.append(f"{self.path}: {r.unknown_words:,} words of unknown type skipped "
+                       f"(is this really a {self.format} file?)")
+        return out
 
     def _next_pass(self) -> None:
         self._skipped_before += self._reader.stats.skipped_events
