@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..cli_args import positive_int
+
 TARGETS = ("onnx", "tensorrt", "nir", "bundle")
 
 
@@ -28,12 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="training checkpoint, model file or bundle")
     p.add_argument("--to", required=True, choices=TARGETS, help="what to write")
     p.add_argument("out", metavar="OUT", help="output file (bundle: directory, or .tar with --archive)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset: 18, 19 or 20 (default 20)")
+    p.add_argument("--opset", type=positive_int, default=None, help="ONNX opset: 18, 19 or 20 (default 20)")
     p.add_argument("--params-as-inputs", action="store_true",
                    help="parameters as graph inputs, updatable on the device without a rebuild")
-    p.add_argument("--batch", type=int, default=None, help="TensorRT: largest batch of the engine (default 1)")
+    p.add_argument("--batch", type=positive_int, default=None, help="TensorRT: largest batch of the engine (default 1)")
     p.add_argument("--fp16", action="store_true", help="TensorRT: allow FP16 kernels")
-    p.add_argument("--workspace-mib", type=int, default=None,
+    p.add_argument("--workspace-mib", type=positive_int, default=None,
                    help="TensorRT: builder workspace limit in MiB (default 1024; ~256 on 4 GB boards)")
     p.add_argument("--refit", action="store_true", help="TensorRT: build a refittable engine")
     p.add_argument("--archive", action="store_true", help="bundle: write one .tar file instead of a directory")
@@ -52,10 +54,6 @@ def _check_options(args: argparse.Namespace) -> None:
     stray = [name for name, given in {**onnx_opts, **trt_only, **bundle_only}.items() if given and name not in allowed]
     if stray:
         raise ValueError(f"{', '.join(stray)} does not apply to --to {args.to}")
-    if args.batch is not None and args.batch < 1:
-        raise ValueError(f"--batch must be at least 1, got {args.batch}")
-    if args.workspace_mib is not None and args.workspace_mib < 1:
-        raise ValueError(f"--workspace-mib must be at least 1, got {args.workspace_mib}")
 
 
 def run_export(args: argparse.Namespace) -> int:

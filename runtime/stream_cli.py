@@ -23,6 +23,8 @@ from urllib.parse import parse_qs, urlparse
 
 import psutil
 
+from ..cli_args import nonnegative_int, positive_float, positive_int, torch_device
+
 
 def open_source(spec: str, packet_us: int, realtime: bool, seed: int = 0):
     """The event source for a ``--source`` string (see the module docstring)."""
@@ -183,27 +185,27 @@ def register(sub) -> None:
     p.add_argument("--model", default="mlp", help="built-in model name, checkpoint, model file or bundle")
     p.add_argument("--learn", action="store_true", help="STOP-WTL updates from labelled segments")
     p.add_argument("--labels", metavar="CSV", help="class,start_us,end_us segments (DVS128 Gesture style)")
-    p.add_argument("--classes", type=int, default=None, help="classes of a new built-in model")
-    p.add_argument("--size", type=int, default=16, help="input side of a new built-in model")
-    p.add_argument("--window", type=int, default=10, help="steps per sample without labels (readout window)")
-    p.add_argument("--dt-us", type=int, default=30_000, help="time step length (default 30000 us)")
-    p.add_argument("--events-per-step", type=int, default=None, help="fixed event count per step instead")
-    p.add_argument("--packet-us", type=int, default=1000, help=argparse.SUPPRESS)
-    p.add_argument("--sensor-width", type=int, default=None)
-    p.add_argument("--sensor-height", type=int, default=None)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--late-label-steps", type=int, default=0, help="keep this many steps to replay late labels")
+    p.add_argument("--classes", type=positive_int, default=None, help="classes of a new built-in model")
+    p.add_argument("--size", type=positive_int, default=16, help="input side of a new built-in model")
+    p.add_argument("--window", type=positive_int, default=10, help="steps per sample without labels (readout window)")
+    p.add_argument("--dt-us", type=positive_int, default=30_000, help="time step length (default 30000 us)")
+    p.add_argument("--events-per-step", type=positive_int, default=None, help="fixed event count per step instead")
+    p.add_argument("--packet-us", type=positive_int, default=1000, help=argparse.SUPPRESS)
+    p.add_argument("--sensor-width", type=positive_int, default=None)
+    p.add_argument("--sensor-height", type=positive_int, default=None)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--late-label-steps", type=nonnegative_int, default=0, help="keep this many steps to replay late labels")
     p.add_argument("--checkpoint", metavar="DIR", help="write session.pt here (atomically)")
-    p.add_argument("--checkpoint-every", type=int, default=50, help="samples between checkpoints")
+    p.add_argument("--checkpoint-every", type=positive_int, default=50, help="samples between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from DIR/session.pt")
-    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--max-steps", type=positive_int, default=None)
     p.add_argument("--realtime", action="store_true", help="pace a recording by its timestamps")
-    p.add_argument("--queue", type=int, default=8, help="steps buffered between producer and model")
+    p.add_argument("--queue", type=positive_int, default=8, help="steps buffered between producer and model")
     p.add_argument("--drop", choices=("oldest", "newest"), default="oldest", help="which steps to drop when behind")
     p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="torch",
                    help="inference backend; onnxruntime/tensorrt take a bundle from `stoprt export --to bundle`")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", type=torch_device, default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write the summary as JSON")
     p.add_argument("--quiet", action="store_true")
