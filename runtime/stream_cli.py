@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlparse
 
 import psutil
 
-from ..cli_args import nonnegative_int, positive_float, positive_int, torch_device
+from ..cli_args import nonnegative_int, positive_float, positive_int, torch_device, warn
 
 
 def open_source(spec: str, packet_us: int, realtime: bool, seed: int = 0):
@@ -100,6 +100,17 @@ def _status(session, pipeline, start: float, rss0: float) -> str:
             f"RSS {psutil.Process().memory_info().rss / 2**20:.0f} MiB (+{psutil.Process().memory_info().rss / 2**20 - rss0:.0f})")
 
 
+def _warn_if_labels_unused(args: argparse.Namespace, labels, stats) -> None:
+    """One warning line when labels were given but no step fell inside any of them (times relative to
+    the recording's start instead of its timestamps, say): learning did nothing, accuracy is n/a."""
+    if labels is None or stats.labelled_samples or not stats.steps or not labels.segments:
+        return
+    first, last = labels.segments[0].start_us, max(s.end_us for s in labels.segments)
+    warn("stream", f"{'--learn made no update: ' if args.learn else ''}no step fell inside any of the "
+                   f"{len(labels.segments)} label segments ({first}..{last} us); label times are the stream's "
+                   f"own timestamps in microseconds, and its last step ended at {stats.t_us} us")
+
+
 def run_stream(args: argparse.Namespace) -> int:
     import torch
 
@@ -173,6 +184,7 @@ def run_stream(args: argparse.Namespace) -> int:
                "pipeline": pipeline.stats, "peak_rss_mib": psutil.Process().memory_info().rss / 2**20,
                "checkpoint": str(session.checkpoint_path) if session.checkpoint_path else None}
     print("stoprt stream: " + _status(session, pipeline, start, rss0))
+    _warn_if_labels_unused(args, labels, stats)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
