@@ -122,6 +122,9 @@ def run_stream(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if args.backend == "tensorrt":
+        from ..export.tensorrt import import_tensorrt
+        import_tensorrt()  # a missing TensorRT fails first, in one line, before anything is loaded
     source = open_source(args.source, args.packet_us, args.realtime, args.seed)
     labels = LabelTrack.from_csv(args.labels) if args.labels else getattr(source, "labels", None)
     classes = args.classes or getattr(source, "num_classes", 10)
