@@ -21,7 +21,7 @@ EXIT_CODES = """exit codes:
   0    done (plan: the configuration fits)
   1    plan: it does not fit
   2    bad arguments or input: one line on stderr names the problem (-v for the traceback)
-  130  interrupted (Ctrl-C / SIGINT), at startup or while running; stream and train keep their checkpoints
+  130  interrupted (Ctrl-C / SIGINT), at startup or while running (stream checkpoints first)
 """
 
 
