@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
         return args.func(args)
+    except SystemExit as exc:  # the parser's own exits (--help, --version, a bad argument): return the code
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
     except KeyboardInterrupt:
         print(f"{name[0]}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

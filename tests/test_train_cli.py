@@ -41,7 +41,7 @@ def test_bptt_and_stop_variants_train(tmp_path):
 
 def test_bad_arguments_give_clear_errors(capsys):
     assert main(["train", "--T", "0", *QUICK]) == 2
-    assert "T must be at least 1" in capsys.readouterr().err
+    assert "argument --T: expected an integer >= 1" in capsys.readouterr().err
     assert main(["train", "--data", "/nonexistent/folder", *QUICK]) == 2
     assert "/nonexistent/folder" in capsys.readouterr().err
     assert main(["train", "--resume", "/nonexistent.pt", "--epochs", "1", *QUICK]) == 2
