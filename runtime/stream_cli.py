@@ -211,7 +211,8 @@ def register(sub) -> None:
     p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--late-label-steps", type=nonnegative_int, default=0, help="keep this many steps to replay late labels")
     p.add_argument("--checkpoint", metavar="DIR", help="write session.pt here (atomically)")
-    p.add_argument("--checkpoint-every", type=positive_int, default=50, help="samples between checkpoints")
+    p.add_argument("--checkpoint-every", type=nonnegative_int, default=50,
+                   help="samples between checkpoints (0: only on SIGINT/SIGTERM and at the end)")
     p.add_argument("--resume", action="store_true", help="continue from DIR/session.pt")
     p.add_argument("--max-steps", type=positive_int, default=None)
     p.add_argument("--realtime", action="store_true", help="pace a recording by its timestamps")
