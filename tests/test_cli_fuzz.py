@@ -114,8 +114,7 @@ def test_bad_files_for_every_subcommand(tmp_path, capsys):
         _check(argv, *_run(argv, capsys))
 
 
-@pytest.mark.parametrize("argv", [["train", "--width", "0"], ["plan", "--model", "mlp", "--size", "nan"],
-                                  ["export", "missing.pt", "--to", "onnx", "x.onnx"]])
+@pytest.mark.parametrize("argv", [["train", "--width", "0"], ["export", "missing.pt", "--to", "onnx", "x.onnx"]])
 def test_bad_input_in_a_real_process(argv, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "stoprt.cli", *argv], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
