@@ -152,7 +152,7 @@ def test_main_maps_errors_in_one_place(monkeypatch, capsys):
         main(["info"])
 
 
-@pytest.mark.parametrize("command,delay", [(["train", *TINY], 1.0), (["stream", "--source", "builtin:digits:50"], 2.0)])
+@pytest.mark.parametrize("command,delay", [(["train", *TINY], 1.0), (["stream", "--source", "builtin:digits:50"], 1.5)])
 def test_ctrl_c_during_startup_is_one_line_and_exit_130(command, delay):
     proc = subprocess.Popen([sys.executable, "-m", "stoprt.cli", *command], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
