@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..cli_args import int_list, positive_float, positive_int, torch_device
+
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``info``, ``profile`` and ``plan`` to the top-level CLI's subparsers; returns info's parser."""
@@ -34,21 +36,20 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
-def _csv(kind):
-    def parse(text: str) -> list:
-        try:
-            return [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
-    return parse
+def _words(text: str) -> list[str]:
+    """A comma-separated list of names (``--mode stop,bptt``)."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return values
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="mlp, dvs_gesture, vgg11, resnet18, or a stoprt train checkpoint")
-    p.add_argument("--size", type=int, default=None, help="input side in pixels (default 32; a checkpoint's own)")
-    p.add_argument("--width", type=float, default=None, help="channel width multiplier (default 1)")
-    p.add_argument("--channels", type=int, default=2, help="input channels (default 2: event polarities; not for a checkpoint)")
-    p.add_argument("--classes", type=int, default=None, help="output classes (default: the model's; not for a checkpoint)")
+    p.add_argument("--size", type=positive_int, default=None, help="input side in pixels (default 32; a checkpoint's own)")
+    p.add_argument("--width", type=positive_float, default=None, help="channel width multiplier (default 1)")
+    p.add_argument("--channels", type=positive_int, default=2, help="input channels (default 2: event polarities; not for a checkpoint)")
+    p.add_argument("--classes", type=positive_int, default=None, help="output classes (default: the model's; not for a checkpoint)")
     p.add_argument("--optimizer", choices=("adam", "sgd", "sgd-momentum"), default="adam")
 
 
@@ -60,20 +61,20 @@ def _register_profile(subparsers) -> None:
                     "autograd (saved for backward + state) memory views, time and energy per step, next "
                     "to the planner's prediction. Writes profile.csv, profile.json and profile.png.")
     _add_model_args(p)
-    p.add_argument("--mode", type=_csv(str), default=["stop", "bptt"], help="training modes (default stop,bptt)")
-    p.add_argument("--T", type=_csv(int), default=[10, 100, 1000], help="time steps per sample (default 10,100,1000)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--mode", type=_words, default=["stop", "bptt"], help="training modes (default stop,bptt)")
+    p.add_argument("--T", type=int_list(), default=[10, 100, 1000], help="time steps per sample (default 10,100,1000)")
+    p.add_argument("--batch", type=positive_int, default=16)
+    p.add_argument("--device", type=torch_device, default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--infer", action="store_true",
                    help="profile streaming inference instead of training, per --backend")
-    p.add_argument("--backend", type=_csv(str), default=None,
+    p.add_argument("--backend", type=_words, default=None,
                    help="inference backends (default torch,onnxruntime,tensorrt; unavailable ones are skipped)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads in each run")
-    p.add_argument("--limit-mib", type=float, default=None,
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads in each run")
+    p.add_argument("--limit-mib", type=positive_float, default=None,
                    help="cap the host memory a run may allocate beyond its baseline (RLIMIT_DATA), as on a "
                         "smaller device (default on CPU: 90%% of MemAvailable, so a run that does not fit fails "
                         "cleanly)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per configuration (default 600)")
+    p.add_argument("--timeout", type=positive_float, default=600.0, help="seconds per configuration (default 600)")
     p.add_argument("--out", type=Path, default=Path("runs/profile"), help="output folder (default runs/profile)")
     p.set_defaults(func=run_profile)
 
@@ -87,8 +88,8 @@ def _register_plan(subparsers) -> None:
     _add_model_args(p)
     p.add_argument("--device", default="orin-nano-4gb", help=f"board or cpu: {', '.join(['cpu', *board_keys()])}")
     p.add_argument("--mode", choices=("stop", "bptt", "infer"), default="stop")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--T", type=int, default=100)
+    p.add_argument("--batch", type=positive_int, default=16)
+    p.add_argument("--T", type=positive_int, default=100)
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     p.add_argument("--json", metavar="PATH", type=Path, default=None, help="also write the report as JSON")
     p.set_defaults(func=run_plan)

@@ -4,7 +4,7 @@ graph or a deployment bundle.
     stoprt export runs/x/checkpoint.pt --to onnx model.onnx [--opset 20] [--params-as-inputs]
     stoprt export model.stoprt --to tensorrt model.engine [--batch 4] [--fp16] [--workspace-mib 256]
     stoprt export runs/x/checkpoint.pt --to bundle deploy/ [--archive]
-    stoprt export model.stoprt --to nir model.nir
+    stoprt export model.stoprt --to nir model.nir [--allow-reset-change]
 
 CHECKPOINT is a training checkpoint, a stoprt model file or a bundle. Nothing heavy is imported
 until the command runs.
@@ -13,10 +13,12 @@ until the command runs.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from ..cli_args import positive_int
+
 TARGETS = ("onnx", "tensorrt", "nir", "bundle")
+SUFFIXES = {"onnx": ".onnx", "tensorrt": ".engine", "nir": ".nir", "bundle": ""}
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -28,16 +30,20 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="training checkpoint, model file or bundle")
     p.add_argument("--to", required=True, choices=TARGETS, help="what to write")
     p.add_argument("out", metavar="OUT", help="output file (bundle: directory, or .tar with --archive)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset: 18, 19 or 20 (default 20)")
+    p.add_argument("--opset", type=positive_int, default=None, help="ONNX opset: 18, 19 or 20 (default 20)")
     p.add_argument("--params-as-inputs", action="store_true",
                    help="parameters as graph inputs, updatable on the device without a rebuild")
-    p.add_argument("--batch", type=int, default=None, help="TensorRT: largest batch of the engine (default 1)")
+    p.add_argument("--batch", type=positive_int, default=None, help="TensorRT: largest batch of the engine (default 1)")
     p.add_argument("--fp16", action="store_true", help="TensorRT: allow FP16 kernels")
-    p.add_argument("--workspace-mib", type=int, default=None,
+    p.add_argument("--workspace-mib", type=positive_int, default=None,
                    help="TensorRT: builder workspace limit in MiB (default 1024; ~256 on 4 GB boards)")
     p.add_argument("--refit", action="store_true", help="TensorRT: build a refittable engine")
     p.add_argument("--archive", action="store_true", help="bundle: write one .tar file instead of a directory")
     p.add_argument("--no-onnx", action="store_true", help="bundle: model file only, no step graph")
+    p.add_argument("--allow-reset-change", action="store_true",
+                   help="nir: write soft-reset LIF neurons (what `stoprt train` makes) as NIR's hard reset to "
+                        "v_reset=0; after each spike the NIR neuron restarts from 0 instead of keeping the "
+                        "excess over threshold, so strongly driven neurons fire less often than in stoprt")
     p.set_defaults(func=run_export)
     return p
 
@@ -47,34 +53,23 @@ def _check_options(args: argparse.Namespace) -> None:
                 "--workspace-mib": args.workspace_mib is not None, "--refit": args.refit}
     bundle_only = {"--archive": args.archive, "--no-onnx": args.no_onnx}
     onnx_opts = {"--opset": args.opset is not None, "--params-as-inputs": args.params_as_inputs}
+    nir_only = {"--allow-reset-change": args.allow_reset_change}
     allowed = {"onnx": onnx_opts, "tensorrt": {**onnx_opts, **trt_only}, "bundle": {**onnx_opts, **bundle_only},
-               "nir": {}}[args.to]
-    stray = [name for name, given in {**onnx_opts, **trt_only, **bundle_only}.items() if given and name not in allowed]
+               "nir": nir_only}[args.to]
+    given = {**onnx_opts, **trt_only, **bundle_only, **nir_only}
+    stray = [name for name, on in given.items() if on and name not in allowed]
     if stray:
         raise ValueError(f"{', '.join(stray)} does not apply to --to {args.to}")
-    if args.batch is not None and args.batch < 1:
-        raise ValueError(f"--batch must be at least 1, got {args.batch}")
-    if args.workspace_mib is not None and args.workspace_mib < 1:
-        raise ValueError(f"--workspace-mib must be at least 1, got {args.workspace_mib}")
+    out = Path(args.out)
+    if args.to != "bundle" and out.is_dir():  # a bundle is a directory; the others are one file
+        raise ValueError(f"{out} is a directory: give a file name for the {args.to} output, "
+                         f"e.g. {out / ('model' + SUFFIXES[args.to])}")
 
 
 def run_export(args: argparse.Namespace) -> int:
-    """Export as asked; exit code 0, or 2 with a one-line error for a missing optional backend."""
+    """Export as asked; exit code 0. Errors (bad input, a missing optional backend such as TensorRT or
+    NIR, TensorRT build failures) are raised and reported by ``stoprt.cli.main`` in one line."""
     _check_options(args)
-    try:
-        return _export(args)
-    except ImportError as err:  # an optional backend (TensorRT, NIR) is not installed
-        print(f"stoprt export: error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:  # TensorRTError: parse/build failures, already explained
-        from .tensorrt import TensorRTError
-        if not isinstance(err, TensorRTError):
-            raise
-        print(f"stoprt export: error: {err}", file=sys.stderr)
-        return 2
-
-
-def _export(args: argparse.Namespace) -> int:
     from .model_file import load_any
     out = Path(args.out)
     if args.to == "tensorrt":
@@ -106,7 +101,7 @@ def _export(args: argparse.Namespace) -> int:
                      params_as_inputs=args.params_as_inputs, archive=args.archive)
         _report(out, "deployment bundle" + (" archive" if args.archive else ""))
     else:
-        export_nir(net, out)
+        export_nir(net, out, allow_reset_change=args.allow_reset_change)
         _report(out, "NIR graph")
     return 0
 

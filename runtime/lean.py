@@ -74,6 +74,16 @@ class AvgPool2d(nn.AvgPool2d):
                           self.count_include_pad, self.divisor_override)
 
 
+def _tracing() -> bool:
+    """Whether torch.export / torch.compile / torch.jit.trace is recording the forward.
+
+    A tracer's tensors (FakeTensor, FunctionalTensor) have no storage, so the eager cache key
+    (``data_ptr``) cannot be read; and a cached tensor would be baked into the graph as a constant,
+    cut off from the buffers and parameters it was computed from.
+    """
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 class BatchNorm2d(nn.BatchNorm2d):
     """BatchNorm over channels. ``frozen``: always the running statistics, a fixed affine map.
 
@@ -102,6 +112,9 @@ class BatchNorm2d(nn.BatchNorm2d):
         args = (self.running_mean, self.running_var, self.weight, self.bias)
         if any(t is not None and t.requires_grad for t in args):  # learning them: a fresh graph each step
             return frozen_affine(*args, self.eps)
+        if _tracing():  # the graph must compute the map from its buffers, not hold a cached constant
+            return frozen_affine(*args, self.eps)
+        # data_ptr catches ``.to()``/``.double()`` (parameters keep their identity and version there)
         key = tuple(None if t is None else (t.data_ptr(), t._version) for t in args) + (self.eps,)
         if key != self._affine_key:
             with torch.no_grad():

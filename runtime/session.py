@@ -84,17 +84,45 @@ class LabelTrack:
     def from_csv(cls, path: str | Path, first_class: int = 1) -> "LabelTrack":
         """Read ``class,start_us,end_us`` rows (DVS128 Gesture's ``_labels.csv``; a header is skipped).
 
-        ``first_class`` is the number the file gives its first class (1 in DVS128 Gesture).
+        ``first_class`` is the number the file gives its first class (1 in DVS128 Gesture). Only a first
+        row that does not start with a number is a header; any other row must be three integers, else
+        ``ValueError`` names the file and line (a skipped "1.5" would leave learning silently idle).
         """
+        data = Path(path).read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = data.count(b"\n", 0, err.start) + 1
+            raise ValueError(f"{path}:{line}: not UTF-8 text (byte "
+                             f"0x{data[err.start]:02x}); expected class,start_us,end_us rows") from None
         track = cls()
-        with open(path, newline="") as f:
-            for n, row in enumerate(csv.reader(f), 1):
-                if not row or not row[0].strip().lstrip("-").isdigit():
-                    continue  # header or blank line
+        rows = [(n, row) for n, row in enumerate(csv.reader(text.splitlines()), 1) if "".join(row).strip()]
+        for i, (n, row) in enumerate(rows):
+            try:
                 if len(row) < 3:
-                    raise ValueError(f"{path}:{n}: expected class,start_us,end_us, got {row}")
-                track.add(int(row[1]), int(row[2]), int(row[0]) - first_class)
+                    raise ValueError(f"expected class,start_us,end_us, got {','.join(row)!r}")
+                try:
+                    label, start, end = (int(v) for v in row[:3])
+                except ValueError:
+                    if i == 0 and not _is_number(row[0]):
+                        continue  # the header
+                    raise ValueError(f"expected integers class,start_us,end_us, got {','.join(row)!r}") from None
+                if label < first_class:
+                    raise ValueError(f"class {label} is below the first class, {first_class}")
+                track.add(start, end, label - first_class)
+            except ValueError as err:
+                raise ValueError(f"{path}:{n}: {err}") from None
+        if not track.segments:
+            raise ValueError(f"{path}: no label rows (class,start_us,end_us)")
         return track
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass

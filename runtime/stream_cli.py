@@ -31,6 +31,8 @@ from urllib.parse import parse_qs, urlparse
 
 import psutil
 
+from ..cli_args import nonnegative_int, positive_float, positive_int, torch_device, warn
+
 
 def open_source(spec: str, packet_us: int, realtime: bool, seed: int = 0, format: str | None = None,
                 sensor_size: tuple[int, int] | None = None, start_us: int | None = None):
@@ -133,6 +135,17 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
+def _warn_if_labels_unused(args: argparse.Namespace, labels, stats) -> None:
+    """One warning line when labels were given but no step fell inside any of them (times relative to
+    the recording's start instead of its timestamps, say): learning did nothing, accuracy is n/a."""
+    if labels is None or stats.labelled_samples or not stats.steps or not labels.segments:
+        return
+    first, last = labels.segments[0].start_us, max(s.end_us for s in labels.segments)
+    warn("stream", f"{'--learn made no update: ' if args.learn else ''}no step fell inside any of the "
+                   f"{len(labels.segments)} label segments ({first}..{last} us); label times are the stream's "
+                   f"own timestamps in microseconds, and its last step ended at {stats.t_us} us")
+
+
 def run_stream(args: argparse.Namespace) -> int:
     import torch
 
@@ -147,6 +160,9 @@ def run_stream(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if args.backend == "tensorrt":
+        from ..export.tensorrt import import_tensorrt
+        import_tensorrt()  # a missing TensorRT fails first, in one line, before anything is loaded
     saved = None
     if args.checkpoint:
         remove_stale_temporaries(Path(args.checkpoint) / "session.pt")  # of killed earlier runs
@@ -244,6 +260,7 @@ def run_stream(args: argparse.Namespace) -> int:
                "checkpoint": str(session.checkpoint_path) if session.checkpoint_path else None,
                "warnings": problems, "predictions": log.summary()}
     print("stoprt stream: " + _status(session, pipeline, start, rss0, steps0))
+    _warn_if_labels_unused(args, labels, stats)
     if args.json:
         write_text(args.json, json.dumps(summary, indent=2, default=str))
     return 130 if session.interrupted else 0
@@ -255,31 +272,32 @@ def register(sub) -> None:
     p.add_argument("--model", default="mlp", help="built-in model name, checkpoint, model file or bundle")
     p.add_argument("--learn", action="store_true", help="STOP-WTL updates from labelled segments")
     p.add_argument("--labels", metavar="CSV", help="class,start_us,end_us segments (DVS128 Gesture style)")
-    p.add_argument("--classes", type=int, default=None, help="classes of a new built-in model")
-    p.add_argument("--size", type=int, default=16, help="input side of a new built-in model")
-    p.add_argument("--window", type=int, default=10, help="steps per sample without labels (readout window)")
-    p.add_argument("--dt-us", type=int, default=30_000, help="time step length (default 30000 us)")
-    p.add_argument("--events-per-step", type=int, default=None, help="fixed event count per step instead")
-    p.add_argument("--packet-us", type=int, default=1000, help=argparse.SUPPRESS)
+    p.add_argument("--classes", type=positive_int, default=None, help="classes of a new built-in model")
+    p.add_argument("--size", type=positive_int, default=16, help="input side of a new built-in model")
+    p.add_argument("--window", type=positive_int, default=10, help="steps per sample without labels (readout window)")
+    p.add_argument("--dt-us", type=positive_int, default=30_000, help="time step length (default 30000 us)")
+    p.add_argument("--events-per-step", type=positive_int, default=None, help="fixed event count per step instead")
+    p.add_argument("--packet-us", type=positive_int, default=1000, help=argparse.SUPPRESS)
     p.add_argument("--format", default=None, help="event file reader, instead of detecting it from the "
                    "extension and header: nmnist, aedat2, aedat3, aedat4, evt2, evt3, dat")
-    p.add_argument("--sensor-width", type=int, default=None, help="sensor size of a recording (overrides its "
-                   "header; N-MNIST .bin is 34x34)")
-    p.add_argument("--sensor-height", type=int, default=None)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--late-label-steps", type=int, default=0, help="keep this many steps to replay late labels")
+    p.add_argument("--sensor-width", type=positive_int, default=None, help="sensor size of a recording "
+                   "(overrides its header; N-MNIST .bin is 34x34)")
+    p.add_argument("--sensor-height", type=positive_int, default=None)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--late-label-steps", type=nonnegative_int, default=0, help="keep this many steps to replay late labels")
     p.add_argument("--checkpoint", metavar="DIR", help="write session.pt here (atomically)")
-    p.add_argument("--checkpoint-every", type=int, default=50, help="samples between checkpoints")
+    p.add_argument("--checkpoint-every", type=nonnegative_int, default=50,
+                   help="samples between checkpoints (0: only on SIGINT/SIGTERM and at the end)")
     p.add_argument("--resume", action="store_true", help="continue from DIR/session.pt")
     p.add_argument("--force", action="store_true", help="resume even if the source or settings differ")
-    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--max-steps", type=positive_int, default=None)
     p.add_argument("--realtime", action="store_true", help="pace a recording by its timestamps")
-    p.add_argument("--queue", type=int, default=8, help="steps buffered between producer and model")
+    p.add_argument("--queue", type=positive_int, default=8, help="steps buffered between producer and model")
     p.add_argument("--drop", choices=("oldest", "newest"), default="oldest", help="which steps to drop when behind")
     p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="torch",
                    help="inference backend; onnxruntime/tensorrt take a bundle from `stoprt export --to bundle`")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", type=torch_device, default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write the summary as JSON")
     p.add_argument("--predictions", metavar="FILE", help="write a row per readout window (.csv or .jsonl): "

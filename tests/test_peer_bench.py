@@ -74,11 +74,13 @@ def test_stoprt_methods_train_and_predict_with_the_same_interface():
 
 
 def test_accuracy_child_trains_on_builtin_digits():
+    # Settings at which STOP-WTL learns the 10 digits in ~1 s (0.50 held out here; chance is 0.10).
     row = peer_child.accuracy(_child_args(task="accuracy", method="stop-wtl", data="digits", model="mlp", size=8,
-                                          width=0.25, T=3, epochs=2, batch=16, n_train=48, n_test=24, threads=1))
-    assert row["n_train"] == 48 and row["n_test"] == 24 and len(row["history"]) == 2
-    assert 0.0 <= row["test_acc"] <= 1.0 and row["history"][-1]["train_seconds"] > 0
-    assert set(row["per_class_acc"]) <= set("0123456789") and row["per_class_acc"]
+                                          width=0.5, T=4, epochs=3, batch=4, n_train=96, n_test=48, threads=1))
+    assert row["n_train"] == 96 and row["n_test"] == 48 and len(row["history"]) == 3
+    assert row["test_acc"] >= 0.3, row["history"]
+    assert row["history"][-1]["test_acc"] > row["history"][0]["test_acc"] and row["history"][-1]["train_seconds"] > 0
+    assert set(row["per_class_acc"]) <= set("0123456789") and sum(a > 0 for a in row["per_class_acc"].values()) >= 3
 
 
 def test_rss_prediction_for_the_memory_cap():

@@ -1,5 +1,6 @@
 """The stream session: samples from windows or labels, in-situ learning, late labels, checkpoints."""
 
+import copy
 import os
 import signal
 from collections import namedtuple
@@ -34,11 +35,36 @@ def _labels(n_segments, length=5, gap=2):
     return LabelTrack(Segment(k * period * DT, (k * period + length) * DT, k % 3) for k in range(n_segments))
 
 
+def _class_steps(track, n, seed=0):
+    """A learnable stream: a labelled step shows its class's fixed pattern (80% of its pixels) plus 5% noise;
+    an unlabelled step shows noise only."""
+    g = torch.Generator().manual_seed(seed)
+    patterns = (torch.rand(3, 2, 8, 8, generator=g) < 0.3).float()
+    steps = []
+    for i in range(n):
+        segment = track.at(i * DT)
+        shown = patterns[segment.label] * (torch.rand(2, 8, 8, generator=g) < 0.8) if segment else 0.0
+        noise = (torch.rand(2, 8, 8, generator=g) < 0.05).float()
+        steps.append(Step(torch.clamp(shown + noise, 0, 1) * 2, i * DT, (i + 1) * DT))
+    return steps
+
+
 def test_windows_without_labels_predict_per_window():
-    s = _session(window=4)
-    stats = s.run(_steps(20))
-    assert stats.samples == 5 and stats.steps == 20 and stats.labelled_samples == 0
-    assert stats.updates == 0 and stats.last_prediction in (0, 1, 2)
+    torch.manual_seed(4)  # an untrained net whose prediction differs between the windows below
+    net = models.mlp(in_channels=2, size=8, classes=3, hidden=(16,), readout=True)  # graded outputs: no ties
+    reference = copy.deepcopy(net)
+    s = StreamSession(net, STOP(net, torch.optim.Adam(net.parameters(), lr=1e-2)), window=4)
+    steps = _class_steps(LabelTrack(Segment(4 * w * DT, 4 * (w + 1) * DT, w % 3) for w in range(5)), 20)
+    seen = {}
+    stats = s.run(steps, on_step=lambda sess: seen.setdefault(sess.stats.samples, sess.stats.last_prediction))
+    assert stats.samples == 5 and stats.steps == 20 and stats.labelled_samples == 0 and stats.updates == 0
+    predictions = [seen[k] for k in range(1, 5)] + [stats.last_prediction]
+    expected = []
+    for w in range(5):  # each window from a fresh state, outputs summed, argmax
+        L.reset_state(reference)
+        with torch.no_grad():
+            expected.append(int(sum(reference(st.frame.unsqueeze(0)) for st in steps[4 * w:4 * w + 4]).argmax(1)))
+    assert predictions == expected and len(set(expected)) > 1, (predictions, expected)
 
 
 def test_labelled_segments_learn_and_gaps_only_predict():
@@ -48,7 +74,17 @@ def test_labelled_segments_learn_and_gaps_only_predict():
     assert stats.labelled_samples == 4 and stats.updates == 4
     assert stats.samples == 8  # 4 labelled segments + 4 unlabelled gaps
     assert any(not torch.equal(a, b) for a, b in zip(before, s.net.parameters()))
-    assert 0.0 <= stats.accuracy <= 1.0
+
+
+def test_in_situ_learning_beats_chance_on_a_learnable_stream():
+    track = _labels(24)
+    s = _session(labels=track)
+    halfway = []
+    stats = s.run(_class_steps(_labels(24), 24 * 7),
+                  on_step=lambda sess: sess.stats.labelled_samples == 12 and halfway.append(sess.stats.correct))
+    later = (stats.correct - halfway[0]) / 12  # accuracy on the last 12 segments, predicted before each update
+    assert stats.labelled_samples == 24 and stats.accuracy == stats.correct / 24
+    assert later >= 0.75, later  # chance is 1/3
 
 
 def test_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path):

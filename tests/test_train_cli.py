@@ -20,7 +20,8 @@ def test_train_writes_checkpoint_metrics_and_resumes(tmp_path, capsys):
     assert main(["train", "--model", "mlp", "--epochs", "1", "--out", str(out), *QUICK]) == 0
     assert "epoch 1:" in capsys.readouterr().out
     history = json.loads((out / "metrics.json").read_text())
-    assert len(history) == 1 and 0.0 <= history[0]["test_acc"] <= 1.0
+    # One epoch of 96 digits already learns: 0.40 held out at these settings, chance is 0.10.
+    assert len(history) == 1 and history[0]["test_acc"] >= 0.25, history
     assert (out / "metrics.csv").read_text().startswith("epoch,train_acc,test_acc")
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt["epoch"] == 1 and ckpt["input_spec"]["T"] == 10
@@ -40,7 +41,7 @@ def test_bptt_and_stop_variants_train(tmp_path):
 
 def test_bad_arguments_give_clear_errors(capsys):
     assert main(["train", "--T", "0", *QUICK]) == 2
-    assert "T must be at least 1" in capsys.readouterr().err
+    assert "argument --T: expected an integer >= 1" in capsys.readouterr().err
     assert main(["train", "--data", "/nonexistent/folder", *QUICK]) == 2
     assert "/nonexistent/folder" in capsys.readouterr().err
     assert main(["train", "--resume", "/nonexistent.pt", "--epochs", "1", *QUICK]) == 2

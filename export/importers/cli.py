@@ -32,6 +32,8 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
+from ...cli_args import positive_float, positive_int
+
 SOURCES = ("snntorch", "spikingjelly", "nir")
 
 
@@ -47,9 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="MODEL_FILE", type=Path, required=True, help="stoprt model file to write")
     parser.add_argument("--spec", metavar="JSON", type=Path,
                         help="layer spec of the network (needed for snntorch and spikingjelly)")
-    parser.add_argument("--input-shape", metavar="N", type=int, nargs="+",
+    parser.add_argument("--input-shape", metavar="N", type=positive_int, nargs="+",
                         help="one step's input without batch, e.g. 2 32 32 (default: from the spec or NIR file)")
-    parser.add_argument("--dt", type=float, default=None, help="NIR time step in seconds (default 1e-4)")
+    parser.add_argument("--dt", type=positive_float, default=None, help="NIR time step in seconds (default 1e-4)")
     parser.set_defaults(func=run_import)
     return parser
 

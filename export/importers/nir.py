@@ -297,8 +297,8 @@ def _to_nir(nir: Any, m: nn.Module, origin: str, in_shape: tuple, out_shape: tup
     if type(m) is L.LIF:
         if m.reset != "hard" and not allow_reset_change:
             raise ConversionError(f"{origin}: reset={m.reset!r}, but NIR's LIF resets to v_reset (hard reset); "
-                                  "pass allow_reset_change=True to write it as a hard reset (the dynamics after "
-                                  "each spike change), or use reset='hard'")
+                                  "pass allow_reset_change=True (stoprt export: --allow-reset-change) to write it "
+                                  "as a hard reset (the dynamics after each spike change), or use reset='hard'")
         tau = _tau(m, origin, dt, out_shape)
         threshold = np.broadcast_to(_np(m.threshold).astype(np.float64), out_shape).copy()
         return nir.LIF(tau=tau, r=tau / dt, v_leak=np.zeros(out_shape), v_threshold=threshold,
