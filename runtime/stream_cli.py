@@ -101,6 +101,7 @@ def _status(session, pipeline, start: float, rss0: float) -> str:
 def run_stream(args: argparse.Namespace) -> int:
     import torch
 
+    from .lazy import defer_dynamo_import
     from .session import LabelTrack, StreamSession
     from .stop import STOP
     from .stream.binning import Binner
@@ -109,6 +110,7 @@ def run_stream(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    defer_dynamo_import()  # the optimizer below would load torch._dynamo before the first step
     source = open_source(args.source, args.packet_us, args.realtime, args.seed)
     labels = LabelTrack.from_csv(args.labels) if args.labels else getattr(source, "labels", None)
     classes = args.classes or getattr(source, "num_classes", 10)
@@ -188,7 +190,7 @@ def register(sub) -> None:
     p.add_argument("--window", type=int, default=10, help="steps per sample without labels (readout window)")
     p.add_argument("--dt-us", type=int, default=30_000, help="time step length (default 30000 us)")
     p.add_argument("--events-per-step", type=int, default=None, help="fixed event count per step instead")
-    p.add_argument("--packet-us", type=int, default=1000, help=argparse.SUPPRESS)
+    p.add_argument("--packet-us", type=int, default=None, help=argparse.SUPPRESS)  # files: 1000
     p.add_argument("--sensor-width", type=int, default=None)
     p.add_argument("--sensor-height", type=int, default=None)
     p.add_argument("--lr", type=float, default=1e-3)
