@@ -57,6 +57,9 @@ class StreamPipeline:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._done = False
+        # Who is blocked on ``_cond``: each side wakes the other only when it waits, and a full queue
+        # wakes the producer once half of it is consumed, not at every step (fewer thread switches).
+        self._consumer_waiting = self._producer_waiting = False
         self._error: BaseException | None = None
         self._counts = {"steps_produced": 0, "steps_consumed": 0, "steps_dropped": 0, "packets": 0, "events": 0,
                         "queue_peak": 0}
@@ -119,12 +122,16 @@ class StreamPipeline:
             while not self._queue and not self._done:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
+                    self._consumer_waiting = False
                     return None
+                self._consumer_waiting = True
                 self._cond.wait(remaining)
+            self._consumer_waiting = False
             if self._queue:
                 step = self._queue.popleft()
                 self._counts["steps_consumed"] += 1
-                self._cond.notify_all()
+                if self._producer_waiting and len(self._queue) <= self.max_queue_steps // 2:
+                    self._cond.notify_all()
                 return step
             error, self._error = self._error, None
         if error is not None:
@@ -183,13 +190,16 @@ class StreamPipeline:
                     self._queue.popleft()
             else:
                 while len(self._queue) >= self.max_queue_steps and not self._stop.is_set():
+                    self._producer_waiting = True
                     self._cond.wait(0.1)
+                self._producer_waiting = False
             if self._stop.is_set():
                 return False
             self._queue.append(step)
             self._counts["queue_peak"] = max(self._counts["queue_peak"], len(self._queue))
             self._note(step)
-            self._cond.notify_all()
+            if self._consumer_waiting:
+                self._cond.notify_all()
         return True
 
     def _note(self, step: Step) -> None:
