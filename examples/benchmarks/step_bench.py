@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from core_bench import floor_stack  # noqa: E402  (the one plain-torch floor builder)
 
 from stoprt.runtime import layers as L, models  # noqa: E402
+from stoprt.runtime.atomic import write_text  # noqa: E402
 from stoprt.runtime.stop import STOP  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,6 +86,12 @@ def learner(net: L.Sequential, mode: str, loss="ce") -> STOP:
     return STOP(net, torch.optim.Adam(net.parameters(), lr=1e-3), update="sample", loss=loss, **extra)
 
 
+def held_tensors(lrn: STOP) -> list[torch.Tensor]:
+    """What the learner keeps between steps: the static program's buffers, else the layers' state."""
+    engine = getattr(lrn, "_static", None)
+    return engine.state() if engine is not None else L.state_tensors(lrn.net)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -109,7 +116,8 @@ def graphed_floor(floor: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor):
 
 
 def runners(name: str, batch: int, args, device: torch.device) -> tuple[dict, dict]:
-    """``({row: run one sample}, {row: why not available})`` for one network and batch size."""
+    """``({row: run one sample}, {row: why not available}, {row: its learner})`` for one network
+    and batch size."""
     torch.manual_seed(0)
     net = build_net(name, args, device)
     shape = (batch, *net.input_shape)
@@ -119,6 +127,7 @@ def runners(name: str, batch: int, args, device: torch.device) -> tuple[dict, di
     floor_opt = torch.optim.Adam(floor.parameters(), lr=1e-3)
     runs, missing = {}, {}
     modes = {"eager": learner(copy.deepcopy(net), "eager")}
+    runs_on = {}
     why = static_unavailable()
     if why is None:
         try:
@@ -138,6 +147,7 @@ def runners(name: str, batch: int, args, device: torch.device) -> tuple[dict, di
                 lrn.step(x)
             lrn.end_sample()
         runs[f"{mode}_learn"], runs[f"{mode}_infer"] = learn, infer
+        runs_on[f"{mode}_learn"] = runs_on[f"{mode}_infer"] = lrn
 
     def floor_fwd_bwd():
         for x in xs:
@@ -153,23 +163,31 @@ def runners(name: str, batch: int, args, device: torch.device) -> tuple[dict, di
     if device.type == "cuda":
         g_floor = copy.deepcopy(floor)
         g_opt = torch.optim.Adam(g_floor.parameters(), lr=1e-3)
-        static_x, graph = graphed_floor(g_floor, xs[0], y)
+        try:
+            static_x, graph = graphed_floor(g_floor, xs[0], y)
+        except Exception as err:  # reported as a row that is not available
+            missing["floor_graph"] = f"capture failed: {type(err).__name__}: {err}"
+        else:
+            def floor_graph():
+                for x in xs:
+                    static_x.copy_(x)
+                    graph.replay()
+                g_opt.step()  # eager, on the gradients the graph wrote (they keep their addresses)
+            runs["floor_graph"] = floor_graph
+    return runs, missing, runs_on
 
-        def floor_graph():
-            for x in xs:
-                static_x.copy_(x)
-                graph.replay()
-            g_opt.step()  # eager, on the gradients the graph wrote (they keep their addresses)
-        runs["floor_graph"] = floor_graph
-    return runs, missing
 
-
-def time_rows(runs: dict, args, device: torch.device) -> dict[str, list[float]]:
-    """Seconds per step of each row, ``repeats`` interleaved samples after two warm-up samples."""
-    for fn in runs.values():
-        fn()
-        fn()
-    sync(device)
+def time_rows(runs: dict, missing: dict, args, device: torch.device) -> dict[str, list[float]]:
+    """Seconds per step of each row, ``repeats`` interleaved samples after warm-up samples. A row
+    that raises is dropped into ``missing`` with the error; the others go on."""
+    for k, fn in list(runs.items()):
+        try:
+            for _ in range(1 if args.quick else 2):
+                fn()
+            sync(device)
+        except Exception as err:
+            missing[k] = f"{type(err).__name__}: {err}"
+            del runs[k]
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(args.repeats):
         for k, fn in runs.items():
@@ -185,12 +203,19 @@ def step_table(args, device: torch.device) -> list[dict]:
     rows = []
     for name in args.nets:
         for batch in args.batches:
-            runs, missing = runners(name, batch, args, device)
-            times = time_rows(runs, args, device)
+            runs, missing, runs_on = runners(name, batch, args, device)
+            times = time_rows(runs, missing, args, device)
             for row in (*ROWS, *(("floor_graph",) if device.type == "cuda" else ())):
                 entry = {"net": name, "batch": batch, "row": row, "available": row in times}
                 if row in times:
                     entry.update(median_us=1e6 * statistics.median(times[row]), best_us=1e6 * min(times[row]))
+                    if row in runs_on:  # how the learner ran in the end (a fallback shows here)
+                        entry["mode"] = runs_on[row].mode if hasattr(runs_on[row], "mode") else "eager"
+                        if entry["mode"] == "eager" and row.startswith("static"):
+                            entry["note"] = "fell back to eager"
+                        pool = getattr(runs_on[row], "graph_pool_bytes", lambda: None)()
+                        if pool is not None:
+                            entry["graph_pool_mib"] = pool / 2**20
                 else:
                     entry["why"] = missing.get(row, "not measured")
                 rows.append(entry)
@@ -214,7 +239,7 @@ def add_ratios(group: list[dict]) -> None:
 
 def print_rows(group: list[dict], flush: bool = False) -> None:
     for r in group:
-        head = f"  {r['net']:11s} b{r['batch']:<3d} {r['row']:14s}"
+        head = f"  {r['net']:11s} b{r['batch']:<3d} {r['row']:14s} {r.get('mode', ''):7s}"
         if not r["available"]:
             print(f"{head} n/a ({r['why']})", flush=flush)
             continue
@@ -238,13 +263,13 @@ def memory_in_T(args, device: torch.device) -> dict:
             lrn.step(frames[t % len(frames)], y)
             if t == T - 1:  # what the network holds between steps, each storage once
                 held = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                            for t in L.state_tensors(net)}.values())
+                            for t in held_tensors(lrn)}.values())
         lrn.end_sample()
         sync(device)
         return held
 
     sample(3)  # warm-up: optimizer state, capture, first-use allocations
-    out = {"net": args.memory_net, "batch": 1, "learner": mode, "rows": []}
+    out = {"net": args.memory_net, "batch": 1, "learner": getattr(lrn, "mode", mode), "rows": []}
     proc = psutil.Process()
     for T in args.memory_Ts:
         if device.type == "cuda":
@@ -366,23 +391,26 @@ def markdown(result: dict) -> str:
              + f"; load average at start {m['load_average_at_start'][0]:.1f}.", "",
              f"Microseconds per time step (median of {result['config']['repeats']} interleaved samples of "
              f"T={result['config']['T']}; ratios are medians over the plain-torch floor).", "",
-             "| net | batch | row | median us | best us | over floor | over graphed floor |",
-             "|---|---|---|---|---|---|---|"]
+             "| net | batch | row | mode | median us | best us | over floor | over graphed floor |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["steps"]:
         if r["available"]:
-            lines.append(f"| {r['net']} | {r['batch']} | {r['row']} | {r['median_us']:.1f} | {r['best_us']:.1f} | "
+            lines.append(f"| {r['net']} | {r['batch']} | {r['row']} | {r.get('mode', '')} | {r['median_us']:.1f} | "
+                         f"{r['best_us']:.1f} | "
                          f"{r.get('over_floor', float('nan')):.2f} | {r.get('over_floor_graph', float('nan')):.2f} |")
         else:
-            lines.append(f"| {r['net']} | {r['batch']} | {r['row']} | n/a | n/a | {r['why']} | |")
-    mem = result["memory"]
-    lines += ["", f"Memory over one sample ({mem['net']}, batch 1, {mem['learner']} learner): "
-              f"spread of {mem['measure']} {100 * mem['spread']:.2f}%", "", "| T | " + " | ".join(
-                  k for k in mem["rows"][0] if k != "T") + " |", "|---" * len(mem["rows"][0]) + "|"]
-    lines += ["| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()) + " |"
-              for r in mem["rows"]]
-    s = result["stream"]
-    lines += ["", f"`{s['command']}`: " + (f"{s['steps_per_s']:.0f} steps/s over {s['steps']} steps, start-up "
-                                          f"{s['startup_s']:.2f} s" if "error" not in s else f"failed: {s['error']}")]
+            lines.append(f"| {r['net']} | {r['batch']} | {r['row']} | | n/a | n/a | {r['why']} | |")
+    mem = result.get("memory") or {"rows": []}
+    if mem["rows"]:
+        lines += ["", f"Memory over one sample ({mem['net']}, batch 1, {mem['learner']} learner): "
+                  f"spread of {mem['measure']} {100 * mem['spread']:.2f}%", "", "| T | " + " | ".join(
+                      k for k in mem["rows"][0] if k != "T") + " |", "|---" * len(mem["rows"][0]) + "|"]
+        lines += ["| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()) + " |"
+                  for r in mem["rows"]]
+    s = result.get("stream")
+    if s:
+        lines += ["", f"`{s['command']}`: " + (f"{s['steps_per_s']:.0f} steps/s over {s['steps']} steps, start-up "
+                                              f"{s['startup_s']:.2f} s" if "error" not in s else f"failed: {s['error']}")]
     o = result.get("stream_overhead")
     if o:
         lines += ["", f"Stream loop ({o['steps']} steps, mlp, CPU), us per step, wall (CPU time of all threads):", "",
@@ -392,6 +420,11 @@ def markdown(result: dict) -> str:
                                       f"({100 * o[f'{k}_overhead_cpu']:+.1f}%)")
                                    for k in ("bare", "session", "session_pipeline")) + " |"]
     return "\n".join(lines) + "\n"
+
+
+def save(result: dict, out: Path) -> None:
+    write_text(out / "step_bench.json", json.dumps(result, indent=2))
+    write_text(out / "step_bench.md", markdown(result))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -423,21 +456,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.T, args.repeats, args.memory_Ts, args.memory_net = 3, 1, [3, 6, 12], "mlp"
         args.stream_source, args.stream_steps, args.overhead_samples, args.overhead_repeats = \
-            "builtin:digits:3", 40, 3, 1
+            "builtin:digits:5", 40, 3, 1
     info = machine(device)
     out = Path(args.out or ROOT / "docs" / "results" / "step" / info["name"])
     why = static_unavailable()
     print(f"step_bench on {info['name']} (torch {info['torch']}, {args.threads} thread(s))"
           + (f"; static rows n/a: {why}" if why else ""), flush=True)
     result = {"machine": info, "config": {k: v for k, v in vars(args).items() if k != "out"}}
+    out.mkdir(parents=True, exist_ok=True)
     result["steps"] = step_table(args, device)
+    save(result, out)  # after every stage: a run cut short keeps what it measured
     print("memory over one sample:", flush=True)
     result["memory"] = memory_in_T(args, device)
+    save(result, out)
     for r in result["memory"]["rows"]:
         print(f"  T={r['T']:5d}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in r.items() if k != "T"), flush=True)
     print(f"  spread of {result['memory']['measure']}: {100 * result['memory']['spread']:.2f}% (target within 2%)")
     result["stream"] = stream_rate(args, device)
+    save(result, out)
     s = result["stream"]
     print(f"stream: {s.get('steps_per_s', float('nan')):.0f} steps/s, start-up {s.get('startup_s', float('nan')):.2f} s"
           + (f" (failed: {s['error']})" if "error" in s else ""), flush=True)
@@ -447,9 +484,7 @@ def main(argv: list[str] | None = None) -> int:
               f"session {100 * o['session_overhead_wall']:+.1f}% (CPU {100 * o['session_overhead_cpu']:+.1f}%), "
               f"session + pipeline {100 * o['session_pipeline_overhead_wall']:+.1f}% "
               f"(CPU {100 * o['session_pipeline_overhead_cpu']:+.1f}%) (target <= +10%)")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "step_bench.json").write_text(json.dumps(result, indent=2))
-    (out / "step_bench.md").write_text(markdown(result))
+    save(result, out)
     print(f"wrote {out / 'step_bench.json'} and {out / 'step_bench.md'}")
     return 0
 
