@@ -101,7 +101,6 @@ def _status(session, pipeline, start: float, rss0: float) -> str:
 def run_stream(args: argparse.Namespace) -> int:
     import torch
 
-    from .lazy import defer_dynamo_import
     from .session import LabelTrack, StreamSession
     from .stop import STOP
     from .stream.binning import Binner
@@ -110,7 +109,6 @@ def run_stream(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    defer_dynamo_import()  # the optimizer below would load torch._dynamo before the first step
     source = open_source(args.source, args.packet_us, args.realtime, args.seed)
     labels = LabelTrack.from_csv(args.labels) if args.labels else getattr(source, "labels", None)
     classes = args.classes or getattr(source, "num_classes", 10)

@@ -231,10 +231,12 @@ def add_ratios(group: list[dict]) -> None:
         if not r["available"] or r["row"].startswith("floor"):
             continue
         base = "floor_fwd_bwd" if r["row"].endswith("learn") else "floor_fwd"
-        if base in by:
+        if base in by:  # medians, and bests (the least disturbed runs: steadier on a loaded machine)
             r["over_floor"] = r["median_us"] / by[base]["median_us"]
+            r["over_floor_best"] = r["best_us"] / by[base]["best_us"]
         if r["row"].endswith("learn") and "floor_graph" in by:
             r["over_floor_graph"] = r["median_us"] / by["floor_graph"]["median_us"]
+            r["over_floor_graph_best"] = r["best_us"] / by["floor_graph"]["best_us"]
 
 
 def print_rows(group: list[dict], flush: bool = False) -> None:
@@ -243,7 +245,7 @@ def print_rows(group: list[dict], flush: bool = False) -> None:
         if not r["available"]:
             print(f"{head} n/a ({r['why']})", flush=flush)
             continue
-        ratio = f"  {r['over_floor']:5.2f}x floor" if "over_floor" in r else ""
+        ratio = f"  {r['over_floor']:5.2f}x floor (best {r['over_floor_best']:5.2f}x)" if "over_floor" in r else ""
         ratio += f"  {r['over_floor_graph']:6.2f}x graphed floor" if "over_floor_graph" in r else ""
         print(f"{head} {r['median_us']:10.1f} us (best {r['best_us']:9.1f}){ratio}", flush=flush)
 
@@ -390,14 +392,17 @@ def markdown(result: dict) -> str:
              + (f", GPU {m['gpu']} (CUDA {m['cuda']})" if "gpu" in m else "")
              + f"; load average at start {m['load_average_at_start'][0]:.1f}.", "",
              f"Microseconds per time step (median of {result['config']['repeats']} interleaved samples of "
-             f"T={result['config']['T']}; ratios are medians over the plain-torch floor).", "",
+             f"T={result['config']['T']}, and the best); ratios over the plain-torch floor, median / best; "
+             "learn rows over the floor's forward+backward, infer rows over its forward.", "",
              "| net | batch | row | mode | median us | best us | over floor | over graphed floor |",
              "|---|---|---|---|---|---|---|---|"]
+
+    def ratio(r: dict, key: str) -> str:
+        return f"{r[key]:.2f} / {r[key + '_best']:.2f}" if key in r else ""
     for r in result["steps"]:
         if r["available"]:
             lines.append(f"| {r['net']} | {r['batch']} | {r['row']} | {r.get('mode', '')} | {r['median_us']:.1f} | "
-                         f"{r['best_us']:.1f} | "
-                         f"{r.get('over_floor', float('nan')):.2f} | {r.get('over_floor_graph', float('nan')):.2f} |")
+                         f"{r['best_us']:.1f} | {ratio(r, 'over_floor')} | {ratio(r, 'over_floor_graph')} |")
         else:
             lines.append(f"| {r['net']} | {r['batch']} | {r['row']} | | n/a | n/a | {r['why']} | |")
     mem = result.get("memory") or {"rows": []}

@@ -72,6 +72,8 @@ class BuiltinStream(EventSource):
         cache: keep the rendered recordings in the cache folder (see the module docstring).
     """
 
+    in_memory = True  # its packets are views of arrays made up front: a pipeline needs no thread
+
     def __init__(self, name: str = "digits", n_samples: int = 200, gap_us: int = 20_000,
                  packet_us: int | None = None, sensor_size: tuple[int, int] = (32, 32), seed: int = 0,
                  loop: bool = False, cache: bool = True) -> None:
