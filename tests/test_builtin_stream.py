@@ -93,3 +93,49 @@ def test_the_stream_starts_without_scikit_learn(cache):
     subprocess.run([sys.executable, "-c", code], env=env, check=True)  # fills the cache
     done = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_an_in_memory_source_is_binned_without_a_thread(cache):
+    import threading
+    threads = threading.active_count()
+    inline = StreamPipeline(BuiltinStream("digits", n_samples=3), Binner((32, 32), out_size=16, dt_us=30_000))
+    assert not inline.threaded
+    with inline:
+        got = [(s.t_start, s.n_events, s.frame.clone()) for s in inline]
+        assert threading.active_count() == threads
+    threaded = StreamPipeline(BuiltinStream("digits", n_samples=3), Binner((32, 32), out_size=16, dt_us=30_000),
+                              thread=True)
+    with threaded:
+        want = [(s.t_start, s.n_events, s.frame.clone()) for s in threaded]
+    assert len(got) == len(want) > 20
+    assert all(a[:2] == b[:2] and torch.equal(a[2], b[2]) for a, b in zip(got, want))
+    assert inline.stats["steps_produced"] == inline.stats["steps_consumed"] == len(got)
+    assert inline.stats["events"] == threaded.stats["events"] > 0
+
+
+class _Failing(BuiltinStream):
+    def _packets(self):
+        packets = super()._packets()
+        yield next(packets)
+        raise OSError("sensor unplugged")
+
+
+@pytest.mark.parametrize("thread", [False, True])
+def test_a_source_error_reaches_the_consumer_after_its_steps(cache, thread):
+    pipe = StreamPipeline(_Failing("digits", n_samples=2), Binner((32, 32), out_size=16, dt_us=30_000),
+                          thread=thread)
+    assert pipe.threaded == thread
+    steps = []
+    with pytest.raises(OSError, match="unplugged"):
+        for step in pipe:
+            steps.append(step)
+    assert len(steps) == 9  # the first recording's completed steps (300 ms from its first event, 30 ms each)
+    assert pipe.source.closed and pipe.next_step() is None
+
+
+def test_closing_an_inline_pipeline_stops_it(cache):
+    source = BuiltinStream("digits", n_samples=2, loop=True)
+    pipe = StreamPipeline(source, Binner((32, 32), out_size=16, dt_us=30_000))
+    assert pipe.next_step() is not None
+    pipe.close()
+    assert source.closed and pipe.next_step() is None

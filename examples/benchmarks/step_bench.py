@@ -40,6 +40,7 @@ import json
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -296,15 +297,16 @@ def stream_rate(args, device: torch.device) -> dict:
                "--threads", "1", "--device", str(device), "--quiet", "--json", str(summary)]
         if args.stream_steps:
             cmd += ["--max-steps", str(args.stream_steps)]
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.stream_timeout)
-        wall = time.perf_counter() - t0
+        wall, cpu1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
         if done.returncode != 0 or not summary.exists():
             return {"command": " ".join(cmd[1:]), "error": (done.stderr or done.stdout).strip()[-500:]}
         s = json.loads(summary.read_text())
     return {"command": "python " + " ".join(cmd[1:]), "steps": s["steps"], "steps_per_s": s["steps_per_s"],
             "updates": s["updates"], "stream_s": s["seconds"], "wall_s": wall,
-            "startup_s": wall - s["seconds"], "realtime_factor": s["pipeline"]["realtime_factor"]}
+            "startup_s": wall - s["seconds"], "realtime_factor": s["pipeline"]["realtime_factor"],
+            "command_cpu_s": cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime}
 
 
 def stream_overhead(args) -> dict:
@@ -415,7 +417,9 @@ def markdown(result: dict) -> str:
     s = result.get("stream")
     if s:
         lines += ["", f"`{s['command']}`: " + (f"{s['steps_per_s']:.0f} steps/s over {s['steps']} steps, start-up "
-                                              f"{s['startup_s']:.2f} s" if "error" not in s else f"failed: {s['error']}")]
+                                              f"{s['startup_s']:.2f} s (wall time of the command minus its stream "
+                                              f"time; the command used {s['command_cpu_s']:.1f} s of CPU)"
+                                              if "error" not in s else f"failed: {s['error']}")]
     o = result.get("stream_overhead")
     if o:
         lines += ["", f"Stream loop ({o['steps']} steps, mlp, CPU), us per step, wall (CPU time of all threads):", "",

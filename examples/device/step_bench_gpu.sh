@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 12's GPU measurements in one run (about 6 minutes at most): the STOP step benchmark on CUDA,
+# Issue 12's GPU measurements in one run (6.5 minutes at most): the STOP step benchmark on CUDA,
 # the CUDA tests, `stoprt stream --device cuda --learn` and the machine's versions.
 #
 #   OUT=runs/gpu examples/device/step_bench_gpu.sh     # from the checkout; PYTHON=... picks the interpreter
@@ -20,7 +20,7 @@ set -u
 repo="$(pwd)"
 out="${OUT:-$repo/runs/gpu}"
 py="${PYTHON:-python3}"
-budget_s="${BUDGET_S:-400}"   # the whole script; the lead's slot is about 8 minutes
+budget_s="${BUDGET_S:-390}"   # the whole script (7 minutes at most, with the kill grace of each part)
 mkdir -p "$out"
 log="$out/run.log"
 : > "$log"
@@ -74,23 +74,23 @@ note "env: $(grep -m1 '^device' "$out/env.txt" || echo 'no CUDA device seen by t
 
 # 2. The step benchmark on CUDA (the main result; its JSON is rewritten after every stage).
 later_parts=2
-run step_bench 220 "$py" examples/benchmarks/step_bench.py --device cuda --out "$out" --stream-timeout 90
+run step_bench 200 "$py" examples/benchmarks/step_bench.py --device cuda --out "$out" --stream-timeout 75
 
-# 3. The stream on CUDA, on its own (also inside the benchmark; this one survives a benchmark hang).
+# 3. CUDA tests: the static step, exactness, and every test file that touches CUDA.
 later_parts=1
-run stream_cuda 90 bash -c '"$0" -m stoprt.cli stream --source builtin:digits --learn --threads 1 \
-    --device cuda --quiet --json "$1/stream_cuda.json" > "$1/stream_cuda.log" 2>&1' "$py" "$out"
-
-# 4. CUDA tests: the static step, exactness, and every test file that touches CUDA.
-later_parts=0
 tests=()
 for f in tests/test_static_step.py tests/test_exactness.py $(grep -l "cuda" tests/test_*.py 2>/dev/null); do
     [[ -f "$f" ]] && [[ " ${tests[*]} " != *" $f "* ]] && tests+=("$f")
 done
 note "tests: ${tests[*]}"
-run tests 150 bash -c '"$0" -m pytest -q -p no:cacheprovider -rs "${@:2}" > "$1/tests_cuda.log" 2>&1' \
+run tests 120 bash -c '"$0" -m pytest -q -p no:cacheprovider -rs "${@:2}" > "$1/tests_cuda.log" 2>&1' \
     "$py" "$out" "${tests[@]}"
 tail -n 3 "$out/tests_cuda.log" 2>/dev/null | tee -a "$log"
+
+# 4. The stream on CUDA, on its own (also inside the benchmark; this one survives a benchmark hang).
+later_parts=0
+run stream_cuda 75 bash -c '"$0" -m stoprt.cli stream --source builtin:digits --learn --threads 1 \
+    --device cuda --quiet --json "$1/stream_cuda.json" > "$1/stream_cuda.log" 2>&1' "$py" "$out"
 
 rm -rf "$pkg_root"
 note "done; files in $out:"
