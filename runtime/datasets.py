@@ -13,6 +13,7 @@ import functools
 import math
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -121,20 +122,13 @@ def digit_images() -> tuple[np.ndarray, np.ndarray]:
     first time, so streams and training start without it.
     """
     path = _cache_dir() / "sklearn-digits-v1.npz"
-    try:
-        with np.load(path) as stored:
-            return stored["images"], stored["labels"]
-    except (OSError, KeyError, ValueError, EOFError):
-        pass  # absent or unreadable: load from scikit-learn below
+    stored = _load_npz(path)
+    if stored is not None and {"images", "labels"} <= stored.keys():
+        return stored["images"], stored["labels"]
     from sklearn.datasets import load_digits
     digits = load_digits()
     images, labels = digits.images.astype(np.uint8), digits.target.astype(np.int64)
-    try:
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
-                np.savez(f, images=images, labels=labels)
-    except OSError:
-        pass  # a read-only or full disk only costs the cache
+    _save_npz(path, images=images, labels=labels)
     return images, labels
 
 
@@ -378,6 +372,24 @@ def _count_dtype(largest: int) -> torch.dtype:
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("STOPRT_CACHE_DIR") or Path.home() / ".cache" / "stoprt")
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray] | None:
+    """The arrays of a cached ``.npz``, or None when it is absent or unreadable."""
+    try:
+        with np.load(path) as stored:
+            return {k: stored[k] for k in stored.files}
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Write a cache ``.npz`` atomically; a read-only or full disk only costs the cache."""
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file: np.savez would append .npz to a path
+            np.savez(f, **arrays)
+    except OSError:
+        pass
 
 
 def _atomic_save(obj: dict, path: Path) -> None:

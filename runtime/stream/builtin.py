@@ -16,13 +16,11 @@ recording, and 300 such calls per recording held the model up).
 
 from __future__ import annotations
 
-import zipfile
 from typing import Iterator
 
 import numpy as np
 
-from ..atomic import atomic_path
-from ..datasets import _CACHE_VERSION, _cache_dir, emulated_digits, synthetic_gestures
+from ..datasets import _CACHE_VERSION, _cache_dir, _load_npz, _save_npz, emulated_digits, synthetic_gestures
 from ..events import EVENT_DTYPE
 from ..session import LabelTrack
 from .sources import EventSource
@@ -35,26 +33,17 @@ def recordings(name: str, n_samples: int, sensor_size: tuple[int, int], duration
     """``(events per recording, labels [n])`` of a built-in generator, from the cache when there."""
     w, h = sensor_size
     path = _cache_dir() / f"stream-{name}-v{_CACHE_VERSION}-n{n_samples}-{w}x{h}-d{duration_us}-seed{seed}.npz"
-    if cache:
-        try:
-            with np.load(path) as stored:
-                events, bounds, labels = stored["events"], stored["bounds"], stored["labels"]
-            if events.dtype == EVENT_DTYPE and len(bounds) == len(labels) + 1:
-                return [events[a:b] for a, b in zip(bounds[:-1], bounds[1:])], labels
-        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
-            pass  # absent or unreadable: render below
+    stored = _load_npz(path) if cache else None
+    if stored is not None and {"events", "bounds", "labels"} <= stored.keys():
+        events, bounds, labels = stored["events"], stored["bounds"], stored["labels"]
+        if events.dtype == EVENT_DTYPE and len(bounds) == len(labels) + 1:
+            return [events[a:b] for a, b in zip(bounds[:-1], bounds[1:])], labels
     generate = emulated_digits if name == "digits" else synthetic_gestures
     events, labels = generate(n_samples=n_samples, sensor_size=sensor_size, duration_us=duration_us, seed=seed)
     labels = np.asarray(labels, dtype=np.int64)
     if cache:
-        bounds = np.cumsum([0] + [len(e) for e in events])
-        try:
-            with atomic_path(path) as tmp:
-                with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
-                    np.savez(f, events=np.concatenate(events) if events else np.zeros(0, EVENT_DTYPE),
-                             bounds=bounds, labels=labels)
-        except OSError:
-            pass  # a read-only or full disk only costs the cache
+        _save_npz(path, events=np.concatenate(events) if events else np.zeros(0, EVENT_DTYPE),
+                  bounds=np.cumsum([0] + [len(e) for e in events]), labels=labels)
     return events, labels
 
 
