@@ -93,7 +93,7 @@ for f in tests/test_static_step.py tests/test_exactness.py $(grep -l "cuda" test
     [[ -f "$f" ]] && [[ " ${tests[*]} " != *" $f "* ]] && tests+=("$f")
 done
 note "tests: ${tests[*]}"
-run tests 120 bash -c '"$0" -m pytest -q -p no:cacheprovider -rs --continue-on-collection-errors "${@:2}" > "$1/tests_cuda.log" 2>&1' \
+run tests 120 bash -c '"$0" -m pytest -v -p no:cacheprovider -rs --durations=10 --continue-on-collection-errors "${@:2}" > "$1/tests_cuda.log" 2>&1' \
     "$py" "$out" "${tests[@]}"
 tail -n 3 "$out/tests_cuda.log" 2>/dev/null | tee -a "$log"
 
