@@ -14,7 +14,8 @@ Rows, per network (``mlp`` 2x16x16 as in the demo, ``dvs_gesture`` and ``vgg11``
 * ``floor_fwd_bwd`` / ``floor_fwd``: the same synaptic ops, frozen BatchNorm and pooling with ReLU in
   place of every neuron, in torch's own layers (``core_bench.floor_stack``), forward+backward and
   forward alone (no_grad);
-* ``floor_graph`` (CUDA only): that forward+backward captured once in a CUDA graph and replayed.
+* ``floor_graph`` (CUDA only): that forward+backward captured once in a CUDA graph and replayed
+  (its Adam step at the sample's end runs eagerly, outside the graph).
 
 A sample is ``--T`` steps and its end (one Adam update for the learning rows and the floor's
 forward+backward); its time / T is the time per step. Rows run interleaved ``--repeats`` times
@@ -22,7 +23,8 @@ after a warm-up; the median and the best are kept. Also measured:
 
 * memory flat in T under the static step (eager where static is absent): the CUDA allocator peak
   (``max_memory_allocated``) of one sample of T = 10, 100, 1000 steps; on CPU the bytes held
-  between steps (state and traces, exact) and the process RSS peak above its start (coarse);
+  between steps (state and traces, or the static program's buffers; exact) and the process RSS
+  growth over the sample (coarse);
 * ``stoprt stream --source builtin:digits --learn --threads 1`` steps/s (a subprocess, its --json
   summary) and its start-up time (wall time of the command minus its streaming time);
 * the stream loop's own cost: the same learner calls replayed bare, through :class:`StreamSession`
