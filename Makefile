@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= test,plot,aedat,nir,snntorch
 
-.PHONY: demo test bench bench-peers install clean
+.PHONY: demo test bench bench-peers bench-step install clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	@if [ ! -x $(PY) ]; then \
@@ -38,6 +38,11 @@ bench: $(VENV)/.installed
 
 bench-peers: $(VENV)/.installed
 	$(PY) examples/benchmarks/peers/run.py --out docs/results
+
+# Per-step time of STOP (eager, static) against the plain-torch floor, 1 CPU thread; add
+# STEP_ARGS="--device cuda" on a GPU. Results in docs/results/step/<machine>/.
+bench-step: $(VENV)/.installed
+	$(PY) examples/benchmarks/step_bench.py $(STEP_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

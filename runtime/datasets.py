@@ -13,6 +13,7 @@ import functools
 import math
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,8 +21,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from .atomic import atomic_path
 from .emulator import DVSEmulator
@@ -95,11 +94,11 @@ def emulated_digits(
         ``(events, labels)``: one EVENT_DTYPE array per digit with times in ``[0, duration_us]``, and
         int64 labels ``[n]``.
     """
-    digits = load_digits()
-    if n_samples is not None and not 1 <= n_samples <= len(digits.target):
-        raise ValueError(f"n_samples must be in [1, {len(digits.target)}], got {n_samples}")
-    images = digits.images[:n_samples].astype(np.float32) / 16.0
-    labels = digits.target[:n_samples].astype(np.int64)
+    all_images, all_labels = digit_images()
+    if n_samples is not None and not 1 <= n_samples <= len(all_labels):
+        raise ValueError(f"n_samples must be in [1, {len(all_labels)}], got {n_samples}")
+    images = all_images[:n_samples].astype(np.float32) / 16.0
+    labels = all_labels[:n_samples].astype(np.int64)
     width, height = sensor_size
     side = min(width, height)
     digit_size = digit_size or 22 / 32 * side
@@ -114,6 +113,23 @@ def emulated_digits(
         video = _render_digits(images[chunk], path + offsets[chunk], (width, height), digit_size)
         events += emulator.simulate_batch(video, times)
     return events, labels
+
+
+def digit_images() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as ``(images [1797, 8, 8] uint8 in 0..16, labels [1797] int64)``.
+
+    Kept as a small ``.npz`` in the cache folder: scikit-learn (about 2 s to import) is loaded only the
+    first time, so streams and training start without it.
+    """
+    path = _cache_dir() / "sklearn-digits-v1.npz"
+    stored = _load_npz(path)
+    if stored is not None and {"images", "labels"} <= stored.keys():
+        return stored["images"], stored["labels"]
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images, labels = digits.images.astype(np.uint8), digits.target.astype(np.int64)
+    _save_npz(path, images=images, labels=labels)
+    return images, labels
 
 
 def _saccade_path(side: float, frames_per_saccade: int) -> np.ndarray:
@@ -317,6 +333,8 @@ def load_builtin(
         raise ValueError(f"T must be an int >= 1, got {T!r}")
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be an int >= 1, got {size!r}")
+    from sklearn.model_selection import train_test_split  # lazily: a 2 s import, needed only here
+
     frames, labels = _cached_frames(name, T, size, seed, disk_cache)
     train_idx, test_idx = train_test_split(
         np.arange(len(labels)), test_size=0.2, random_state=seed, stratify=labels.numpy()
@@ -371,6 +389,24 @@ def _count_dtype(largest: int) -> torch.dtype:
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("STOPRT_CACHE_DIR") or Path.home() / ".cache" / "stoprt")
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray] | None:
+    """The arrays of a cached ``.npz``, or None when it is absent or unreadable."""
+    try:
+        with np.load(path) as stored:
+            return {k: stored[k] for k in stored.files}
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Write a cache ``.npz`` atomically; a read-only or full disk only costs the cache."""
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file: np.savez would append .npz to a path
+            np.savez(f, **arrays)
+    except OSError:
+        pass
 
 
 def _atomic_save(obj: dict, path: Path) -> None:

@@ -52,15 +52,15 @@ def spike_grad(grad_spike: Tensor, x: Tensor, kind: str, alpha: float, scratch: 
     raise ValueError(f"unknown surrogate {kind!r}; choose one of {SURROGATES}")
 
 
-def heaviside(x: Tensor, threshold: Tensor | float = 0.0) -> Tensor:
-    """[x > threshold] in ``x``'s dtype and shape (no autograd).
+def heaviside(x: Tensor, threshold: Tensor | float = 0.0, out: Tensor | None = None) -> Tensor:
+    """[x > threshold] in ``x``'s dtype and shape (no autograd); written into ``out`` when given.
 
     The comparison writes floats directly: a bool result cast afterwards costs several passes more
     on a CPU. Graph exporters trace the plain comparison (``Greater`` + ``Cast`` in ONNX).
     """
     if torch.compiler.is_compiling():
         return (x > threshold).to(x.dtype)
-    return torch.gt(x, threshold, out=torch.empty_like(x))
+    return torch.gt(x, threshold, out=torch.empty_like(x) if out is None else out)
 
 
 class _SpikeFunction(torch.autograd.Function):
@@ -90,30 +90,32 @@ def spike(x: Tensor, kind: str = "exp", alpha: float = 1.0) -> Tensor:
 RESETS = ("soft", "soft_nodecay", "hard")
 
 
-def leak_term(u: Tensor, s: Tensor | None, threshold: Tensor | None, reset: str = "soft") -> Tensor:
+def leak_term(u: Tensor, s: Tensor | None, threshold: Tensor | None, reset: str = "soft",
+              out: Tensor | None = None) -> Tensor:
     """What the leak multiplies in U[t] (the reset spike detached), i.e. dU[t]/da at fixed history:
-    U - th s (soft), U (soft_nodecay; and a readout, which passes ``s`` None), U (1 - s) (hard)."""
+    U - th s (soft), U (soft_nodecay; and a readout, which passes ``s`` None), U (1 - s) (hard).
+    ``out`` (soft reset only) receives the result; the other resets return ``u`` itself."""
     if s is None or reset == "soft_nodecay":
         return u
     s = s.detach()
     if reset == "soft":
-        return torch.addcmul(u, threshold, s, value=-1.0)
+        return torch.addcmul(u, threshold, s, value=-1.0, out=out)
     if reset == "hard":
         return u * (1.0 - s)
     raise ValueError(f"unknown reset {reset!r}; choose one of {RESETS}")
 
 
 def membrane_update(current: Tensor, term: Tensor, leak: Tensor, threshold: Tensor | None = None,
-                    s: Tensor | None = None, reset: str = "soft") -> Tensor:
+                    s: Tensor | None = None, reset: str = "soft", out: Tensor | None = None) -> Tensor:
     """U[t] = I[t] + the part carried over from step t-1, given ``term`` = :func:`leak_term`.
 
     ``"soft"`` (the paper's): a (U - th s) + I; ``"soft_nodecay"`` (snnTorch's subtract reset):
     a U - th s + I; ``"hard"`` (reset to zero, as NIR and SpikingJelly's default): a U (1 - s) + I.
-    The reset spike is detached.
+    The reset spike is detached. ``out`` (may be ``term`` itself) receives the result.
     """
-    u = torch.addcmul(current, leak, term)
+    u = torch.addcmul(current, leak, term, out=out)
     if reset == "soft_nodecay" and s is not None:
-        u = torch.addcmul(u, threshold, s.detach(), value=-1.0)
+        u = torch.addcmul(u, threshold, s.detach(), value=-1.0, out=out)
     return u
 
 
@@ -128,44 +130,50 @@ def lif_step(current: Tensor, u: Tensor, s: Tensor, threshold: Tensor, leak: Ten
     return u_new, spike(u_new - threshold, surrogate, alpha)
 
 
-def readout_step(current: Tensor, u: Tensor, leak: Tensor) -> Tensor:
-    """One step of a non-spiking leaky integrator: U[t] = a * U[t-1] + I[t]."""
-    return leak * u + current
+def readout_step(current: Tensor, u: Tensor, leak: Tensor, out: Tensor | None = None) -> Tensor:
+    """One step of a non-spiking leaky integrator: U[t] = a * U[t-1] + I[t] (into ``out`` if given)."""
+    return leak * u + current if out is None else torch.mul(u, leak, out=out).add_(current)
 
 
 # ---------------------------------------------------------------------------------------------
 # Trace steps (always computed without autograd: traces are constants of the current step's graph)
 # ---------------------------------------------------------------------------------------------
 
-def input_trace_step(trace: Tensor | None, x: Tensor, leak: Tensor) -> Tensor:
+# A None trace stands for an all-zero one (the eager learner's first step). ``out`` (the trace itself
+# in the static step, see runtime/static.py) receives the new trace in place.
+
+def input_trace_step(trace: Tensor | None, x: Tensor, leak: Tensor, out: Tensor | None = None) -> Tensor:
     """w_tr[t] = a * w_tr[t-1] + x[t]; the postsynaptic layer's leak ``a``. Shaped like ``x``."""
-    return x.detach().clone() if trace is None else torch.addcmul(x.detach(), leak.detach(), trace)
+    if trace is None:
+        return x.detach().clone()
+    return torch.addcmul(x.detach(), leak.detach(), trace, out=out)
 
 
-def bias_trace_step(trace: Tensor | None, leak: Tensor) -> Tensor:
+def bias_trace_step(trace: Tensor | None, leak: Tensor, out: Tensor | None = None) -> Tensor:
     """b_tr[t] = a * b_tr[t-1] + 1, a scalar tensor."""
-    one = torch.ones((), dtype=leak.dtype, device=leak.device)
-    return one if trace is None else leak.detach() * trace + 1.0
+    if trace is None:
+        return torch.ones((), dtype=leak.dtype, device=leak.device)
+    return torch.mul(leak.detach(), trace, out=out).add_(1.0)
 
 
 def threshold_trace_step(trace: Tensor | None, s: Tensor | None, leak: Tensor,
-                         reset: str = "soft") -> Tensor | None:
+                         reset: str = "soft", out: Tensor | None = None) -> Tensor | None:
     """th_tr[t] = dU[t]/dth through the membrane chain: a (th_tr - s) for the soft reset, a th_tr - s
-    without its decay. None stands for an all-zero trace (first step)."""
+    without its decay."""
     if s is None:
         return None
     a = leak.detach()
     if reset == "soft":
-        return s * -a if trace is None else torch.sub(trace, s).mul_(a)
-    return -s if trace is None else torch.addcmul(-s, a, trace)
+        return s * -a if trace is None else torch.sub(trace, s, out=out).mul_(a)
+    return -s if trace is None else torch.addcmul(-s, a, trace, out=out)
 
 
-def leak_trace_step(trace: Tensor | None, term: Tensor | None, leak: Tensor) -> Tensor | None:
-    """a_tr[t] = a a_tr[t-1] + dU[t]/da at fixed history (``term``, see :func:`leak_term`).
-    None stands for an all-zero trace (first step)."""
+def leak_trace_step(trace: Tensor | None, term: Tensor | None, leak: Tensor,
+                    out: Tensor | None = None) -> Tensor | None:
+    """a_tr[t] = a a_tr[t-1] + dU[t]/da at fixed history (``term``, see :func:`leak_term`)."""
     if term is None:
         return None
-    return term if trace is None else torch.addcmul(term, leak.detach(), trace)
+    return term if trace is None else torch.addcmul(term, leak.detach(), trace, out=out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +194,31 @@ def _reduce_product(grad: Tensor, trace: Tensor | float, shape: torch.Size) -> T
     if len(shape) == 0 and isinstance(trace, Tensor):
         return torch.dot(grad.reshape(-1), trace.reshape(-1))
     return _sum_to_shape(grad * trace, shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# The same-step backward as pure functions: the autograd functions below and the static step
+# (runtime/static.py) both call these, so the rule has one source of truth. None traces mean zero.
+# ---------------------------------------------------------------------------------------------
+
+def lif_delta(grad_s: Tensor, u: Tensor, threshold: Tensor, surrogate: str, alpha: float) -> Tensor:
+    """delta = dE/ds * phi(U - th): the spatial error, i.e. the gradient of the LIF's input current."""
+    return spike_grad(grad_s, u - threshold, surrogate, alpha, scratch=True)
+
+
+def threshold_grad(delta: Tensor, th_trace: Tensor | None, shape: torch.Size) -> Tensor:
+    """dE/dth = sum delta (th_tr - 1), reduced to the threshold's ``shape`` (ds/dth = phi (dU/dth - 1))."""
+    return _reduce_product(delta, -1.0 if th_trace is None else th_trace - 1.0, shape)
+
+
+def leak_grad(delta: Tensor, a_trace: Tensor | None) -> Tensor:
+    """dE/da = sum delta a_tr, a scalar (one leak per layer)."""
+    return delta.new_zeros(()) if a_trace is None else _reduce_product(delta, a_trace, torch.Size())
+
+
+def bias_grad(op: "SynapticOp", grad_y: Tensor, b_trace: Tensor) -> Tensor:
+    """dE/db = (sum of grad_y over all but the output-channel axis) * b_tr."""
+    return op.grad_bias(grad_y) * b_trace
 
 
 class TracedLIF(torch.autograd.Function):
@@ -210,14 +243,9 @@ class TracedLIF(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_s, _grad_u):
         u, threshold, th_trace, a_trace = ctx.saved_tensors
-        # delta = dE/ds * phi(U - th): the gradient of the current (the spatial error)
-        grad = spike_grad(grad_s, u - threshold, ctx.surrogate, ctx.alpha, scratch=True)
-        grad_th = grad_a = None
-        if ctx.needs_input_grad[2]:  # ds/dth = phi (dU/dth - 1), dU/dth = th_trace
-            factor = -1.0 if th_trace is None else th_trace - 1.0
-            grad_th = _reduce_product(grad, factor, threshold.shape)
-        if ctx.needs_input_grad[3]:  # dU/da = a_trace; one leak per layer
-            grad_a = grad.new_zeros(()) if a_trace is None else _reduce_product(grad, a_trace, torch.Size())
+        grad = lif_delta(grad_s, u, threshold, ctx.surrogate, ctx.alpha)
+        grad_th = threshold_grad(grad, th_trace, threshold.shape) if ctx.needs_input_grad[2] else None
+        grad_a = leak_grad(grad, a_trace) if ctx.needs_input_grad[3] else None
         return grad, None, grad_th, grad_a, None, None, None, None, None, None
 
 
@@ -236,10 +264,7 @@ class TracedReadout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_u):
         (a_trace,) = ctx.saved_tensors
-        grad_a = None
-        if ctx.needs_input_grad[2]:
-            grad_a = grad_u.new_zeros(()) if a_trace is None else _reduce_product(grad_u, a_trace, torch.Size())
-        return grad_u, None, grad_a, None
+        return grad_u, None, leak_grad(grad_u, a_trace) if ctx.needs_input_grad[2] else None, None
 
 
 class TracedSynapse(torch.autograd.Function):
@@ -261,7 +286,7 @@ class TracedSynapse(torch.autograd.Function):
         weight, w_trace, b_trace = ctx.saved_tensors
         grad_x, grad_w = ctx.op.backward(grad_y, weight, w_trace, ctx.x_shape, ctx.needs_input_grad[0],
                                          ctx.needs_input_grad[1])
-        grad_b = ctx.op.grad_bias(grad_y) * b_trace if ctx.needs_input_grad[2] else None
+        grad_b = bias_grad(ctx.op, grad_y, b_trace) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None, None
 
 

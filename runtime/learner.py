@@ -34,6 +34,26 @@ def mse_one_hot(output: Tensor, target: Tensor) -> Tensor:
 LOSSES: dict[str, LossFn] = {"ce": cross_entropy, "mse": mse_one_hot}
 
 
+# The losses' gradients with respect to the output, written out for the static step (which runs no
+# autograd): no host reads, no data-dependent shapes (a one-hot by scatter, not F.one_hot, which
+# reads the labels' range on the host).
+
+def cross_entropy_grad(output: Tensor, target: Tensor) -> Tensor:
+    """d cross_entropy / d output ``[B, K]`` = (softmax(output) - one_hot(target)) / B."""
+    grad = torch.softmax(output, 1)
+    index = target.view(-1, 1)
+    return grad.scatter_add_(1, index, grad.new_full(index.shape, -1.0)).div_(output.shape[0])
+
+
+def mse_one_hot_grad(output: Tensor, target: Tensor) -> Tensor:
+    """d mse_one_hot / d output ``[B, K]`` = 2 (output - one_hot(target)) / (B K), as autograd's."""
+    one_hot = torch.zeros_like(output).scatter_(1, target.view(-1, 1), 1.0)
+    return one_hot.sub_(output).mul_(-2.0 / output.numel())
+
+
+LOSS_GRADS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"ce": cross_entropy_grad, "mse": mse_one_hot_grad}
+
+
 @torch.no_grad()
 def all_finite(tensors: list[Tensor]) -> bool:
     """Whether every element of every tensor is finite.
@@ -81,10 +101,12 @@ class Learner:
 
     def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer, loss: str | LossFn = "ce",
                  check_inputs: bool = True, keep_last_good: bool = True) -> None:
+        # The explicit gradient of a named loss (None for a callable): what the static step uses.
+        self.loss_grad: Callable[[Tensor, Tensor], Tensor] | None = None
         if isinstance(loss, str):
             if loss not in LOSSES:
                 raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)} or pass a callable")
-            loss = LOSSES[loss]
+            loss, self.loss_grad = LOSSES[loss], LOSS_GRADS[loss]
         self.net, self.optimizer, self.loss_fn = net, optimizer, loss
         self.check_inputs, self.keep_last_good = check_inputs, keep_last_good
         # Called with the parameters holding gradients before each update; data-parallel training
@@ -106,6 +128,11 @@ class Learner:
 
     # ---- inputs -------------------------------------------------------------------------------
     def _check_step_input(self, x: Tensor) -> None:
+        self._check_shape(x)
+        if self.check_inputs and not all_finite([x]):
+            raise ValueError(f"input at step {self.sample_steps} of the sample contains NaN or Inf")
+
+    def _check_shape(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"a step's input must be a torch.Tensor, got {type(x).__name__}")
         if self._input_shape is not None and tuple(x.shape[1:]) != self._input_shape:
@@ -115,8 +142,6 @@ class Learner:
             raise ValueError(f"input shape changed within a sample: {tuple(self._sample_shape)} then "
                              f"{tuple(x.shape)}; call end_sample() between samples")
         self._sample_shape = x.shape
-        if self.check_inputs and not all_finite([x]):
-            raise ValueError(f"input at step {self.sample_steps} of the sample contains NaN or Inf")
 
     def _check_target(self, output: Tensor, target: Tensor) -> None:
         if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):

@@ -164,6 +164,7 @@ class _Sample:
     end_us: int = 0
     steps: int = 0
     output_sum: Tensor | None = None
+    target: Tensor | None = None   # the segment's label as a [1] tensor, made once per sample
     frames: list[Tensor] | None = field(default_factory=list)  # None: too long to keep for replay
 
 
@@ -219,7 +220,9 @@ class StreamSession:
             self._sample = _Sample(segment, t_start)
         sample = self._sample
         x = frame.unsqueeze(0)
-        target = None if segment is None else torch.tensor([segment.label], device=x.device)
+        if segment is not None and sample.target is None:
+            sample.target = torch.tensor([segment.label], device=x.device)
+        target = sample.target
         if self.learner is not None:
             out = self.learner.step(x, target)
         elif self.runner is not None:

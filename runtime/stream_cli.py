@@ -277,7 +277,7 @@ def register(sub) -> None:
     p.add_argument("--window", type=positive_int, default=10, help="steps per sample without labels (readout window)")
     p.add_argument("--dt-us", type=positive_int, default=30_000, help="time step length (default 30000 us)")
     p.add_argument("--events-per-step", type=positive_int, default=None, help="fixed event count per step instead")
-    p.add_argument("--packet-us", type=positive_int, default=1000, help=argparse.SUPPRESS)
+    p.add_argument("--packet-us", type=positive_int, default=None, help=argparse.SUPPRESS)  # files: 1000
     p.add_argument("--format", default=None, help="event file reader, instead of detecting it from the "
                    "extension and header: nmnist, aedat2, aedat3, aedat4, evt2, evt3, dat")
     p.add_argument("--sensor-width", type=positive_int, default=None, help="sensor size of a recording "

@@ -39,8 +39,8 @@ def vgg(args) -> L.Sequential:
 
 
 def floor_stack(net: L.Sequential) -> nn.Sequential:
-    """The same convolutions, BN (frozen) and pools as ``net`` in plain torch layers, with ReLU for
-    every neuron layer."""
+    """The same convolutions, BN (frozen), pools and dropout as ``net`` in plain torch layers, with ReLU
+    for every neuron layer (no stoprt op)."""
     layers = []
     for m in net:
         if isinstance(m, L.Neuron):
@@ -58,8 +58,12 @@ def floor_stack(net: L.Sequential) -> nn.Sequential:
         elif isinstance(m, L.AvgPool2d):  # torch's own: the floor uses none of stoprt's ops
             layers.append(nn.AvgPool2d(m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
                                        m.divisor_override))
-        else:
+        elif isinstance(m, L.Dropout):
+            layers.append(nn.Dropout(m.p))
+        elif type(m).__module__.startswith("torch.nn"):  # Flatten, AdaptiveAvgPool2d: torch's own
             layers.append(m)
+        else:
+            raise TypeError(f"floor_stack: no plain-torch counterpart for {type(m).__name__}")
     return nn.Sequential(*layers)
 
 

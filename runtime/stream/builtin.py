@@ -1,10 +1,17 @@
 """A built-in labelled event stream: emulated recordings played one after another.
 
 ``BuiltinStream("digits")`` plays emulated DVS digits (or ``"gestures"``) back to back with a short
-gap, as packets on a time grid, and fills the matching :class:`~stoprt.runtime.session.LabelTrack`
-as it goes (each label is added just before its recording's first packet, as a labelling process
-beside a camera would): a self-contained stand-in for a labelled camera stream (no download,
-deterministic with a seed). With ``loop=True`` it plays forever, in bounded memory.
+gap and fills the matching :class:`~stoprt.runtime.session.LabelTrack` as it goes (each label is
+added just before its recording's first packet, as a labelling process beside a camera would): a
+self-contained stand-in for a labelled camera stream (no download, deterministic with a seed). With
+``loop=True`` it plays forever, in bounded memory.
+
+Nothing is rendered while streaming, so the source never starves the model: the recordings are
+emulated once and kept in the cache folder (``$STOPRT_CACHE_DIR``, default ``~/.cache/stoprt``) as
+one ``.npz`` per configuration, laid end to end on the stream's time line and cut into packets when
+the source is made. The stream is not live, so by default each recording is one packet: the binner
+then cuts all of its steps in one call (a 1 ms packet costs the binner about as much as a whole
+recording, and 300 such calls per recording held the model up).
 """
 
 from __future__ import annotations
@@ -13,11 +20,31 @@ from typing import Iterator
 
 import numpy as np
 
-from ..datasets import emulated_digits, synthetic_gestures
+from ..datasets import _CACHE_VERSION, _cache_dir, _load_npz, _save_npz, emulated_digits, synthetic_gestures
+from ..events import EVENT_DTYPE
 from ..session import LabelTrack
 from .sources import EventSource
 
 DURATION_US = {"digits": 300_000, "gestures": 200_000}
+
+
+def recordings(name: str, n_samples: int, sensor_size: tuple[int, int], duration_us: int, seed: int,
+               cache: bool = True) -> tuple[list[np.ndarray], np.ndarray]:
+    """``(events per recording, labels [n])`` of a built-in generator, from the cache when there."""
+    w, h = sensor_size
+    path = _cache_dir() / f"stream-{name}-v{_CACHE_VERSION}-n{n_samples}-{w}x{h}-d{duration_us}-seed{seed}.npz"
+    stored = _load_npz(path) if cache else None
+    if stored is not None and {"events", "bounds", "labels"} <= stored.keys():
+        events, bounds, labels = stored["events"], stored["bounds"], stored["labels"]
+        if events.dtype == EVENT_DTYPE and len(bounds) == len(labels) + 1:
+            return [events[a:b] for a, b in zip(bounds[:-1], bounds[1:])], labels
+    generate = emulated_digits if name == "digits" else synthetic_gestures
+    events, labels = generate(n_samples=n_samples, sensor_size=sensor_size, duration_us=duration_us, seed=seed)
+    labels = np.asarray(labels, dtype=np.int64)
+    if cache:
+        _save_npz(path, events=np.concatenate(events) if events else np.zeros(0, EVENT_DTYPE),
+                  bounds=np.cumsum([0] + [len(e) for e in events]), labels=labels)
+    return events, labels
 
 
 class BuiltinStream(EventSource):
@@ -27,57 +54,76 @@ class BuiltinStream(EventSource):
         name: ``"digits"`` or ``"gestures"``.
         n_samples: how many recordings (the first n the generator makes; both cycle their classes).
         gap_us: silence between recordings (unlabelled).
-        packet_us: packet length.
+        packet_us: cut each recording into packets of this many microseconds (a camera's packets);
+            ``None``: one packet per recording (the fastest; the steps are the same).
         sensor_size: ``(W, H)`` of the emulated sensor.
         loop: start over after the last recording (time keeps increasing) until closed.
+        cache: keep the rendered recordings in the cache folder (see the module docstring).
         start_us: seek: recordings that end before this stream time are not played (nor labelled),
             events before it are dropped (a resumed session starts where its checkpoint is).
     """
 
+    in_memory = True  # its packets are views of arrays made up front: a pipeline needs no thread
+
     def __init__(self, name: str = "digits", n_samples: int = 200, gap_us: int = 20_000,
-                 packet_us: int = 1000, sensor_size: tuple[int, int] = (32, 32), seed: int = 0,
-                 loop: bool = False, start_us: int = 0) -> None:
+                 packet_us: int | None = None, sensor_size: tuple[int, int] = (32, 32), seed: int = 0,
+                 loop: bool = False, cache: bool = True, start_us: int = 0) -> None:
         super().__init__()
         if name not in DURATION_US:
             raise ValueError(f"unknown built-in stream {name!r}; choose from {sorted(DURATION_US)}")
-        if n_samples < 1 or packet_us < 1 or gap_us < 0:
-            raise ValueError("need n_samples >= 1, packet_us >= 1 and gap_us >= 0")
-        generate = emulated_digits if name == "digits" else synthetic_gestures
+        if n_samples < 1 or (packet_us is not None and packet_us < 1) or gap_us < 0:
+            raise ValueError("need n_samples >= 1, packet_us >= 1 (or None) and gap_us >= 0")
         duration = DURATION_US[name]
-        recordings, labels = generate(n_samples=n_samples, sensor_size=sensor_size, duration_us=duration, seed=seed)
+        events, labels = recordings(name, n_samples, sensor_size, duration, seed, cache)
         self.labels = LabelTrack()
         self.num_classes = 10 if name == "digits" else 8
         self.sensor_size = sensor_size
-        self._recordings, self._classes = recordings, [int(c) for c in labels]
-        self._duration, self._period, self._packet_us = duration, duration + gap_us, packet_us
+        self._classes = [int(c) for c in labels]
+        self._duration, self._period = duration, duration + gap_us
         self.loop, self.start_us = loop, int(start_us)
         self._count = 0
+        # One pass on the stream's time line: recording k starts at k * period. ``_packets_of[k]``
+        # holds the packet boundaries (indices into ``_events``) of recording k.
+        self._events = np.concatenate(events) if events else np.zeros(0, EVENT_DTYPE)
+        self._events["t"] += np.repeat(np.arange(len(events), dtype=np.int64) * self._period,
+                                       [len(e) for e in events])
+        starts = np.cumsum([0] + [len(e) for e in events])
+        self._packets_of = [self._cut(lo, hi, k, packet_us) for k, (lo, hi) in enumerate(zip(starts[:-1], starts[1:]))]
+        self._events.flags.writeable = False  # packets are views of it, shared by every lap
+
+    def _cut(self, lo: int, hi: int, k: int, packet_us: int | None) -> np.ndarray:
+        """Packet boundaries ``[lo, ..., hi]`` of recording k (empty windows dropped)."""
+        if hi == lo or packet_us is None:
+            return np.array([lo, hi])
+        start = k * self._period
+        t = self._events["t"][lo:hi]
+        grid = np.arange(start, int(t[-1]) + packet_us + 1, packet_us)
+        edges = np.unique(lo + np.searchsorted(t, grid))
+        return np.concatenate(([lo], edges[(edges > lo) & (edges < hi)], [hi]))
 
     @property
     def stats(self) -> dict:
-        return {"events": self._count, "recordings": len(self._recordings)}
+        return {"events": self._count, "recordings": len(self._classes)}
 
     def _packets(self) -> Iterator[np.ndarray]:
-        k = 0
+        n, events = len(self._classes), self._events
+        laps = 0
         while True:
-            for events, label in zip(self._recordings, self._classes):
-                start = k * self._period
-                k += 1
+            if laps:  # the next lap: the same recordings, later on the time line (one copy per lap)
+                events = self._events.copy()
+                events["t"] += laps * n * self._period
+            for k, (label, edges) in enumerate(zip(self._classes, self._packets_of)):
+                start = (laps * n + k) * self._period
                 if start + self._duration <= self.start_us:
                     continue
                 self.labels.add(start, start + self._duration, label)
-                if not len(events):
-                    continue
-                events = events.copy()
-                events["t"] += start
-                events = events[events["t"] >= self.start_us]
-                if not len(events):
-                    continue
-                grid = np.arange(start, int(events["t"][-1]) + self._packet_us + 1, self._packet_us)
-                edges = np.searchsorted(events["t"], grid)
+                if start < self.start_us:  # the recording the seek lands in: drop its earlier events
+                    first = edges[0] + int(np.searchsorted(events["t"][edges[0]:edges[-1]], self.start_us))
+                    edges = np.concatenate(([first], edges[edges > first]))
                 for lo, hi in zip(edges[:-1], edges[1:]):
                     if hi > lo:
                         self._count += int(hi - lo)
                         yield events[lo:hi]
+            laps += 1
             if not self.loop:
                 return

@@ -17,6 +17,11 @@ queue is full:
   freshest data), ``drop="newest"`` discards the incoming step (the consumer sees an unbroken run
   of old steps, then a jump).
 
+A source whose packets are already in memory (``in_memory = True``, as the built-in streams) has
+nothing to wait for, so by default (``thread=None``) no thread runs: the consumer bins the next
+packet itself when it needs a step. A producer thread would only compete with the model for the
+interpreter lock at every torch call.
+
 ``realtime=None`` (the default) takes the source's ``live`` attribute. At the end of the source the
 binner's partial step is flushed into the queue. An exception in the producer ends production and
 is re-raised (the same exception object) in the consumer after the steps queued before it.
@@ -29,7 +34,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .binning import Binner, Step
 
@@ -44,7 +49,7 @@ class StreamPipeline:
     """
 
     def __init__(self, source: Iterable, binner: Binner, max_queue_steps: int = 8, drop: str = "oldest",
-                 realtime: bool | None = None) -> None:
+                 realtime: bool | None = None, thread: bool | None = None) -> None:
         if not isinstance(max_queue_steps, int) or max_queue_steps < 1:
             raise ValueError(f"max_queue_steps must be an int >= 1, got {max_queue_steps!r}")
         if drop not in ("oldest", "newest"):
@@ -52,11 +57,17 @@ class StreamPipeline:
         self.source, self.binner = source, binner
         self.max_queue_steps, self.drop = max_queue_steps, drop
         self.realtime = bool(getattr(source, "live", False)) if realtime is None else bool(realtime)
+        in_memory = bool(getattr(source, "in_memory", False)) and not self.realtime
+        self.threaded = not in_memory if thread is None else bool(thread)
+        self._inline: Iterator[Step] | None = None  # the production, run by the consumer (no thread)
         self._queue: deque[Step] = deque()
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._done = False
+        # Who is blocked on ``_cond``: each side wakes the other only when it waits, and a full queue
+        # wakes the producer once half of it is consumed, not at every step (fewer thread switches).
+        self._consumer_waiting = self._producer_waiting = False
         self._error: BaseException | None = None
         self._counts = {"steps_produced": 0, "steps_consumed": 0, "steps_dropped": 0, "packets": 0, "events": 0,
                         "queue_peak": 0}
@@ -68,10 +79,13 @@ class StreamPipeline:
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> "StreamPipeline":
         """Start the producer thread (iteration starts it too); a second call does nothing."""
-        if self._thread is None:
+        if self._thread is None and self._inline is None:
             if self._stop.is_set():
                 raise ValueError("this StreamPipeline is closed")
             self._wall0 = time.monotonic()
+            if not self.threaded:
+                self._inline = self._production()
+                return self
             self._thread = threading.Thread(target=self._produce, name="stoprt-stream-producer", daemon=True)
             self._thread.start()
         return self
@@ -89,6 +103,9 @@ class StreamPipeline:
                 pass
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout_s)
+        if self._inline is not None:
+            self._inline.close()
+            self._wall1 = self._wall1 or time.monotonic()
         with self._cond:
             self._queue.clear()
             self._done = True
@@ -114,17 +131,23 @@ class StreamPipeline:
         """The next step; ``None`` at the end of the stream or when ``timeout_s`` passes without one.
         Re-raises the producer's exception once the steps queued before it are consumed."""
         self.start()
+        if self._inline is not None:
+            return self._next_inline()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
             while not self._queue and not self._done:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
+                    self._consumer_waiting = False
                     return None
+                self._consumer_waiting = True
                 self._cond.wait(remaining)
+            self._consumer_waiting = False
             if self._queue:
                 step = self._queue.popleft()
                 self._counts["steps_consumed"] += 1
-                self._cond.notify_all()
+                if self._producer_waiting and len(self._queue) <= self.max_queue_steps // 2:
+                    self._cond.notify_all()
                 return step
             error, self._error = self._error, None
         if error is not None:
@@ -143,33 +166,60 @@ class StreamPipeline:
                 "source": dict(getattr(self.source, "stats", {})), "binner": self.binner.stats}
 
     # -- producer ------------------------------------------------------------------------------------
+    def _production(self) -> Iterator[Step]:
+        """The steps of the stream: each packet through the binner, then its partial step."""
+        for packet in self.source:
+            if self._stop.is_set():
+                return
+            self._counts["packets"] += 1
+            self._counts["events"] += len(packet)
+            yield from self.binner.push(packet)
+        if not self._stop.is_set():
+            yield from self.binner.flush()
+
     def _produce(self) -> None:
         try:
-            for packet in self.source:
-                if self._stop.is_set():
+            for step in self._production():
+                if not self._put(step):
                     return
-                self._counts["packets"] += 1
-                self._counts["events"] += len(packet)
-                for step in self.binner.push(packet):
-                    if not self._put(step):
-                        return
-            if not self._stop.is_set():
-                for step in self.binner.flush():
-                    self._put(step)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             if not self._stop.is_set():
                 self._error = exc
         finally:
-            self._wall1 = time.monotonic()
-            close = getattr(self.source, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception as exc:  # a failing close must not hide the stream's own outcome
-                    self._error = self._error or exc
-            with self._cond:
-                self._done = True
-                self._cond.notify_all()
+            self._finish()
+
+    def _finish(self) -> None:
+        """The production ended (or failed): close the source, wake the consumer."""
+        self._wall1 = time.monotonic()
+        close = getattr(self.source, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception as exc:  # a failing close must not hide the stream's own outcome
+                self._error = self._error or exc
+        with self._cond:
+            self._done = True
+            self._cond.notify_all()
+
+    def _next_inline(self) -> Step | None:
+        """The next step, produced here (see the module docstring); the same errors as threaded."""
+        if self._done:
+            return None
+        try:
+            step = next(self._inline)
+        except StopIteration:
+            self._finish()
+            error, self._error = self._error, None
+            if error is not None:
+                raise error
+            return None
+        except BaseException:
+            self._finish()
+            raise
+        self._note(step)
+        self._counts["steps_consumed"] += 1
+        self._counts["queue_peak"] = max(self._counts["queue_peak"], 1)
+        return step
 
     def _put(self, step: Step) -> bool:
         """Queue one step by the policy; False when the pipeline is closing."""
@@ -183,13 +233,16 @@ class StreamPipeline:
                     self._queue.popleft()
             else:
                 while len(self._queue) >= self.max_queue_steps and not self._stop.is_set():
+                    self._producer_waiting = True
                     self._cond.wait(0.1)
+                self._producer_waiting = False
             if self._stop.is_set():
                 return False
             self._queue.append(step)
             self._counts["queue_peak"] = max(self._counts["queue_peak"], len(self._queue))
             self._note(step)
-            self._cond.notify_all()
+            if self._consumer_waiting:
+                self._cond.notify_all()
         return True
 
     def _note(self, step: Step) -> None:

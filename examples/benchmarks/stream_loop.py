@@ -1,0 +1,99 @@
+"""The stream's side of the step benchmark (see ``step_bench.py``): ``stoprt stream`` as a
+subprocess, and the stream loop's own cost over the learner's calls."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from stoprt.runtime import models
+
+
+def stream_rate(args, device: torch.device) -> dict:
+    """``stoprt stream --source builtin:digits --learn --threads 1`` as a subprocess."""
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = Path(tmp) / "stream.json"
+        cmd = [sys.executable, "-m", "stoprt.cli", "stream", "--source", args.stream_source, "--learn",
+               "--threads", "1", "--device", str(device), "--quiet", "--json", str(summary)]
+        if args.stream_steps:
+            cmd += ["--max-steps", str(args.stream_steps)]
+        t0, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.stream_timeout)
+        wall, cpu1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+        if done.returncode != 0 or not summary.exists():
+            return {"command": " ".join(cmd[1:]), "error": (done.stderr or done.stdout).strip()[-500:]}
+        s = json.loads(summary.read_text())
+    return {"command": "python " + " ".join(cmd[1:]), "steps": s["steps"], "steps_per_s": s["steps_per_s"],
+            "updates": s["updates"], "stream_s": s["seconds"], "wall_s": wall,
+            "startup_s": wall - s["seconds"], "realtime_factor": s["pipeline"]["realtime_factor"],
+            "command_cpu_s": cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime}
+
+
+def stream_overhead(args, make_learner: Callable) -> dict:
+    """Seconds per step of the stream's own learner calls replayed bare, through the session over
+    pre-binned steps, and through session + pipeline + the built-in source (CPU, demo network)."""
+    from stoprt.runtime.session import LabelTrack, StreamSession
+    from stoprt.runtime.stream import Binner, StreamPipeline
+    from stoprt.runtime.stream.builtin import BuiltinStream
+
+    def source():
+        return BuiltinStream("digits", n_samples=args.overhead_samples)
+
+    def binner():
+        return Binner((32, 32), out_size=16, dt_us=30_000)
+
+    def fresh():
+        torch.manual_seed(0)
+        net = models.build_model("mlp", in_channels=2, size=16, classes=10)
+        return net, make_learner(net)
+
+    src = source()
+    with StreamPipeline(src, binner()) as pipe:
+        steps = list(pipe)
+    segments = list(src.labels.segments)  # a session prunes its track: each run gets a fresh one
+    net, lrn = fresh()
+    calls: list = []
+    step, end = lrn.step, lrn.end_sample
+    lrn.step = lambda x, target=None: (calls.append((x, target)), step(x, target))[1]
+    lrn.end_sample = lambda: (calls.append(None), end())[1]
+    StreamSession(net, lrn, labels=LabelTrack(segments)).run(steps)
+
+    def bare():
+        _, lr = fresh()
+        for c in calls:
+            lr.step(*c) if c is not None else lr.end_sample()
+
+    def session():
+        n, lr = fresh()
+        StreamSession(n, lr, labels=LabelTrack(segments)).run(steps)
+
+    def pipeline():
+        n, lr = fresh()
+        s = source()  # rendered (or read from the cache) before the stream starts, as in the CLI
+        with StreamPipeline(s, binner()) as p:
+            StreamSession(n, lr, labels=s.labels).run(p)
+
+    # Wall time (what a stream sees, waits for the producer included) and the process's CPU time
+    # (all threads: steadier on a loaded machine, but blind to waiting); best of the repeats.
+    best = {(k, c): float("inf") for k in ("bare", "session", "session_pipeline") for c in ("wall", "cpu")}
+    for _ in range(args.overhead_repeats):
+        for k, fn in (("bare", bare), ("session", session), ("session_pipeline", pipeline)):
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            best[k, "wall"] = min(best[k, "wall"], time.perf_counter() - t0)
+            best[k, "cpu"] = min(best[k, "cpu"], time.process_time() - c0)
+    n = len(steps)
+    out = {"steps": n, "learner_calls": len(calls)}
+    for c in ("wall", "cpu"):
+        out.update({f"{k}_{c}_us_per_step": 1e6 * best[k, c] / n for k in ("bare", "session", "session_pipeline")})
+        out[f"session_overhead_{c}"] = best["session", c] / best["bare", c] - 1
+        out[f"session_pipeline_overhead_{c}"] = best["session_pipeline", c] / best["bare", c] - 1
+    return out

@@ -1,0 +1,117 @@
+"""STOP's step as a static program: the network compiled once into ops that own preallocated buffers.
+
+Under STOP every step runs the same dataflow on the same shapes (reference ``static-step.md``), so
+the step can run without autograd and without allocating its state anew:
+
+* forward: each op advances its traces and state **in place** (``out=`` the buffer itself);
+* backward: the explicit same-step rule, the pure functions of :mod:`~stoprt.runtime.functional`
+  (the same ones the eager learner's autograd functions call), accumulating into the parameters'
+  ``.grad`` tensors, which are allocated once and zeroed in place;
+* no ``.item()``, no Python branch on a tensor value, no data-dependent shape: what the step needs
+  to decide stays on the device (see :mod:`~stoprt.runtime.static_update`).
+
+A sample ends by zero-filling the buffers, which keep their addresses (zeros are exactly the eager
+learner's "no state yet": every update below reduces to it on the first step). That is what lets
+:mod:`~stoprt.runtime.graphs` capture the step as a CUDA graph.
+
+The ops live in :mod:`~stoprt.runtime.static_ops`; layer types are recognised there, in
+:func:`~stoprt.runtime.static_ops.compile_net`, and nowhere else in the static step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .static_ops import Unsupported, compile_net, walk  # noqa: F401  (Unsupported: re-exported)
+
+
+class CaptureError(RuntimeError):
+    """Capturing the static step as a CUDA graph failed (the learner runs eager)."""
+
+
+def finite(tensors: list[Tensor]) -> Tensor:
+    """A bool scalar tensor: every element of every tensor is finite (one max-abs pass each)."""
+    return torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf")))).all()
+
+
+class Program:
+    """The compiled network for one input shape (batch size), with its output buffers.
+
+    ``learn(x, target)``: forward, the loss's explicit gradient, the same-step backward into
+    ``.grad``; ``infer(x)``: forward only (the traces still advance, as in the eager learner).
+    Both return the step's output, a buffer the next step overwrites. Building it runs one dry
+    step on zeros to allocate every buffer, then zeroes them (and the gradients).
+
+    ``device_checks``: record NaN/Inf inputs and out-of-range labels on the device (``bad``: the
+    first offending step of the sample, 1-based, or 0) instead of checking them on the host.
+    """
+
+    def __init__(self, net: nn.Module, loss_grad, x_like: Tensor, grads: list[Tensor],
+                 device_checks: bool = False) -> None:
+        self.root = compile_net(net)
+        self.root.plan(False)
+        self.ops = walk(self.root)
+        self.loss_grad, self.grads, self.device_checks = loss_grad, grads, device_checks
+        self.output_sum: Tensor | None = None  # summed outputs of the sample (prediction)
+        self.last_out: Tensor | None = None    # the last learning step's output (stats.last_loss)
+        self.target: Tensor | None = None      # ... and its labels
+        self.bad = torch.zeros(2, dtype=torch.int64, device=x_like.device)  # [input, labels]
+        self.step_no = torch.zeros((), dtype=torch.int64, device=x_like.device)
+        with torch.no_grad():
+            zero = torch.zeros_like(x_like)
+            out = self.root.forward(zero)
+            self.classes = out.shape[1]
+            self.output_sum, self.last_out = torch.zeros_like(out), torch.zeros_like(out)
+            self.target = torch.zeros(out.shape[:1], dtype=torch.int64, device=out.device)
+            self.reset()
+            if self.root.needs:
+                self.learn(zero, self.target)
+            self.reset()
+            torch._foreach_zero_(grads)
+
+    def _check(self, x: Tensor, target: Tensor | None) -> None:
+        self.step_no += 1
+        if target is None:
+            bad_label = torch.zeros((), dtype=torch.bool, device=x.device)
+        else:
+            bad_label = ((self.target < 0) | (self.target >= self.classes)).any()
+            self.target.clamp_(0, self.classes - 1)  # an index out of range would fault the device
+        flags = torch.stack([~finite([x]), bad_label])
+        torch.where((self.bad == 0) & flags, self.step_no, self.bad, out=self.bad)
+
+    def infer(self, x: Tensor) -> Tensor:
+        if self.device_checks:
+            self._check(x, None)
+        out = self.root.forward(x)
+        self.output_sum.add_(out)
+        return out
+
+    def learn(self, x: Tensor, target: Tensor) -> Tensor:
+        self.target.copy_(target)
+        if self.device_checks:
+            self._check(x, target)
+        out = self.root.forward(x)
+        self.output_sum.add_(out)
+        self.last_out.copy_(out)
+        if self.root.needs:
+            self.root.backward(self.loss_grad(out, self.target))
+        return out
+
+    def state(self) -> list[Tensor]:
+        """Every buffer that carries over between steps."""
+        own = [self.output_sum, self.last_out, self.target, self.bad, self.step_no]
+        return [t for op in self.ops for t in op.state()] + own
+
+    def start_sample(self) -> None:
+        for op in self.ops:
+            op.start_sample()
+
+    def reset(self) -> None:
+        """Forget the sample: zero every buffer in place (addresses stay), refresh frozen BN maps."""
+        for op in self.ops:
+            for t in op.state():
+                t.zero_()
+            op.refresh()
+        for t in (self.output_sum, self.bad, self.step_no):
+            t.zero_()

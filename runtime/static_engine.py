@@ -1,0 +1,153 @@
+"""How a STOP learner runs its steps under ``compile="static"``: one :class:`~.static.Program` per
+input shape, the guarded update of :mod:`.static_update`, and (on CUDA) the steps replayed as CUDA
+graphs (:mod:`.graphs`).
+
+Host work per step: the shape checks, and, for inputs and labels that live in host memory (always
+on a CPU), the same NaN/Inf and label-range checks as the eager learner, with the same errors at the
+same step. Inputs already on an accelerator are checked on the device instead (a host check would
+synchronise): the first offending step is recorded and the same ``ValueError`` is raised by
+:meth:`StaticEngine.end_sample` (after the sample is reset; its updates were refused by the guard
+or are discarded with it).
+
+A new batch size gets a new program at a sample boundary; a change within a sample is the eager
+learner's error.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from .learner import all_finite
+from .static import Program, compile_net
+from .static_update import DeviceStats, GuardedUpdate
+
+log = logging.getLogger("stoprt")
+
+
+class StaticEngine:
+    """The static step of one :class:`~stoprt.runtime.stop.STOP` learner (see the module doc)."""
+
+    def __init__(self, learner, graphs: bool) -> None:
+        self.learner = learner
+        self.use_graphs = graphs
+        compile_net(learner.net)  # raises Unsupported now rather than at the first step
+        self.update = GuardedUpdate(learner.optimizer, learner.net, learner.keep_last_good,
+                                    lambda: learner.grad_sync)
+        self.programs: dict[torch.Size, object] = {}
+        self.program: Program | None = None
+        self.runner = None
+        old = learner.stats
+        learner.stats = DeviceStats(self.update.counts, self._last_loss)
+        for k, v in old.as_dict().items():
+            setattr(learner.stats, k, v)
+        self._seen = [0, 0, 0, 0]  # counters at the last end_sample (for its warnings)
+        self._loss_program: Program | None = None  # holds the last learning step's output and labels
+
+    # ---- programs -------------------------------------------------------------------------------
+    def _runner(self, x: Tensor):
+        key = (x.shape, x.device, x.dtype)
+        if key not in self.programs:
+            lr = self.learner
+            program = Program(lr.net, lr.loss_grad, x, self.update.grads, device_checks=x.device.type != "cpu")
+            if self.use_graphs:
+                from .graphs import CapturedSteps  # noqa: PLC0415  (CUDA only)
+                self.programs[key] = CapturedSteps(program, self.update, x)
+            else:
+                self.programs[key] = _DirectSteps(program, self.update)
+        runner = self.programs[key]
+        self.program = runner.program
+        return runner
+
+    def state(self) -> list[Tensor]:
+        """The buffers of the current program (empty before the first step)."""
+        return [] if self.program is None else self.program.state()
+
+    # ---- steps ----------------------------------------------------------------------------------
+    def step(self, x: Tensor, target: Tensor | None) -> Tensor:
+        lr = self.learner
+        lr._check_shape(x)
+        if lr.sample_steps == 0:
+            self.runner = self._runner(x)
+            self.program.start_sample()
+        on_host = x.device.type == "cpu"
+        if lr.check_inputs and on_host and not all_finite([x]):
+            raise ValueError(f"input at step {lr.sample_steps} of the sample contains NaN or Inf")
+        with torch.no_grad():
+            if target is None:
+                out = self.runner.infer(x)
+            else:
+                if target.device.type == "cpu":
+                    lr._check_target(self.program.last_out, target)
+                out = self.runner.learn(x, target)
+                lr._steps_since_update += 1
+                object.__setattr__(lr.stats, "_loss_override", None)
+                self._loss_program = self.program
+            lr.sample_steps += 1
+            lr.stats.steps += 1
+            if lr.update == "step" or (isinstance(lr.update, int) and lr._steps_since_update >= lr.update):
+                self._apply_update()
+        return out.clone()
+
+    def _apply_update(self) -> None:
+        lr = self.learner
+        if lr._steps_since_update:
+            self.runner.update(sync=lr.grad_sync is not None)
+            lr._steps_since_update = 0
+
+    def end_sample(self) -> Tensor | None:
+        lr = self.learner
+        if self.program is None or lr.sample_steps == 0:
+            lr._sample_shape = None
+            return None
+        with torch.no_grad():
+            self._apply_update()
+        prediction = self.program.output_sum.argmax(1)
+        flags = torch.cat([self.update.counts, self.program.bad]).tolist()  # the one read per sample
+        self.reset()
+        lr.stats.samples += 1
+        self._report(flags)
+        return prediction
+
+    def _report(self, flags: list[int]) -> None:
+        counts, (bad_input, bad_label) = flags[:4], flags[4:]
+        rejected, failed = counts[1] - self._seen[1], counts[3] - self._seen[3]
+        self._seen = counts
+        if rejected:
+            log.warning("stoprt: %d update(s) refused in this sample: a gradient or an updated parameter was "
+                        "NaN or Inf; parameters keep their last good values", rejected)
+        if bad_input and self.learner.check_inputs:
+            raise ValueError(f"input at step {bad_input - 1} of the sample contains NaN or Inf")
+        if bad_label and self.learner.check_inputs:
+            raise ValueError(f"labels out of range: the network has {self.program.classes} classes "
+                             f"(at step {bad_label - 1} of the sample)")
+        if failed:
+            raise FloatingPointError("an update from finite gradients made a parameter NaN or Inf "
+                                     "(keep_last_good=False, so it cannot be undone)")
+
+    def reset(self) -> None:
+        """Discard the sample in progress (buffers zeroed in place)."""
+        lr = self.learner
+        if self.program is not None:
+            self.program.reset()
+        lr._sample_shape, lr.sample_steps = None, 0
+
+    def _last_loss(self) -> float:
+        p = self._loss_program
+        if p is None:
+            return float("nan")
+        with torch.no_grad():
+            return float(self.learner.loss_fn(p.last_out, p.target))
+
+
+class _DirectSteps:
+    """The program's steps called directly (CPU; or a device without graphs)."""
+
+    def __init__(self, program: Program, update: GuardedUpdate) -> None:
+        self.program, self._update = program, update
+        self.learn, self.infer = program.learn, program.infer
+
+    def update(self, sync: bool = False) -> None:
+        self._update()

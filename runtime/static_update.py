@@ -1,0 +1,139 @@
+"""The static step's update and counters: the eager learner's guards, decided on the device.
+
+The eager learner (:meth:`~stoprt.runtime.learner.Learner._apply_update`) reads two flags on the host
+at each update: are the gradients finite, and are the updated parameters. Here both stay tensors and
+select, element by element, what is kept, so the update runs without a host read (and can be
+captured as a CUDA graph):
+
+* non-finite gradients: the optimizer still steps, then parameters *and* optimizer state are put
+  back (``torch.where``): nothing changed, as in eager, where the optimizer never runs;
+* finite gradients but non-finite parameters after the step: parameters put back, the optimizer
+  state keeps the step (as in eager);
+* thresholds and leaks are clamped into their ranges, counting the clamped values;
+* ``updates`` / ``rejected_updates`` / ``clamped_values`` and the last loss are device tensors,
+  read when :class:`DeviceStats` is read (that read synchronises; do it outside the step).
+
+Optimizer state that the first step creates has no earlier value: on a rejected update it is reset
+to zeros, which is a fresh state for Adam/AdamW/RMSprop and for SGD momentum without dampening.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from . import layers as L
+from .learner import LearnerStats
+from .static import finite
+
+
+class GuardedUpdate:
+    """One optimizer update on the preallocated ``.grad`` tensors, with the finiteness guard, the
+    clamps and the counters on the device. Grads are zeroed in place after it."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, net: torch.nn.Module, keep_last_good: bool,
+                 grad_sync: Callable[[], Callable | None]) -> None:
+        self.optimizer, self.keep_last_good, self.grad_sync = optimizer, keep_last_good, grad_sync
+        self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        for p in self.params:  # allocated once; accumulated into in place
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.grads = [p.grad for p in self.params]
+        self.neurons = L.neurons(net)
+        device = self.params[0].device if self.params else torch.device("cpu")
+        self.saved = [torch.empty_like(p) for p in self.params]
+        self.saved_state: list[Tensor] = []
+        # updates, rejected updates, clamped values, updates that made NaN/Inf with keep_last_good off
+        self.counts = torch.zeros(4, dtype=torch.int64, device=device)
+
+    def _state(self) -> list[Tensor]:
+        return [v for p in self.params for v in self.optimizer.state.get(p, {}).values()
+                if isinstance(v, Tensor)]
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        if not self.params:
+            return
+        for p, g in zip(self.params, self.grads):
+            if p.grad is not g:  # user code set it to None (zero_grad): put the buffer back
+                p.grad = g
+        sync = self.grad_sync()
+        if sync is not None:
+            sync(self.params)
+        grads_ok = finite(self.grads)
+        state = self._state()
+        if len(self.saved_state) != len(state):  # first update (or new state): buffers for its copy
+            self.saved_state = [torch.empty_like(t) for t in state]
+        if state:
+            torch._foreach_copy_(self.saved_state, state)
+        torch._foreach_copy_(self.saved, self.params)  # also for keep_last_good=False: bad grads
+        self.optimizer.step()
+        params_ok = finite(self.params)
+        ok = grads_ok & params_ok if self.keep_last_good else grads_ok
+        for p, old in zip(self.params, self.saved):
+            p.copy_(torch.where(ok, p, old))
+        new_state = self._state()
+        if state:
+            for t, old in zip(new_state, self.saved_state):
+                t.copy_(torch.where(grads_ok, t, old))
+        else:  # created by this step: zeros are the fresh state
+            for t in new_state:
+                t.copy_(torch.where(grads_ok, t, torch.zeros_like(t)))
+        clamped = self.counts.new_zeros(())
+        for n in self.neurons:
+            clamped += _clamp(n)
+        self.counts += torch.stack([ok.long(), (~ok).long(), clamped,
+                                    (grads_ok & ~params_ok).long() if not self.keep_last_good else
+                                    clamped.new_zeros(())])
+        torch._foreach_zero_(self.grads)
+
+
+def _clamp(n: L._Neuron) -> Tensor:
+    """Clamp a neuron layer's leak and threshold into range; how many values were out (a tensor).
+    Mirrors ``constrain_`` of the layers without their host reads."""
+    lo, hi = n.leak_range
+    out = ((n.leak < lo) | (n.leak > hi)).long()
+    n.leak.clamp_(lo, hi)
+    th = getattr(n, "threshold", None)
+    if th is not None:
+        out = out + (th < n.threshold_floor).sum()
+        th.clamp_(min=n.threshold_floor)
+    return out
+
+
+class DeviceStats(LearnerStats):
+    """:class:`LearnerStats` whose update counters and last loss live on the device and are read
+    (a synchronisation) only when these attributes are read. Writes (a restored session) add host
+    offsets, so the device counters are never reallocated."""
+
+    _DEVICE = ("updates", "rejected_updates", "clamped_values")
+
+    def __init__(self, counts: Tensor, last_loss: Callable[[], float]) -> None:
+        object.__setattr__(self, "_counts", counts)
+        object.__setattr__(self, "_last_loss", last_loss)
+        object.__setattr__(self, "_offsets", dict.fromkeys(self._DEVICE, 0))
+        object.__setattr__(self, "_loss_override", None)
+        self.steps, self.samples = 0, 0
+
+    def __getattribute__(self, name: str):
+        if name in DeviceStats._DEVICE:
+            i = DeviceStats._DEVICE.index(name)
+            return int(object.__getattribute__(self, "_counts")[i]) + self._offsets[name]
+        if name == "last_loss":
+            override = object.__getattribute__(self, "_loss_override")
+            return override if override is not None else object.__getattribute__(self, "_last_loss")()
+        return object.__getattribute__(self, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in DeviceStats._DEVICE:
+            i = DeviceStats._DEVICE.index(name)
+            self._offsets[name] = int(value) - int(self._counts[i])
+        elif name == "last_loss":
+            object.__setattr__(self, "_loss_override", float(value))
+        else:
+            object.__setattr__(self, name, value)
+
+    def __repr__(self) -> str:
+        return f"DeviceStats({self.as_dict()})"

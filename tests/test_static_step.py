@@ -1,0 +1,233 @@
+"""The static STOP step (runtime/static.py) equals the eager learner, and is capturable.
+
+Equality: the same network (copied), the same data and dropout draws, run by ``compile="eager"`` and
+``compile="static"`` side by side in float64 for 200 steps with updates; every step's output, the
+predictions, the counters and the final parameters must agree within 1e-6 relative to each
+parameter's scale (observed: ~1e-16, a few rounding steps: sums are ordered differently, e.g. two
+LIFs sharing one leak accumulate into its gradient one after the other).
+"""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from test_exactness import _randomise
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from stoprt.runtime import layers as L, models
+from stoprt.runtime.stop import STOP
+
+KINDS = {"W": ("weight",), "WT": ("weight", "threshold"), "WL": ("weight", "leak"),
+         "WTL": ("weight", "threshold", "leak")}
+SYNCING = {"aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero"}
+
+
+def _net(name: str, readout: bool) -> L.Sequential:
+    small = dict(size=8, classes=3, readout=readout)
+    if name == "mlp":
+        return models.mlp(in_channels=2, hidden=(12, 8), **small)
+    if name == "dvs_gesture":
+        return models.dvs_gesture_net(in_channels=2, width=0.125, **small)
+    if name == "vgg11":
+        return models.vgg11(in_channels=2, width=1 / 32, **small)
+    return models.resnet18(in_channels=2, width=1 / 32, **small)
+
+
+def _optimizer(kind: str, params):
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=2e-2)
+    return torch.optim.SGD(params, lr=0.2, momentum=0.9 if kind == "momentum" else 0.0)
+
+
+def _pair(name, readout, learn, update, loss, opt):
+    torch.manual_seed(0)
+    net = _net(name, readout)
+    _randomise(net, seed=1)
+    twin = copy.deepcopy(net)
+    eager = STOP(net, _optimizer(opt, net.parameters()), learn=KINDS[learn], update=update, loss=loss,
+                 compile="eager")
+    static = STOP(twin, _optimizer(opt, twin.parameters()), learn=KINDS[learn], update=update, loss=loss,
+                  compile="static")
+    assert eager.mode == "eager" and static.mode == "static"
+    return eager, static
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    scale = max(a.abs().max().item(), 1e-12)
+    err = (a - b).abs().max().item()
+    assert err <= 1e-6 * scale, f"{what}: max error {err:.3e} vs scale {scale:.3e}"
+
+
+def _run_both(eager, static, samples=20, T=10, batch=2, shape=(2, 8, 8), unlabelled_every=7):
+    g = torch.Generator().manual_seed(3)
+    step = 0
+    for _ in range(samples):
+        xs = [1.5 * torch.rand(batch, *shape, generator=g) for _ in range(T)]
+        y = torch.randint(0, 3, (batch,), generator=g)
+        seed = int(torch.randint(0, 2**31, (), generator=g))
+        outs = []
+        for learner in (eager, static):
+            torch.manual_seed(seed)  # the same dropout masks
+            outs.append([learner.step(x, None if (step + t) % unlabelled_every == 0 else y)
+                         for t, x in enumerate(xs)])
+            outs[-1].append(learner.end_sample())
+        step += T
+        for t, (a, b) in enumerate(zip(*outs)):
+            _close(a.double(), b.double(), f"output at step {t}")
+    for k in ("steps", "samples", "updates", "rejected_updates", "clamped_values"):
+        assert getattr(eager.stats, k) == getattr(static.stats, k), k
+    assert math.isclose(eager.stats.last_loss, static.stats.last_loss, rel_tol=1e-9)
+    assert eager.stats.steps == static.stats.steps == samples * T >= 200
+    names = dict(eager.net.named_parameters())
+    for n, p in static.net.named_parameters():
+        _close(names[n].detach(), p.detach(), n)
+
+
+MLP_CASES = [(learn, update, loss) for learn in KINDS for update in ("step", 3, "sample") for loss in ("ce", "mse")]
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("learn,update,loss", MLP_CASES)
+def test_static_equals_eager_mlp(learn, update, loss):
+    eager, static = _pair("mlp", loss == "mse", learn, update, loss, "momentum" if update == 3 else "sgd")
+    _run_both(eager, static)
+    assert eager.stats.updates > 0
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("name,readout,learn,update,loss,opt", [
+    ("dvs_gesture", False, "WTL", "sample", "ce", "adam"),
+    ("dvs_gesture", True, "WT", "step", "mse", "sgd"),
+    ("vgg11", False, "WTL", 4, "ce", "momentum"),
+    ("vgg11", True, "WL", "sample", "mse", "adam"),
+    ("resnet18", True, "WTL", "step", "ce", "sgd"),
+    ("resnet18", False, "W", 3, "mse", "adam"),
+])
+def test_static_equals_eager_conv_nets(name, readout, learn, update, loss, opt):
+    eager, static = _pair(name, readout, learn, update, loss, opt)
+    _run_both(eager, static)
+
+
+def test_static_equals_eager_in_float32_on_the_demo_mlp():
+    torch.manual_seed(0)
+    net = models.mlp(in_channels=2, size=16, classes=10)
+    twin = copy.deepcopy(net)
+    eager = STOP(net, torch.optim.Adam(net.parameters(), lr=1e-3), compile="eager")
+    static = STOP(twin, torch.optim.Adam(twin.parameters(), lr=1e-3), compile="static")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x, y = torch.rand(10, 1, 2, 16, 16, generator=g) * 2, torch.randint(0, 10, (1,), generator=g)
+        for x_t in x:
+            assert torch.equal(eager.step(x_t, y), static.step(x_t, y))
+        assert torch.equal(eager.end_sample(), static.end_sample())
+    for (n, a), b in zip(net.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
+# ---- capturability -----------------------------------------------------------------------------
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def _static(update="sample", **kw):
+    torch.manual_seed(0)
+    net = models.dvs_gesture_net(in_channels=2, size=8, classes=3, width=0.125)
+    return net, STOP(net, torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9), update=update, **kw)
+
+
+def test_auto_is_static_on_cpu_and_eager_stays_available():
+    assert _static()[1].mode == "static"
+    assert _static(compile="eager")[1].mode == "eager"
+
+
+def test_buffers_keep_their_addresses_across_steps_and_samples():
+    net, learner = _static(update=2)
+    x, y = torch.rand(2, 2, 8, 8) * 2, torch.tensor([0, 2])
+    learner.step(x, y)
+    engine = learner._static
+    tracked = engine.state() + [p.grad for p in net.parameters() if p.requires_grad]
+    tracked += [t for s in learner.optimizer.state.values() for t in s.values()]
+    before = [t.data_ptr() for t in tracked]
+    assert len(before) > 20
+    for _ in range(3):
+        for _ in range(5):
+            learner.step(x, y)
+        learner.end_sample()
+    assert [t.data_ptr() for t in tracked] == before
+    assert [t.data_ptr() for t in engine.state()] == before[:len(engine.state())]
+    assert learner.stats.updates > 5
+
+
+def _ops_of(fn):
+    with _Ops() as ops:
+        fn()
+    return ops.names
+
+
+@pytest.mark.parametrize("update", ["step", "sample"])
+def test_a_step_and_an_update_make_no_host_sync(update):
+    _, learner = _static(update=update, check_inputs=False)
+    x, y = torch.rand(2, 2, 8, 8) * 2, torch.tensor([0, 2])
+    learner.step(x, y)  # the program is built (a dry run) at the first step of a batch size
+    names = _ops_of(lambda: [learner.step(x, y), learner.step(x), learner.step(x, y)])
+    if update == "sample":
+        names += _ops_of(learner._static._apply_update)
+    assert "aten::addmm" in names or "aten::mm" in names  # the inspection sees the step's ops
+    assert any("foreach_norm" in n for n in names) or update == "sample"
+    assert not SYNCING & set(names), SYNCING & set(names)
+
+
+def test_the_eager_step_does_sync_so_the_inspection_can_fail():
+    _, learner = _static(compile="eager", check_inputs=False)
+    names = _ops_of(lambda: learner.step(torch.rand(2, 2, 8, 8), torch.tensor([0, 2])))
+    assert SYNCING & set(names)  # stats.last_loss = float(loss)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_replay_without_sync():
+    torch.manual_seed(0)
+    net = models.dvs_gesture_net(in_channels=2, size=8, classes=3, width=0.125).cuda()
+    twin = copy.deepcopy(net)
+    graphs = STOP(net, torch.optim.Adam(net.parameters(), lr=1e-3, capturable=True), update="step")
+    eager = STOP(twin, torch.optim.Adam(twin.parameters(), lr=1e-3, capturable=True), compile="eager",
+                 update="step")
+    assert graphs.mode == "graphs"
+    x, y = torch.rand(2, 2, 8, 8, device="cuda") * 2, torch.tensor([0, 2], device="cuda")
+    graphs.step(x, y)
+    assert graphs.graph_pool_bytes() >= 0
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            graphs.step(x, y)
+            graphs.step(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graphs.end_sample()
+    torch.manual_seed(1)
+    for _ in range(6):
+        eager.step(x, y)
+        eager.step(x) if _ else None
+    eager.end_sample()
+    for a, b in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_non_capturable_adam_falls_back_to_eager_with_one_warning():
+    net = models.mlp(in_channels=1, size=4, classes=3).cuda()
+    learner = STOP(net, torch.optim.Adam(net.parameters(), lr=1e-3))
+    with pytest.warns(RuntimeWarning, match="capturable=True"):
+        learner.step(torch.rand(2, 1, 4, 4, device="cuda"), torch.tensor([0, 1], device="cuda"))
+    assert learner.mode == "eager"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        learner.step(torch.rand(2, 1, 4, 4, device="cuda"), torch.tensor([0, 1], device="cuda"))

@@ -1,0 +1,52 @@
+"""Smoke test of examples/benchmarks/step_bench.py: the quick run on CPU writes every row.
+
+It checks that each measurement exists and is positive, never how fast anything is (speed targets
+are the benchmark's to show, on a quiet machine).
+"""
+
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from stoprt.runtime.stop import STOP
+
+BENCH = Path(__file__).resolve().parents[1] / "examples" / "benchmarks" / "step_bench.py"
+ROWS = ("eager_learn", "eager_infer", "static_learn", "static_infer", "floor_fwd_bwd", "floor_fwd")
+
+
+def test_quick_run_writes_every_row(tmp_path):
+    out = tmp_path / "step"
+    done = subprocess.run([sys.executable, str(BENCH), "--quick", "--device", "cpu", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "step_bench.json").read_text())
+    assert result["machine"]["cpu"] and result["machine"]["torch"] and result["machine"]["name"].startswith("cpu-")
+    rows = {(r["net"], r["batch"], r["row"]): r for r in result["steps"]}
+    static = "compile" in inspect.signature(STOP).parameters
+    for net in ("mlp", "dvs_gesture", "vgg11"):
+        for batch in (1, 16):
+            for row in ROWS:
+                r = rows[net, batch, row]
+                if row.startswith("static") and not static:
+                    assert not r["available"] and "compile" in r["why"]
+                    continue
+                assert r["available"], r
+                assert r["median_us"] > 0 and r["best_us"] > 0
+                if not row.startswith("floor"):
+                    assert r["over_floor"] > 0
+            if static:
+                assert rows[net, batch, "static_learn"]["mode"] == "static"
+    memory = result["memory"]
+    assert [m["T"] for m in memory["rows"]] == [3, 6, 12]
+    assert all(m["held_state_bytes"] > 0 for m in memory["rows"])
+    stream = result["stream"]
+    assert "error" not in stream, stream
+    assert stream["steps"] == 40 and stream["steps_per_s"] > 0 and stream["startup_s"] > 0
+    overhead = result["stream_overhead"]
+    assert overhead["steps"] > 0
+    assert all(overhead[f"{k}_{c}_us_per_step"] > 0 for k in ("bare", "session", "session_pipeline")
+               for c in ("wall", "cpu"))
+    table = (out / "step_bench.md").read_text()
+    assert all(net in table for net in ("mlp", "dvs_gesture", "vgg11")) and "steps/s" in table
