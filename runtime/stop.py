@@ -126,6 +126,7 @@ class STOP(Learner):
             self._static.reset()
             self.stats = LearnerStats(**self.stats.as_dict())
             self._static = None
+            L.reset_state(self.net)  # the layers pointed at the program's buffers
 
     def step(self, x: Tensor, target: Tensor | None = None) -> Tensor:
         """Run one time step ``x`` ``[B, *input_shape]``; learn from ``target`` ``[B]`` if given.

@@ -24,6 +24,15 @@ KINDS = {"W": ("weight",), "WT": ("weight", "threshold"), "WL": ("weight", "leak
 SYNCING = {"aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero"}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: a second thread only waits (on a loaded machine, 10x slower)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _net(name: str, readout: bool) -> L.Sequential:
     small = dict(size=8, classes=3, readout=readout)
     if name == "mlp":
@@ -193,32 +202,33 @@ def test_the_eager_step_does_sync_so_the_inspection_can_fail():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graphs_replay_without_sync():
+def test_cuda_graphs_replay_without_sync_and_equal_eager():
     torch.manual_seed(0)
-    net = models.dvs_gesture_net(in_channels=2, size=8, classes=3, width=0.125).cuda()
+    net = models.dvs_gesture_net(in_channels=2, size=8, classes=3, width=0.125).cuda().eval()  # no dropout
     twin = copy.deepcopy(net)
     graphs = STOP(net, torch.optim.Adam(net.parameters(), lr=1e-3, capturable=True), update="step")
     eager = STOP(twin, torch.optim.Adam(twin.parameters(), lr=1e-3, capturable=True), compile="eager",
                  update="step")
     assert graphs.mode == "graphs"
     x, y = torch.rand(2, 2, 8, 8, device="cuda") * 2, torch.tensor([0, 2], device="cuda")
-    graphs.step(x, y)
+    outs = [graphs.step(x, y)]
     assert graphs.graph_pool_bytes() >= 0
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(5):
-            graphs.step(x, y)
-            graphs.step(x)
+            outs += [graphs.step(x, y), graphs.step(x)]
     finally:
         torch.cuda.set_sync_debug_mode("default")
     graphs.end_sample()
-    torch.manual_seed(1)
-    for _ in range(6):
-        eager.step(x, y)
-        eager.step(x) if _ else None
+    ref = [eager.step(x, y)]
+    for _ in range(5):
+        ref += [eager.step(x, y), eager.step(x)]
     eager.end_sample()
-    for a, b in zip(net.parameters(), twin.parameters()):
+    for a, b in zip(ref, outs):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(twin.parameters(), net.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert graphs.stats.updates == eager.stats.updates == 6
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -231,3 +241,132 @@ def test_non_capturable_adam_falls_back_to_eager_with_one_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         learner.step(torch.rand(2, 1, 4, 4, device="cuda"), torch.tensor([0, 1], device="cuda"))
+
+
+# ---- bad input: the same errors and refusals as eager ------------------------------------------
+
+def _mlp_pair(opt="adam", **kw):
+    torch.manual_seed(0)
+    net = models.mlp(in_channels=1, size=4, classes=3, hidden=(8,))
+    twin = copy.deepcopy(net)
+    make = (lambda p: torch.optim.Adam(p, lr=1e-2)) if opt == "adam" else (lambda p: torch.optim.SGD(p, lr=0.1))
+    return (STOP(net, make(net.parameters()), compile="eager", **kw),
+            STOP(twin, make(twin.parameters()), compile="static", **kw))
+
+
+def test_batch_change_within_a_sample_is_the_eager_error_and_between_samples_replans():
+    for learner in _mlp_pair():
+        learner.step(torch.rand(2, 1, 4, 4), torch.tensor([0, 1]))
+        with pytest.raises(ValueError, match=r"input shape changed within a sample: \(2, 1, 4, 4\) then "
+                                             r"\(3, 1, 4, 4\); call end_sample\(\) between samples"):
+            learner.step(torch.rand(3, 1, 4, 4), torch.tensor([0, 1, 2]))
+        learner.end_sample()
+    eager, static = _mlp_pair()
+    for batch in (2, 3, 1, 2):
+        x, y = torch.rand(batch, 1, 4, 4) * 3, torch.randint(0, 3, (batch,))
+        for _ in range(4):
+            assert torch.equal(eager.step(x, y), static.step(x, y))
+        assert torch.equal(eager.end_sample(), static.end_sample())
+    assert len(static._static.programs) == 3  # one program per batch size, reused
+    for a, b in zip(eager.net.parameters(), static.net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_nan_input_raises_at_the_step(mode):
+    learner = _mlp_pair()[mode == "static"]
+    learner.step(torch.rand(2, 1, 4, 4), torch.tensor([0, 1]))
+    x = torch.rand(2, 1, 4, 4)
+    x[1, 0, 2, 2] = math.inf
+    with pytest.raises(ValueError, match="input at step 1 of the sample contains NaN or Inf"):
+        learner.step(x, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="labels out of range: the network has 3 classes"):
+        learner.step(torch.rand(2, 1, 4, 4), torch.tensor([0, 5]))
+
+
+def test_inputs_on_a_device_are_checked_there_and_reported_at_end_sample():
+    _, learner = _mlp_pair()
+    learner._static.device_checks = True  # as for CUDA tensors: no host read inside the step
+    x = torch.rand(2, 1, 4, 4)
+    learner.step(x, torch.tensor([0, 1]))
+    learner.step(x * math.nan, torch.tensor([0, 1]))  # recorded, not raised
+    learner.step(x, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="input at step 1 of the sample contains NaN or Inf"):
+        learner.end_sample()
+    assert learner.stats.rejected_updates == 1  # the NaN reached the gradients: the guard refused it
+    assert all(torch.isfinite(p).all() for p in learner.net.parameters())
+    learner.step(x, torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match="labels out of range: the network has 3 classes"):
+        learner.end_sample()
+    learner.step(x, torch.tensor([0, 1]))  # the learner goes on after the error
+    assert learner.end_sample() is not None and learner.stats.updates >= 1
+
+
+@pytest.mark.parametrize("opt", ["adam", "sgd"])
+def test_non_finite_update_is_refused_counted_and_the_last_good_kept(opt, caplog):
+    """Finite inputs whose traces overflow: non-finite gradients. Both learners refuse the update,
+    keep parameters *and* optimizer state, and then learn on alike."""
+    eager, static = _mlp_pair(opt)
+    good = torch.rand(2, 1, 4, 4) * 3
+    huge = torch.full((2, 1, 4, 4), 3e38)
+    y = torch.tensor([0, 2])
+    for learner in (eager, static):
+        for x in (good, huge, good):
+            for _ in range(6):
+                learner.step(x, y)
+            learner.end_sample()
+    assert "refused" in caplog.text
+    for learner in (eager, static):
+        assert learner.stats.rejected_updates == 1 and learner.stats.updates == 2
+    for a, b in zip(eager.net.parameters(), static.net.parameters()):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_update_to_inf_from_finite_gradients_is_refused():
+    eager, static = _mlp_pair("sgd")
+    for learner in (eager, static):
+        learner.optimizer.param_groups[0]["lr"] = math.inf
+        before = [p.detach().clone() for p in learner.net.parameters()]
+        for _ in range(3):
+            learner.step(torch.rand(2, 1, 4, 4) * 3, torch.tensor([0, 2]))
+        learner.end_sample()
+        assert learner.stats.rejected_updates == 1 and learner.stats.updates == 0
+        assert all(torch.equal(a, b) for a, b in zip(before, learner.net.parameters()))
+
+
+def test_without_the_parameter_copy_a_bad_update_raises_at_end_sample():
+    _, static = _mlp_pair("sgd", keep_last_good=False)
+    static.optimizer.param_groups[0]["lr"] = math.inf
+    static.step(torch.rand(2, 1, 4, 4) * 3, torch.tensor([0, 2]))
+    with pytest.raises(FloatingPointError, match="cannot be undone"):
+        static.end_sample()
+
+
+@pytest.mark.parametrize("opt,reason", [("sgd", "CUDA graph capture failed: "),
+                                        ("adam", "capturable=True")])
+def test_failed_capture_falls_back_to_eager_with_one_warning(opt, reason):
+    """Here capture fails for want of CUDA (or, first, for Adam's host-side step): the learner says why
+    once, runs that step and all later ones eagerly, and learns exactly as the eager learner."""
+    eager, static = _mlp_pair(opt)
+    static._static.use_graphs = True  # what a CUDA learner does
+    x, y = torch.rand(2, 1, 4, 4) * 3, torch.tensor([0, 2])
+    with pytest.warns(RuntimeWarning, match=reason) as caught:
+        out = static.step(x, y)
+    assert len(caught) == 1 and static.mode == "eager"
+    assert torch.equal(out, eager.step(x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            assert torch.equal(static.step(x, y), eager.step(x, y))
+        assert torch.equal(static.end_sample(), eager.end_sample())
+    for a, b in zip(eager.net.parameters(), static.net.parameters()):
+        assert torch.equal(a, b)
+    assert static.stats.updates == eager.stats.updates == 1
+
+
+def test_callable_loss_runs_eager():
+    net = models.mlp(in_channels=1, size=4, classes=3)
+    assert STOP(net, torch.optim.SGD(net.parameters(), lr=0.1), loss=lambda o, y: o.sum()).mode == "eager"
+    with pytest.warns(RuntimeWarning, match="a callable loss"):
+        STOP(net, torch.optim.SGD(net.parameters(), lr=0.1), loss=lambda o, y: o.sum(), compile="static")
