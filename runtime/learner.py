@@ -39,10 +39,16 @@ LOSSES: dict[str, LossFn] = {"ce": cross_entropy, "mse": mse_one_hot}
 # reads the labels' range on the host).
 
 def cross_entropy_grad(output: Tensor, target: Tensor) -> Tensor:
-    """d cross_entropy / d output ``[B, K]`` = (softmax(output) - one_hot(target)) / B."""
-    grad = torch.softmax(output, 1)
-    index = target.view(-1, 1)
-    return grad.scatter_add_(1, index, grad.new_full(index.shape, -1.0)).div_(output.shape[0])
+    """d cross_entropy / d output ``[B, K]`` = (softmax(output) - one_hot(target)) / B.
+
+    Computed by the kernels autograd runs for :func:`cross_entropy` (log-softmax, then the backward
+    of the batch-mean NLL and of the log-softmax), so that it equals the eager learner's bit for bit.
+    """
+    aten = torch.ops.aten
+    log_p = torch.log_softmax(output, 1)
+    total = output.new_full((), output.shape[0])  # the mean's divisor, as nll_loss computes it
+    grad = aten.nll_loss_backward(output.new_ones(()), log_p, target, None, 1, -100, total)
+    return aten._log_softmax_backward_data(grad, log_p, 1, output.dtype)
 
 
 def mse_one_hot_grad(output: Tensor, target: Tensor) -> Tensor:
