@@ -26,7 +26,6 @@ from torch import Tensor
 
 from . import layers as L
 from .learner import LearnerStats
-from .static import finite
 
 
 class GuardedUpdate:
@@ -47,6 +46,16 @@ class GuardedUpdate:
         self.saved_state: list[Tensor] = []
         # updates, rejected updates, clamped values, updates that made NaN/Inf with keep_last_good off
         self.counts = torch.zeros(4, dtype=torch.int64, device=device)
+        self._found = torch.zeros(2, dtype=torch.float32, device=device)  # non-finite: grads, params
+        self._one = torch.ones((), dtype=torch.float32, device=device)
+
+    def _finite(self, tensors: list[Tensor], i: int) -> Tensor:
+        """Whether every element of ``tensors`` is finite, as a bool tensor: one fused pass (the check
+        AMP's GradScaler uses; it multiplies by 1 in place, which changes no value)."""
+        found = self._found[i]
+        found.zero_()
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, self._one)
+        return found == 0
 
     def _state(self) -> list[Tensor]:
         return [v for p in self.params for v in self.optimizer.state.get(p, {}).values()
@@ -62,7 +71,7 @@ class GuardedUpdate:
         sync = self.grad_sync()
         if sync is not None:
             sync(self.params)
-        grads_ok = finite(self.grads)
+        grads_ok = self._finite(self.grads, 0)
         state = self._state()
         if len(self.saved_state) != len(state):  # first update (or new state): buffers for its copy
             self.saved_state = [torch.empty_like(t) for t in state]
@@ -70,17 +79,17 @@ class GuardedUpdate:
             torch._foreach_copy_(self.saved_state, state)
         torch._foreach_copy_(self.saved, self.params)  # also for keep_last_good=False: bad grads
         self.optimizer.step()
-        params_ok = finite(self.params)
+        params_ok = self._finite(self.params, 1)
         ok = grads_ok & params_ok if self.keep_last_good else grads_ok
         for p, old in zip(self.params, self.saved):
-            p.copy_(torch.where(ok, p, old))
+            torch.where(ok, p, old, out=p)
         new_state = self._state()
         if state:
             for t, old in zip(new_state, self.saved_state):
-                t.copy_(torch.where(grads_ok, t, old))
+                torch.where(grads_ok, t, old, out=t)
         else:  # created by this step: zeros are the fresh state
             for t in new_state:
-                t.copy_(torch.where(grads_ok, t, torch.zeros_like(t)))
+                torch.where(grads_ok, t, torch.zeros_like(t), out=t)
         clamped = self.counts.new_zeros(())
         for n in self.neurons:
             clamped += _clamp(n)
