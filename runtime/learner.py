@@ -7,6 +7,7 @@ Gradients land in each parameter's ``.grad``; the wrapped ``torch.optim`` optimi
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -65,13 +66,20 @@ def all_finite(tensors: list[Tensor]) -> bool:
     """Whether every element of every tensor is finite.
 
     A sum per tensor screens them (NaN and Inf propagate through it, and a sum is one cheap read where
-    ``isfinite`` makes several passes); only a tensor whose sum is not finite, which a large finite
-    one can also overflow to, gets the exact element-wise test.
+    ``isfinite`` makes several passes), read in one go; only a tensor whose sum is not finite, which a
+    large finite one can also overflow to, gets the exact element-wise test.
     """
-    sums = torch.stack([t.sum().float() for t in tensors])
-    if bool(torch.isfinite(sums).all()):
+    sums = tensors[0].sum() if len(tensors) == 1 else torch.stack([t.sum() for t in tensors])
+    if all(map(math.isfinite, sums.reshape(-1).tolist())):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _out_of_range(target: Tensor, classes: int) -> bool:
+    if target.device.type == "cpu":  # a few labels: read them rather than run four tensor ops
+        labels = target.reshape(-1).tolist()
+        return bool(labels) and (min(labels) < 0 or max(labels) >= classes)
+    return bool(((target < 0) | (target >= classes)).any())
 
 
 @dataclass
@@ -155,7 +163,7 @@ class Learner:
         if target.shape != output.shape[:1]:
             raise ValueError(f"targets of shape {tuple(target.shape)} do not match the batch of "
                              f"{output.shape[0]}")
-        if self.check_inputs and bool(((target < 0) | (target >= output.shape[1])).any()):
+        if self.check_inputs and _out_of_range(target, output.shape[1]):
             raise ValueError(f"labels out of range: the network has {output.shape[1]} classes, got "
                              f"labels from {int(target.min())} to {int(target.max())}")
 
