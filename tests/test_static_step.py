@@ -50,7 +50,7 @@ def _optimizer(kind: str, params):
     return torch.optim.SGD(params, lr=0.2, momentum=0.9 if kind == "momentum" else 0.0)
 
 
-def _pair(name, readout, learn, update, loss, opt):
+def _pair(name, readout, learn, update, loss, opt, device_update=False):
     torch.manual_seed(0)
     net = _net(name, readout)
     _randomise(net, seed=1)
@@ -60,6 +60,7 @@ def _pair(name, readout, learn, update, loss, opt):
     static = STOP(twin, _optimizer(opt, twin.parameters()), learn=KINDS[learn], update=update, loss=loss,
                   compile="static")
     assert eager.mode == "eager" and static.mode == "static"
+    static._static.update.host_decisions = not device_update  # the CUDA update's path, on a CPU
     return eager, static
 
 
@@ -100,22 +101,23 @@ MLP_CASES = [(learn, update, loss) for learn in KINDS for update in ("step", 3, 
 @pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("learn,update,loss", MLP_CASES)
 def test_static_equals_eager_mlp(learn, update, loss):
-    eager, static = _pair("mlp", loss == "mse", learn, update, loss, "momentum" if update == 3 else "sgd")
+    eager, static = _pair("mlp", loss == "mse", learn, update, loss, "momentum" if update == 3 else "sgd",
+                          device_update=update != "sample")
     _run_both(eager, static)
     assert eager.stats.updates > 0
 
 
 @pytest.mark.usefixtures("float64")
-@pytest.mark.parametrize("name,readout,learn,update,loss,opt", [
-    ("dvs_gesture", False, "WTL", "sample", "ce", "adam"),
-    ("dvs_gesture", True, "WT", "step", "mse", "sgd"),
-    ("vgg11", False, "WTL", 4, "ce", "momentum"),
-    ("vgg11", True, "WL", "sample", "mse", "adam"),
-    ("resnet18", True, "WTL", "step", "ce", "sgd"),
-    ("resnet18", False, "W", 3, "mse", "adam"),
+@pytest.mark.parametrize("name,readout,learn,update,loss,opt,device_update", [
+    ("dvs_gesture", False, "WTL", "sample", "ce", "adam", False),
+    ("dvs_gesture", True, "WT", "step", "mse", "sgd", False),
+    ("vgg11", False, "WTL", 4, "ce", "momentum", True),
+    ("vgg11", True, "WL", "sample", "mse", "adam", False),
+    ("resnet18", True, "WTL", "step", "ce", "sgd", False),
+    ("resnet18", False, "W", 3, "mse", "adam", True),
 ])
-def test_static_equals_eager_conv_nets(name, readout, learn, update, loss, opt):
-    eager, static = _pair(name, readout, learn, update, loss, opt)
+def test_static_equals_eager_conv_nets(name, readout, learn, update, loss, opt, device_update):
+    eager, static = _pair(name, readout, learn, update, loss, opt, device_update)
     _run_both(eager, static)
 
 
@@ -185,6 +187,7 @@ def _ops_of(fn):
 @pytest.mark.parametrize("update", ["step", "sample"])
 def test_a_step_and_an_update_make_no_host_sync(update):
     _, learner = _static(update=update, check_inputs=False)
+    learner._static.update.host_decisions = False  # as on CUDA (a CPU reads its flags on the host)
     x, y = torch.rand(2, 2, 8, 8) * 2, torch.tensor([0, 2])
     learner.step(x, y)  # the program is built (a dry run) at the first step of a batch size
     names = _ops_of(lambda: [learner.step(x, y), learner.step(x), learner.step(x, y)])
@@ -245,13 +248,15 @@ def test_non_capturable_adam_falls_back_to_eager_with_one_warning():
 
 # ---- bad input: the same errors and refusals as eager ------------------------------------------
 
-def _mlp_pair(opt="adam", **kw):
+def _mlp_pair(opt="adam", device_update=False, **kw):
     torch.manual_seed(0)
     net = models.mlp(in_channels=1, size=4, classes=3, hidden=(8,))
     twin = copy.deepcopy(net)
     make = (lambda p: torch.optim.Adam(p, lr=1e-2)) if opt == "adam" else (lambda p: torch.optim.SGD(p, lr=0.1))
-    return (STOP(net, make(net.parameters()), compile="eager", **kw),
-            STOP(twin, make(twin.parameters()), compile="static", **kw))
+    eager = STOP(net, make(net.parameters()), compile="eager", **kw)
+    static = STOP(twin, make(twin.parameters()), compile="static", **kw)
+    static._static.update.host_decisions = not device_update
+    return eager, static
 
 
 def test_batch_change_within_a_sample_is_the_eager_error_and_between_samples_replans():
@@ -302,11 +307,12 @@ def test_inputs_on_a_device_are_checked_there_and_reported_at_end_sample():
     assert learner.end_sample() is not None and learner.stats.updates >= 1
 
 
+@pytest.mark.parametrize("device_update", [False, True], ids=["host-decisions", "device-decisions"])
 @pytest.mark.parametrize("opt", ["adam", "sgd"])
-def test_non_finite_update_is_refused_counted_and_the_last_good_kept(opt, caplog):
+def test_non_finite_update_is_refused_counted_and_the_last_good_kept(opt, device_update, caplog):
     """Finite inputs whose traces overflow: non-finite gradients. Both learners refuse the update,
     keep parameters *and* optimizer state, and then learn on alike."""
-    eager, static = _mlp_pair(opt)
+    eager, static = _mlp_pair(opt, device_update)
     good = torch.rand(2, 1, 4, 4) * 3
     huge = torch.full((2, 1, 4, 4), 3e38)
     y = torch.tensor([0, 2])
@@ -323,8 +329,9 @@ def test_non_finite_update_is_refused_counted_and_the_last_good_kept(opt, caplog
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_update_to_inf_from_finite_gradients_is_refused():
-    eager, static = _mlp_pair("sgd")
+@pytest.mark.parametrize("device_update", [False, True], ids=["host-decisions", "device-decisions"])
+def test_update_to_inf_from_finite_gradients_is_refused(device_update):
+    eager, static = _mlp_pair("sgd", device_update)
     for learner in (eager, static):
         learner.optimizer.param_groups[0]["lr"] = math.inf
         before = [p.detach().clone() for p in learner.net.parameters()]
@@ -335,8 +342,9 @@ def test_update_to_inf_from_finite_gradients_is_refused():
         assert all(torch.equal(a, b) for a, b in zip(before, learner.net.parameters()))
 
 
-def test_without_the_parameter_copy_a_bad_update_raises_at_end_sample():
-    _, static = _mlp_pair("sgd", keep_last_good=False)
+@pytest.mark.parametrize("device_update", [False, True], ids=["host-decisions", "device-decisions"])
+def test_without_the_parameter_copy_a_bad_update_raises_at_end_sample(device_update):
+    _, static = _mlp_pair("sgd", device_update, keep_last_good=False)
     static.optimizer.param_groups[0]["lr"] = math.inf
     static.step(torch.rand(2, 1, 4, 4) * 3, torch.tensor([0, 2]))
     with pytest.raises(FloatingPointError, match="cannot be undone"):
