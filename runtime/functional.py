@@ -97,7 +97,7 @@ def leak_term(u: Tensor, s: Tensor | None, threshold: Tensor | None, reset: str 
     ``out`` (soft reset only) receives the result; the other resets return ``u`` itself."""
     if s is None or reset == "soft_nodecay":
         return u
-    s = s.detach()
+    s = _const(s)
     if reset == "soft":
         return torch.addcmul(u, threshold, s, value=-1.0, out=out)
     if reset == "hard":
@@ -115,7 +115,7 @@ def membrane_update(current: Tensor, term: Tensor, leak: Tensor, threshold: Tens
     """
     u = torch.addcmul(current, leak, term, out=out)
     if reset == "soft_nodecay" and s is not None:
-        u = torch.addcmul(u, threshold, s.detach(), value=-1.0, out=out)
+        u = torch.addcmul(u, threshold, _const(s), value=-1.0, out=out)
     return u
 
 
@@ -142,18 +142,24 @@ def readout_step(current: Tensor, u: Tensor, leak: Tensor, out: Tensor | None = 
 # A None trace stands for an all-zero one (the eager learner's first step). ``out`` (the trace itself
 # in the static step, see runtime/static.py) receives the new trace in place.
 
+def _const(t: Tensor) -> Tensor:
+    """``t`` cut from autograd; with autograd off (as the layers call the trace steps) that is ``t``
+    itself, and skipping the detach saves a dispatch per tensor per step."""
+    return t.detach() if torch.is_grad_enabled() and t.requires_grad else t
+
+
 def input_trace_step(trace: Tensor | None, x: Tensor, leak: Tensor, out: Tensor | None = None) -> Tensor:
     """w_tr[t] = a * w_tr[t-1] + x[t]; the postsynaptic layer's leak ``a``. Shaped like ``x``."""
     if trace is None:
-        return x.detach().clone()
-    return torch.addcmul(x.detach(), leak.detach(), trace, out=out)
+        return _const(x).clone()
+    return torch.addcmul(_const(x), _const(leak), trace, out=out)
 
 
 def bias_trace_step(trace: Tensor | None, leak: Tensor, out: Tensor | None = None) -> Tensor:
     """b_tr[t] = a * b_tr[t-1] + 1, a scalar tensor."""
     if trace is None:
         return torch.ones((), dtype=leak.dtype, device=leak.device)
-    return torch.mul(leak.detach(), trace, out=out).add_(1.0)
+    return torch.mul(_const(leak), trace, out=out).add_(1.0)
 
 
 def threshold_trace_step(trace: Tensor | None, s: Tensor | None, leak: Tensor,
@@ -162,7 +168,7 @@ def threshold_trace_step(trace: Tensor | None, s: Tensor | None, leak: Tensor,
     without its decay."""
     if s is None:
         return None
-    a = leak.detach()
+    a = _const(leak)
     if reset == "soft":
         return s * -a if trace is None else torch.sub(trace, s, out=out).mul_(a)
     return -s if trace is None else torch.addcmul(-s, a, trace, out=out)
@@ -173,7 +179,7 @@ def leak_trace_step(trace: Tensor | None, term: Tensor | None, leak: Tensor,
     """a_tr[t] = a a_tr[t-1] + dU[t]/da at fixed history (``term``, see :func:`leak_term`)."""
     if term is None:
         return None
-    return term if trace is None else torch.addcmul(term, leak.detach(), trace, out=out)
+    return term if trace is None else torch.addcmul(term, _const(leak), trace, out=out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Gradients land in each parameter's ``.grad``; the wrapped ``torch.optim`` optimi
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -39,10 +40,16 @@ LOSSES: dict[str, LossFn] = {"ce": cross_entropy, "mse": mse_one_hot}
 # reads the labels' range on the host).
 
 def cross_entropy_grad(output: Tensor, target: Tensor) -> Tensor:
-    """d cross_entropy / d output ``[B, K]`` = (softmax(output) - one_hot(target)) / B."""
-    grad = torch.softmax(output, 1)
-    index = target.view(-1, 1)
-    return grad.scatter_add_(1, index, grad.new_full(index.shape, -1.0)).div_(output.shape[0])
+    """d cross_entropy / d output ``[B, K]`` = (softmax(output) - one_hot(target)) / B.
+
+    Computed by the kernels autograd runs for :func:`cross_entropy` (log-softmax, then the backward
+    of the batch-mean NLL and of the log-softmax), so that it equals the eager learner's bit for bit.
+    """
+    aten = torch.ops.aten
+    log_p = torch.log_softmax(output, 1)
+    total = output.new_full((), output.shape[0])  # the mean's divisor, as nll_loss computes it
+    grad = aten.nll_loss_backward(output.new_ones(()), log_p, target, None, 1, -100, total)
+    return aten._log_softmax_backward_data(grad, log_p, 1, output.dtype)
 
 
 def mse_one_hot_grad(output: Tensor, target: Tensor) -> Tensor:
@@ -59,13 +66,20 @@ def all_finite(tensors: list[Tensor]) -> bool:
     """Whether every element of every tensor is finite.
 
     A sum per tensor screens them (NaN and Inf propagate through it, and a sum is one cheap read where
-    ``isfinite`` makes several passes); only a tensor whose sum is not finite, which a large finite
-    one can also overflow to, gets the exact element-wise test.
+    ``isfinite`` makes several passes), read in one go; only a tensor whose sum is not finite, which a
+    large finite one can also overflow to, gets the exact element-wise test.
     """
-    sums = torch.stack([t.sum().float() for t in tensors])
-    if bool(torch.isfinite(sums).all()):
+    sums = tensors[0].sum() if len(tensors) == 1 else torch.stack([t.sum() for t in tensors])
+    if all(map(math.isfinite, sums.reshape(-1).tolist())):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _out_of_range(target: Tensor, classes: int) -> bool:
+    if target.device.type == "cpu":  # a few labels: read them rather than run four tensor ops
+        labels = target.reshape(-1).tolist()
+        return bool(labels) and (min(labels) < 0 or max(labels) >= classes)
+    return bool(((target < 0) | (target >= classes)).any())
 
 
 @dataclass
@@ -149,7 +163,7 @@ class Learner:
         if target.shape != output.shape[:1]:
             raise ValueError(f"targets of shape {tuple(target.shape)} do not match the batch of "
                              f"{output.shape[0]}")
-        if self.check_inputs and bool(((target < 0) | (target >= output.shape[1])).any()):
+        if self.check_inputs and _out_of_range(target, output.shape[1]):
             raise ValueError(f"labels out of range: the network has {output.shape[1]} classes, got "
                              f"labels from {int(target.min())} to {int(target.max())}")
 

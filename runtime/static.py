@@ -30,11 +30,6 @@ class CaptureError(RuntimeError):
     """Capturing the static step as a CUDA graph failed (the learner runs eager)."""
 
 
-def finite(tensors: list[Tensor]) -> Tensor:
-    """A bool scalar tensor: every element of every tensor is finite (one max-abs pass each)."""
-    return torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf")))).all()
-
-
 class Program:
     """The compiled network for one input shape (batch size), with its output buffers.
 
@@ -77,7 +72,7 @@ class Program:
         else:
             bad_label = ((self.target < 0) | (self.target >= self.classes)).any()
             self.target.clamp_(0, self.classes - 1)  # an index out of range would fault the device
-        flags = torch.stack([~finite([x]), bad_label])
+        flags = torch.stack([~torch.isfinite(x).all(), bad_label])
         torch.where((self.bad == 0) & flags, self.step_no, self.bad, out=self.bad)
 
     def infer(self, x: Tensor) -> Tensor:

@@ -45,13 +45,16 @@ class StaticEngine:
             setattr(learner.stats, k, v)
         self._seen = [0, 0, 0, 0]  # counters at the last end_sample (for its warnings)
         self._loss_program: Program | None = None  # holds the last learning step's output and labels
+        # Where inputs and labels are checked: None = by where they live (host memory: on the host);
+        # True / False force the device / host checks (tests use it to run the device path on a CPU).
+        self.device_checks: bool | None = None
 
     # ---- programs -------------------------------------------------------------------------------
     def _runner(self, x: Tensor):
         key = (x.shape, x.device, x.dtype)
         if key not in self.programs:
             lr = self.learner
-            program = Program(lr.net, lr.loss_grad, x, self.update.grads, device_checks=x.device.type != "cpu")
+            program = Program(lr.net, lr.loss_grad, x, self.update.grads, device_checks=self._on_device(x))
             if self.use_graphs:
                 from .graphs import CapturedSteps  # noqa: PLC0415  (CUDA only)
                 self.programs[key] = CapturedSteps(program, self.update, x)
@@ -72,14 +75,14 @@ class StaticEngine:
         if lr.sample_steps == 0:
             self.runner = self._runner(x)
             self.program.start_sample()
-        on_host = x.device.type == "cpu"
+        on_host = not self._on_device(x)
         if lr.check_inputs and on_host and not all_finite([x]):
             raise ValueError(f"input at step {lr.sample_steps} of the sample contains NaN or Inf")
         with torch.no_grad():
             if target is None:
                 out = self.runner.infer(x)
             else:
-                if target.device.type == "cpu":
+                if on_host:
                     lr._check_target(self.program.last_out, target)
                 out = self.runner.learn(x, target)
                 lr._steps_since_update += 1
@@ -90,6 +93,9 @@ class StaticEngine:
             if lr.update == "step" or (isinstance(lr.update, int) and lr._steps_since_update >= lr.update):
                 self._apply_update()
         return out.clone()
+
+    def _on_device(self, x: Tensor) -> bool:
+        return x.device.type != "cpu" if self.device_checks is None else self.device_checks
 
     def _apply_update(self) -> None:
         lr = self.learner

@@ -13,6 +13,10 @@ captured as a CUDA graph):
 * ``updates`` / ``rejected_updates`` / ``clamped_values`` and the last loss are device tensors,
   read when :class:`DeviceStats` is read (that read synchronises; do it outside the step).
 
+For parameters in host memory (a CPU) reading a flag is no synchronisation, so there the update
+branches on the flags instead (``host_decisions``): the same outcomes without copying the optimizer
+state. Tests run both on a CPU.
+
 Optimizer state that the first step creates has no earlier value: on a rejected update it is reset
 to zeros, which is a fresh state for Adam/AdamW/RMSprop and for SGD momentum without dampening.
 """
@@ -26,7 +30,6 @@ from torch import Tensor
 
 from . import layers as L
 from .learner import LearnerStats
-from .static import finite
 
 
 class GuardedUpdate:
@@ -47,6 +50,18 @@ class GuardedUpdate:
         self.saved_state: list[Tensor] = []
         # updates, rejected updates, clamped values, updates that made NaN/Inf with keep_last_good off
         self.counts = torch.zeros(4, dtype=torch.int64, device=device)
+        self._found = torch.zeros(2, dtype=torch.float32, device=device)  # non-finite: grads, params
+        self._one = torch.ones((), dtype=torch.float32, device=device)
+        # Branch on the guard's flags on the host (CPU tensors) or select on the device (CUDA graphs).
+        self.host_decisions = device.type == "cpu"
+
+    def _finite(self, tensors: list[Tensor], i: int) -> Tensor:
+        """Whether every element of ``tensors`` is finite, as a bool tensor: one fused pass (the check
+        AMP's GradScaler uses; it multiplies by 1 in place, which changes no value)."""
+        found = self._found[i]
+        found.zero_()
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, self._one)
+        return found == 0
 
     def _state(self) -> list[Tensor]:
         return [v for p in self.params for v in self.optimizer.state.get(p, {}).values()
@@ -62,7 +77,34 @@ class GuardedUpdate:
         sync = self.grad_sync()
         if sync is not None:
             sync(self.params)
-        grads_ok = finite(self.grads)
+        grads_ok = self._finite(self.grads, 0)
+        if self.host_decisions:
+            self._decide_on_host(grads_ok)
+        else:
+            self._decide_on_device(grads_ok)
+        torch._foreach_zero_(self.grads)
+
+    def _decide_on_host(self, grads_ok: Tensor) -> None:
+        """The same outcomes, branching on the flags: for tensors in host memory reading one is no
+        synchronisation, and it spares copying and restoring the optimizer state."""
+        counts = self.counts
+        if not bool(grads_ok):
+            counts[1] += 1
+            return
+        if self.keep_last_good:
+            torch._foreach_copy_(self.saved, self.params)
+        self.optimizer.step()
+        if not bool(self._finite(self.params, 1)):
+            if self.keep_last_good:
+                torch._foreach_copy_(self.params, self.saved)
+                counts[1] += 1
+                return
+            counts[3] += 1
+        clamped = sum(_clamp(n) for n in self.neurons)
+        counts[0] += 1
+        counts[2] += clamped
+
+    def _decide_on_device(self, grads_ok: Tensor) -> None:
         state = self._state()
         if len(self.saved_state) != len(state):  # first update (or new state): buffers for its copy
             self.saved_state = [torch.empty_like(t) for t in state]
@@ -70,24 +112,23 @@ class GuardedUpdate:
             torch._foreach_copy_(self.saved_state, state)
         torch._foreach_copy_(self.saved, self.params)  # also for keep_last_good=False: bad grads
         self.optimizer.step()
-        params_ok = finite(self.params)
+        params_ok = self._finite(self.params, 1)
         ok = grads_ok & params_ok if self.keep_last_good else grads_ok
         for p, old in zip(self.params, self.saved):
-            p.copy_(torch.where(ok, p, old))
+            torch.where(ok, p, old, out=p)
         new_state = self._state()
         if state:
             for t, old in zip(new_state, self.saved_state):
-                t.copy_(torch.where(grads_ok, t, old))
+                torch.where(grads_ok, t, old, out=t)
         else:  # created by this step: zeros are the fresh state
             for t in new_state:
-                t.copy_(torch.where(grads_ok, t, torch.zeros_like(t)))
+                torch.where(grads_ok, t, torch.zeros_like(t), out=t)
         clamped = self.counts.new_zeros(())
         for n in self.neurons:
             clamped += _clamp(n)
         self.counts += torch.stack([ok.long(), (~ok).long(), clamped,
                                     (grads_ok & ~params_ok).long() if not self.keep_last_good else
                                     clamped.new_zeros(())])
-        torch._foreach_zero_(self.grads)
 
 
 def _clamp(n: L._Neuron) -> Tensor:
