@@ -131,7 +131,7 @@ class GuardedUpdate:
                                     clamped.new_zeros(())])
 
 
-def _clamp(n: L._Neuron) -> Tensor:
+def _clamp(n: L.Neuron) -> Tensor:
     """Clamp a neuron layer's leak and threshold into range; how many values were out (a tensor).
     Mirrors ``constrain_`` of the layers without their host reads."""
     lo, hi = n.leak_range
