@@ -5,6 +5,11 @@ initialisation, autotuning, the optimizer's state), capture each region once int
 memory pool, then replay. Inputs go in by ``copy_`` into static tensors; outputs are the program's
 buffers. Everything a graph touches keeps its address (see :mod:`stoprt.runtime.static`).
 
+An optimizer that steps on the host (torch's Adam/AdamW unless created with ``capturable=True``: they
+keep their step counts on the CPU) cannot be captured; its update then runs uncaptured, once per update,
+on the gradients the captured steps accumulated (a per-sample update is a small share of a sample's
+time), while the steps themselves still replay as graphs.
+
 The warm-up runs real steps and a real update; parameters, optimizer state, counters, state buffers
 and gradients are put back afterwards (in place), so capturing changes nothing the learner has.
 """
@@ -20,21 +25,19 @@ from .static_update import GuardedUpdate
 WARMUP_STEPS = 3
 
 
-def check_capturable(optimizer: torch.optim.Optimizer) -> None:
-    """Raise :class:`CaptureError` for an optimizer whose step cannot be captured."""
-    for group in optimizer.param_groups:
-        if group.get("capturable") is False:
-            name = type(optimizer).__name__
-            raise CaptureError(f"torch.optim.{name} steps on the host unless it is created with "
-                               f"capturable=True (torch.optim.{name}(params, ..., capturable=True))")
-        if group.get("differentiable"):
-            raise CaptureError("a differentiable optimizer cannot be captured")
+def update_capturable(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` can be captured: False for one that keeps its step count on the host
+    (``capturable=False``). Raises :class:`CaptureError` for a differentiable optimizer."""
+    if any(group.get("differentiable") for group in optimizer.param_groups):
+        raise CaptureError("a differentiable optimizer cannot be captured")
+    return all(group.get("capturable") is not False for group in optimizer.param_groups)
 
 
 class CapturedSteps:
     """A program's ``learn`` / ``infer`` / ``update`` as replayed CUDA graphs.
 
     ``pool_bytes``: device memory reserved by capturing (the graphs' private pool), for profiles.
+    ``update_captured``: whether the update is a graph too (see the module docstring).
     """
 
     def __init__(self, program: Program, update: GuardedUpdate, x_like: Tensor) -> None:
@@ -42,7 +45,7 @@ class CapturedSteps:
         self.x = torch.zeros_like(x_like)
         self.target = torch.zeros_like(program.target)
         try:
-            check_capturable(update.optimizer)
+            self.update_captured = update_capturable(update.optimizer)
             self._warm_up()
             before = torch.cuda.memory_reserved(x_like.device)
             self.pool = torch.cuda.graph_pool_handle()
@@ -50,7 +53,7 @@ class CapturedSteps:
             with torch.no_grad():
                 with torch.cuda.graph(self.g_learn, pool=self.pool):
                     self.out = program.learn(self.x, self.target)
-                if update.params:
+                if update.params and self.update_captured:
                     with torch.cuda.graph(self.g_update, pool=self.pool):
                         update()
                 with torch.cuda.graph(self.g_infer, pool=self.pool):
@@ -103,7 +106,7 @@ class CapturedSteps:
         return self.out
 
     def update(self, sync: bool = False) -> None:
-        if sync:  # gradients averaged across processes first: not part of the graph
-            self._update()
+        if sync or not self.update_captured:  # gradients averaged across processes first, or a host-side
+            self._update()                       # optimizer: not part of the graphs
         elif self._update.params:
             self.g_update.replay()
