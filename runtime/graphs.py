@@ -20,17 +20,15 @@ import torch
 from torch import Tensor
 
 from .static import CaptureError, Program
-from .static_update import GuardedUpdate
+from .static_update import GuardedUpdate, steps_on_host
 
 WARMUP_STEPS = 3
 
 
-def update_capturable(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer.step()`` can be captured: False for one that keeps its step count on the host
-    (``capturable=False``). Raises :class:`CaptureError` for a differentiable optimizer."""
+def check_capturable(optimizer: torch.optim.Optimizer) -> None:
+    """Raise :class:`CaptureError` for an optimizer whose steps cannot run beside captured graphs."""
     if any(group.get("differentiable") for group in optimizer.param_groups):
         raise CaptureError("a differentiable optimizer cannot be captured")
-    return all(group.get("capturable") is not False for group in optimizer.param_groups)
 
 
 class CapturedSteps:
@@ -45,7 +43,8 @@ class CapturedSteps:
         self.x = torch.zeros_like(x_like)
         self.target = torch.zeros_like(program.target)
         try:
-            self.update_captured = update_capturable(update.optimizer)
+            check_capturable(update.optimizer)
+            self.update_captured = not steps_on_host(update.optimizer)
             self._warm_up()
             before = torch.cuda.memory_reserved(x_like.device)
             self.pool = torch.cuda.graph_pool_handle()
