@@ -8,7 +8,7 @@
   (``MemoryPlanner``); :mod:`~stoprt.devices.fit`: budgets, fit, largest batch and T
 * :mod:`~stoprt.devices.profile`: measured memory, time and energy vs T, each configuration in a fresh
   process (:mod:`~stoprt.devices.measure`)
-* :mod:`~stoprt.devices.cli`: the ``stoprt info``, ``profile`` and ``plan`` subcommands
 
-Nothing is imported here, so ``import stoprt.devices.cli`` stays light (torch is never loaded).
+The ``stoprt info``, ``profile`` and ``plan`` subcommands are in :mod:`stoprt.commands.device`.
+Nothing is imported here, so importing the telemetry modules stays light (torch is never loaded).
 """
