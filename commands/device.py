@@ -96,8 +96,8 @@ def _register_plan(subparsers) -> None:
 
 
 def _network(args: argparse.Namespace):
-    from ..devices.workloads import load_network
-    return load_network(args.model, args.size, args.width, args.channels, args.classes)
+    from ..devices.workloads import load_workload
+    return load_workload(args.model, args.size, args.width, args.channels, args.classes)
 
 
 def run_profile(args: argparse.Namespace) -> int:

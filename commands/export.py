@@ -70,14 +70,15 @@ def run_export(args: argparse.Namespace) -> int:
     """Export as asked; exit code 0. Errors (bad input, a missing optional backend such as TensorRT or
     NIR, TensorRT build failures) are raised and reported by ``stoprt.cli.main`` in one line."""
     _check_options(args)
-    from ..export.model_file import load_any
+    from ..export.loading import load_network
     out = Path(args.out)
     if args.to == "tensorrt":
         from ..export.tensorrt import import_tensorrt
         import_tensorrt()  # fail before the (slow) ONNX export when TensorRT is missing
     if args.to == "nir":
         export_nir = _nir_exporter()
-    net, spec = load_any(args.checkpoint)
+    loaded = load_network(args.checkpoint, builtin=False)
+    net, spec = loaded.net, loaded.input_spec
     opset = args.opset if args.opset is not None else 20
     if args.to == "onnx":
         from ..export.onnx_step import export_step

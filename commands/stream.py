@@ -65,20 +65,16 @@ def open_source(spec: str, packet_us: int, realtime: bool, seed: int = 0, format
 
 
 def load_model(spec: str, in_channels: int, size: int, classes: int, device: str):
-    """``(net, meta)`` from a built-in model name, a training/session checkpoint, or a model file."""
-    from ..runtime import models
-    if spec in models.MODELS:
-        kwargs = {"in_channels": in_channels, "size": size, "classes": classes}
-        return models.build_model(spec, **kwargs).to(device), {"model": {"name": spec, "kwargs": kwargs}}
-    if not Path(spec).exists():
-        raise ValueError(f"--model {spec!r} is neither a built-in model ({', '.join(models.MODELS)}) nor a file")
-    # Files (model files, bundles, training and session checkpoints) have one reader, in export/;
-    # the session records the architecture so that its own session.pt loads the same way.
+    """``(net, meta)`` from a built-in model name, a training/session checkpoint, a model file or a
+    bundle; ``meta`` records how to build the network again, so that the session's own session.pt
+    loads the same way."""
+    from ..export.loading import load_network
+    loaded = load_network(spec, {"in_channels": in_channels, "size": size, "classes": classes})
+    if loaded.path is None:
+        return loaded.net.to(device), {"model": loaded.model}
     from ..export.architecture import describe
-    from ..export.model_file import load_any
-    net, input_spec = load_any(spec)
-    return net.to(device), {"model": {"architecture": describe(net)}, "input_spec": input_spec,
-                            "source_model": str(spec)}
+    return loaded.net.to(device), {"model": {"architecture": describe(loaded.net)}, "input_spec": loaded.input_spec,
+                                   "source_model": str(spec)}
 
 
 def _backend_runner(args: argparse.Namespace):

@@ -39,7 +39,7 @@ from .backends import SYSTEM_USED
 from .sampler import TelemetrySampler
 from .sysfs import read_system_memory
 from ..export.runners import TorchStepRunner
-from .workloads import RunnerUnavailable, inference_runner, load_network
+from .workloads import RunnerUnavailable, inference_runner, load_workload
 
 MIB = 2**20
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory")
@@ -251,7 +251,7 @@ def measure(cfg: dict) -> dict:
     device = torch.device(cfg.get("device", "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but torch sees no CUDA device here")
-    net, _ = load_network(cfg["model"], cfg.get("size"), cfg.get("width"), cfg.get("channels", 2),
+    net, _ = load_workload(cfg["model"], cfg.get("size"), cfg.get("width"), cfg.get("channels", 2),
                           cfg.get("classes"))
     net.to(device)
     mode, T, batch = cfg["mode"], cfg["T"], cfg["batch"]

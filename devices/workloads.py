@@ -1,4 +1,4 @@
-"""What a profile runs: a network by name or from a checkpoint, and inference step runners.
+"""What a profile runs: a network by name or from a file, and inference step runners.
 
 Step runners have ``step(x)`` and ``reset()``: :class:`~stoprt.export.runners.TorchStepRunner` (the stoprt layers themselves);
 ONNX Runtime and TensorRT through :mod:`stoprt.export` when those parts are present (imported lazily, so
@@ -15,40 +15,39 @@ from pathlib import Path
 
 from torch import nn
 
+from ..export.loading import LoadedNetwork, load_network
 from ..export.runners import TorchStepRunner
-from ..runtime.models import MODELS, build_model
 
 
-def load_network(model: str, size: int | None = None, width: float | None = None, channels: int = 2,
+def load_workload(model: str, size: int | None = None, width: float | None = None, channels: int = 2,
                  classes: int | None = None) -> tuple[nn.Module, dict]:
-    """A network from a model name or a ``stoprt train`` checkpoint; returns it and what it is.
+    """A network to profile or plan (any model :func:`stoprt.export.loading.load_network` takes);
+    returns it, in training mode, and what it is.
 
-    For a checkpoint, its recorded builder arguments win: ``size``/``width`` must not contradict them.
+    A built-in name is built with ``size`` (default 32), ``width`` (default 1) and ``channels`` /
+    ``classes``. A file's recorded builder arguments win: ``size``/``width`` must not contradict them.
     """
-    if model in MODELS:
-        kwargs = {"in_channels": channels, "size": size or 32, "width": 1.0 if width is None else width}
-        if classes is not None:
-            kwargs["classes"] = classes
-        return build_model(model, **kwargs), {"name": model, "kwargs": kwargs, "checkpoint": None}
-    path = Path(model)
-    if not path.is_file():
-        raise ValueError(f"unknown model {model!r}: neither a model name ({', '.join(MODELS)}) nor a "
-                         "checkpoint file")
-    from ..runtime.checkpoint import load_checkpoint
-    data = load_checkpoint(path)
-    spec = data.get("model")
-    if not isinstance(spec, dict) or spec.get("name") not in MODELS:
-        raise ValueError(f"{path} has no model entry this stoprt can build (need model name and kwargs)")
-    kwargs = dict(spec.get("kwargs", {}))
+    kwargs = {"in_channels": channels, "size": size or 32, "width": 1.0 if width is None else width}
+    if classes is not None:
+        kwargs["classes"] = classes
+    loaded = load_network(model, kwargs)
+    if loaded.path is not None:
+        _check_given(loaded, size, width)
+    return loaded.net.train(), {"name": loaded.name, "kwargs": loaded.model.get("kwargs", {}),
+                                "checkpoint": None if loaded.path is None else str(loaded.path)}
+
+
+def _check_given(loaded: LoadedNetwork, size: int | None, width: float | None) -> None:
+    """``--size``/``--width`` given for a file must be its own (a model file records its input shape)."""
+    recorded = loaded.model.get("kwargs")
+    if recorded is None:  # described by its architecture: the input shape is all there is to compare
+        shape = getattr(loaded.net, "input_shape", None)
+        recorded = {"size": shape[-1]} if shape else {}
+        if width is not None:
+            raise ValueError(f"--width applies to a built-in model, and {loaded.path} records its layers")
     for name, given, key in (("--size", size, "size"), ("--width", width, "width")):
-        if given is not None and key in kwargs and kwargs[key] != given:
-            raise ValueError(f"{name} {given} contradicts the checkpoint's {key} {kwargs[key]}")
-    net = build_model(spec["name"], **kwargs)
-    try:
-        net.load_state_dict(data["model_state"])
-    except (KeyError, RuntimeError) as err:
-        raise ValueError(f"{path}: its weights do not fit its own model entry: {str(err).splitlines()[0]}") from None
-    return net, {"name": spec["name"], "kwargs": kwargs, "checkpoint": str(path)}
+        if given is not None and key in recorded and recorded[key] != given:
+            raise ValueError(f"{name} {given} contradicts the checkpoint's {key} {recorded[key]}")
 
 
 class RunnerUnavailable(RuntimeError):

@@ -73,3 +73,19 @@ def test_checker_sees_an_upward_import():
     probe = ROOT / "runtime" / "stream" / "probe.py"
     assert "stoprt.export.bundle" in imports_of(probe, "from ...export import bundle\n")
     assert "stoprt.devices" in imports_of(probe, "def f():\n    from ... import devices\n")
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Module -> the modules it imports (packages' ``__init__`` left out: a module may use its package)."""
+    files = [p for layer in FORBIDDEN for p in (ROOT / layer).rglob("*.py") if p.name != "__init__.py"]
+    names = {_module_name(p): p for p in files}
+    return {name: {n for n in imports_of(path) if n in names and n != name} for name, path in names.items()}
+
+
+def test_no_two_modules_import_each_other():
+    """E.g. a bundle holds a model file, so model_file does not import bundle (the loader of both,
+    export/loading.py, sits above them)."""
+    graph = _module_graph()
+    assert "stoprt.export.bundle" in graph and "stoprt.export.model_file" in graph["stoprt.export.bundle"]
+    cycles = [f"{a} <-> {b}" for a in graph for b in graph[a] if a < b and a in graph[b]]
+    assert not cycles, cycles

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from stoprt.devices.workloads import load_network
+from stoprt.devices.workloads import load_workload
 from stoprt.devices.planner import CPU_RUNTIME_OVERHEAD_MIB, MIB, MemoryPlanner
 from stoprt.devices.profile import configurations, run_profile
 
@@ -45,7 +45,7 @@ def _err(planned: float | None, measured: float | None) -> float | None:
 
 
 def bench_case(model: str, size: int, width: float, batch: int, Ts: list[int], threads: int | None) -> list[dict]:
-    net, _ = load_network(model, size, width)
+    net, _ = load_workload(model, size, width)
     planner = MemoryPlanner(net)
     common = {"size": size, "width": width, **({"threads": threads} if threads else {})}
     configs = configurations(model, ["stop", "bptt"], Ts, batch, **common)
