@@ -77,22 +77,6 @@ def load_model(spec: str, in_channels: int, size: int, classes: int, device: str
                                    "source_model": str(spec)}
 
 
-def _backend_runner(args: argparse.Namespace):
-    """An ONNX Runtime or TensorRT step runner for ``--model``, a bundle with a step graph."""
-    from ..export.bundle import load_bundle
-    bundle = load_bundle(args.model)
-    if bundle.onnx_path is None:
-        raise ValueError(f"{args.model} has no ONNX step graph: export it with `stoprt export ... --to bundle`")
-    if args.backend == "onnxruntime":
-        from ..export.ort_runner import OrtStepRunner
-        return OrtStepRunner(bundle.onnx_path)
-    from ..export.tensorrt import TrtStepRunner, build_engine
-    engine = Path(args.checkpoint or bundle.root) / "step.engine"
-    if not engine.exists():
-        build_engine(bundle.onnx_path, engine)
-    return TrtStepRunner(engine)
-
-
 # What a session's steps depend on: a resume with other values is refused (or forced with --force).
 _SETTINGS = ("source", "format", "model", "learn", "labels", "classes", "size", "window", "dt_us", "events_per_step",
              "sensor_width", "sensor_height", "lr", "late_label_steps", "seed")
@@ -193,7 +177,8 @@ def run_stream(args: argparse.Namespace) -> int:
         if args.learn:
             raise ValueError(f"--learn runs in torch; --backend {args.backend} is for inference "
                              "(for a frozen backbone with a learning head see stoprt.export.hybrid)")
-        runner = _backend_runner(args)
+        from ..export.runners import make_runner  # the step graph of a bundle; TensorRT keeps its engine
+        runner = make_runner(args.backend, args.model, workdir=args.checkpoint)  # in --checkpoint DIR or the bundle
     if args.learn:
         if labels is None:
             raise ValueError("--learn needs labels: --labels CSV, or a source that has them (builtin:...)")

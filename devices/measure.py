@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import importlib.util
 import json
 import re
 import resource
@@ -38,11 +39,23 @@ from ..runtime import layers as L
 from .backends import SYSTEM_USED
 from .sampler import TelemetrySampler
 from .sysfs import read_system_memory
-from ..export.runners import TorchStepRunner
-from .workloads import RunnerUnavailable, inference_runner, load_workload
+from ..export.runners import TorchStepRunner, make_runner
+from .workloads import load_workload
 
 MIB = 2**20
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+class RunnerUnavailable(RuntimeError):
+    """An inference backend that cannot run here; the message says why (the row is "skipped")."""
+
+
+def inference_runner(cfg: dict, net: nn.Module):
+    """The step runner of ``cfg["backend"]`` (default torch); raises RunnerUnavailable."""
+    backend = cfg.get("backend", "torch")
+    if backend == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
+        raise RunnerUnavailable("tensorrt is not importable here")
+    return make_runner(backend, net, cfg.get("device", "cpu"), threads=cfg.get("threads"))
 
 
 class RSSPeak(threading.Thread):

@@ -1,26 +1,15 @@
-"""What a profile runs: a network by name or from a file, and inference step runners.
-
-Step runners have ``step(x)`` and ``reset()``: :class:`~stoprt.export.runners.TorchStepRunner` (the stoprt layers themselves);
-ONNX Runtime and TensorRT through :mod:`stoprt.export` when those parts are present (imported lazily, so
-a missing one skips its backend with a reason instead of failing the profile).
-"""
+"""What a profile or plan runs: a network by name or from a file (checked against the given size
+and width); its step runners come from :func:`stoprt.export.runners.make_runner`."""
 
 from __future__ import annotations
-
-import atexit
-import importlib.util
-import shutil
-import tempfile
-from pathlib import Path
 
 from torch import nn
 
 from ..export.loading import LoadedNetwork, load_network
-from ..export.runners import TorchStepRunner
 
 
 def load_workload(model: str, size: int | None = None, width: float | None = None, channels: int = 2,
-                 classes: int | None = None) -> tuple[nn.Module, dict]:
+                  classes: int | None = None) -> tuple[nn.Module, dict]:
     """A network to profile or plan (any model :func:`stoprt.export.loading.load_network` takes);
     returns it, in training mode, and what it is.
 
@@ -48,35 +37,3 @@ def _check_given(loaded: LoadedNetwork, size: int | None, width: float | None) -
     for name, given, key in (("--size", size, "size"), ("--width", width, "width")):
         if given is not None and key in recorded and recorded[key] != given:
             raise ValueError(f"{name} {given} contradicts the checkpoint's {key} {recorded[key]}")
-
-
-class RunnerUnavailable(RuntimeError):
-    """An inference backend that cannot run here; the message says why."""
-
-
-def inference_runner(cfg: dict, net: nn.Module):
-    """A step runner (``step(x)``, ``reset()``) for ``cfg["backend"]``; raises RunnerUnavailable.
-
-    ONNX Runtime and TensorRT run the ONNX step graph of :mod:`stoprt.export.onnx_step`, written to a
-    temporary folder before the baseline is taken.
-    """
-    backend = cfg.get("backend", "torch")
-    if backend == "torch":
-        return TorchStepRunner(net)
-    if backend not in ("onnxruntime", "tensorrt"):
-        raise ValueError(f"unknown backend {backend!r}; choose torch, onnxruntime or tensorrt")
-    from ..export.onnx_step import export_step
-    if backend == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
-        raise RunnerUnavailable("tensorrt is not importable here")
-    device = cfg.get("device", "cpu")
-    folder = tempfile.mkdtemp(prefix="stoprt-profile-")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # a runner may read the file lazily
-    path = Path(folder) / "step.onnx"
-    export_step(net.cpu(), path)
-    net.to(device)
-    if backend == "tensorrt":
-        from ..export.tensorrt import TrtStepRunner, build_engine
-        return TrtStepRunner(build_engine(path, Path(folder) / "step.engine"))
-    from ..export.ort_runner import OrtStepRunner
-    provider = "CUDAExecutionProvider" if device.startswith("cuda") else "CPUExecutionProvider"
-    return OrtStepRunner(path, providers=[provider], threads=cfg.get("threads"))
