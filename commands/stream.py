@@ -131,7 +131,7 @@ def run_stream(args: argparse.Namespace) -> int:
 
     from ..runtime.atomic import remove_stale_temporaries, write_text
     from ..runtime.checkpoint import load_checkpoint
-    from ..runtime.session import LabelTrack, StreamSession
+    from ..runtime.stream.session import LabelTrack, StreamSession
     from ..runtime.stop import STOP
     from ..runtime.stream.binning import Binner
     from ..runtime.stream.pipeline import StreamPipeline

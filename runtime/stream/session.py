@@ -35,10 +35,10 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from . import layers as L
-from .checkpoint import load_checkpoint, save_checkpoint
-from .stop import STOP
-from .stream.runner import StepRunner
+from .. import layers as L
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..stop import STOP
+from .runner import StepRunner
 
 
 @dataclass(frozen=True)
