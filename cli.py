@@ -62,7 +62,7 @@ def _user_error(err: BaseException) -> bool:
     if isinstance(err, (ValueError, OSError, ImportError)):
         return True
     others = (("stoprt.export.tensorrt", "TensorRTError"), ("stoprt.devices.boards", "UnknownBoardError"),
-              ("stoprt.devices.backends", "BackendUnavailable"), ("stoprt.devices.measure", "RunnerUnavailable"))
+              ("stoprt.devices.backends", "BackendUnavailable"), ("stoprt.devices.cost.measure", "RunnerUnavailable"))
     return any(isinstance(err, getattr(sys.modules[mod], name)) for mod, name in others if mod in sys.modules)
 
 

@@ -2,9 +2,9 @@
 
 * ``info``: the detected device and a telemetry snapshot;
 * ``profile``: measured memory (allocator, process, system, autograd views), time and energy per step
-  vs T, each configuration in a fresh process (:mod:`stoprt.devices.profile`);
+  vs T, each configuration in a fresh process (:mod:`stoprt.devices.cost.profile`);
 * ``plan``: whether a configuration fits a board, and the largest batch and T that do
-  (:mod:`stoprt.devices.planner`, :mod:`stoprt.devices.fit`).
+  (:mod:`stoprt.devices.cost.planner`, :mod:`stoprt.devices.cost.fit`).
 
 The top-level CLI calls :func:`register`. Nothing heavy is imported here at module level: torch
 is only imported when a subcommand runs.
@@ -96,14 +96,14 @@ def _register_plan(subparsers) -> None:
 
 
 def _network(args: argparse.Namespace):
-    from ..devices.workloads import load_workload
+    from ..devices.cost.workloads import load_workload
     return load_workload(args.model, args.size, args.width, args.channels, args.classes)
 
 
 def run_profile(args: argparse.Namespace) -> int:
     """Measure every (mode or backend) x T configuration; print the table, write the files."""
-    from ..devices.planner import MemoryPlanner
-    from ..devices.profile import configurations, format_table, machine, run_profile as measure_all, write_outputs
+    from ..devices.cost.planner import MemoryPlanner
+    from ..devices.cost.profile import configurations, format_table, machine, run_profile as measure_all, write_outputs
 
     net, desc = _network(args)
     common = {k: v for k, v in (("size", args.size), ("width", args.width), ("channels", args.channels),
@@ -126,8 +126,8 @@ def run_profile(args: argparse.Namespace) -> int:
 
 def run_plan(args: argparse.Namespace) -> int:
     """Print (and optionally write) the fit report; 0 if the configuration fits, 1 if not."""
-    from ..devices.fit import budget_for, fit_report, format_report
-    from ..devices.planner import MemoryPlanner
+    from ..devices.cost.fit import budget_for, fit_report, format_report
+    from ..devices.cost.planner import MemoryPlanner
 
     budget = budget_for(args.device)  # before building the model: a bad key fails fast
     if args.batch < 1 or args.T < 1:

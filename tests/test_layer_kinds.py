@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from stoprt.devices.measure import SavedTensorsMeter
-from stoprt.devices.planner import MemoryPlanner
+from stoprt.devices.cost.meters import SavedTensorsMeter
+from stoprt.devices.cost.planner import MemoryPlanner
 from stoprt.export.hybrid import split_network
 from stoprt.export.onnx_step import StepFunction
 from stoprt.runtime import layers as L

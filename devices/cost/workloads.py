@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..export.loading import LoadedNetwork, load_network
+from ...export.loading import LoadedNetwork, load_network
 
 
 def load_workload(model: str, size: int | None = None, width: float | None = None, channels: int = 2,
