@@ -93,6 +93,7 @@ class OrtStepRunner:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as err:  # onnxruntime raises its own exception types for unreadable files
+            _foreign_graph_first(path)
             raise StepGraphError(f"{path} cannot be loaded as an ONNX model: {str(err).splitlines()[0][:300]}") from err
         self.signature = sig = StepSignature.from_metadata(self.session.get_modelmeta().custom_metadata_map,
                                                            str(path))
@@ -212,3 +213,14 @@ class OrtStepRunner:
             for name, buf in zip(sig.state_outputs, self._state[1 - k]):
                 io.bind_ortvalue_output(name, buf.value)
             self._bindings.append(io)
+
+
+def _foreign_graph_first(path: Path) -> None:
+    """Raise "not a stoprt step graph" for a readable ONNX file without our metadata: that is the
+    cause to name when onnxruntime also cannot load it (an opset newer than this onnxruntime, say)."""
+    from .onnx_step import read_signature
+    try:
+        read_signature(path)
+    except StepGraphError as err:
+        if "not a stoprt step graph" in str(err):
+            raise

@@ -5,6 +5,11 @@ initialisation, autotuning, the optimizer's state), capture each region once int
 memory pool, then replay. Inputs go in by ``copy_`` into static tensors; outputs are the program's
 buffers. Everything a graph touches keeps its address (see :mod:`stoprt.runtime.static`).
 
+An optimizer that steps on the host (torch's Adam/AdamW unless created with ``capturable=True``: they
+keep their step counts on the CPU) cannot be captured; its update then runs uncaptured, once per update,
+on the gradients the captured steps accumulated (a per-sample update is a small share of a sample's
+time), while the steps themselves still replay as graphs.
+
 The warm-up runs real steps and a real update; parameters, optimizer state, counters, state buffers
 and gradients are put back afterwards (in place), so capturing changes nothing the learner has.
 """
@@ -15,26 +20,22 @@ import torch
 from torch import Tensor
 
 from .static import CaptureError, Program
-from .static_update import GuardedUpdate
+from .static_update import GuardedUpdate, steps_on_host
 
 WARMUP_STEPS = 3
 
 
 def check_capturable(optimizer: torch.optim.Optimizer) -> None:
-    """Raise :class:`CaptureError` for an optimizer whose step cannot be captured."""
-    for group in optimizer.param_groups:
-        if group.get("capturable") is False:
-            name = type(optimizer).__name__
-            raise CaptureError(f"torch.optim.{name} steps on the host unless it is created with "
-                               f"capturable=True (torch.optim.{name}(params, ..., capturable=True))")
-        if group.get("differentiable"):
-            raise CaptureError("a differentiable optimizer cannot be captured")
+    """Raise :class:`CaptureError` for an optimizer whose steps cannot run beside captured graphs."""
+    if any(group.get("differentiable") for group in optimizer.param_groups):
+        raise CaptureError("a differentiable optimizer cannot be captured")
 
 
 class CapturedSteps:
     """A program's ``learn`` / ``infer`` / ``update`` as replayed CUDA graphs.
 
     ``pool_bytes``: device memory reserved by capturing (the graphs' private pool), for profiles.
+    ``update_captured``: whether the update is a graph too (see the module docstring).
     """
 
     def __init__(self, program: Program, update: GuardedUpdate, x_like: Tensor) -> None:
@@ -43,6 +44,7 @@ class CapturedSteps:
         self.target = torch.zeros_like(program.target)
         try:
             check_capturable(update.optimizer)
+            self.update_captured = not steps_on_host(update.optimizer)
             self._warm_up()
             before = torch.cuda.memory_reserved(x_like.device)
             self.pool = torch.cuda.graph_pool_handle()
@@ -50,7 +52,7 @@ class CapturedSteps:
             with torch.no_grad():
                 with torch.cuda.graph(self.g_learn, pool=self.pool):
                     self.out = program.learn(self.x, self.target)
-                if update.params:
+                if update.params and self.update_captured:
                     with torch.cuda.graph(self.g_update, pool=self.pool):
                         update()
                 with torch.cuda.graph(self.g_infer, pool=self.pool):
@@ -103,7 +105,7 @@ class CapturedSteps:
         return self.out
 
     def update(self, sync: bool = False) -> None:
-        if sync:  # gradients averaged across processes first: not part of the graph
-            self._update()
+        if sync or not self.update_captured:  # gradients averaged across processes first, or a host-side
+            self._update()                       # optimizer: not part of the graphs
         elif self._update.params:
             self.g_update.replay()

@@ -32,6 +32,12 @@ from . import layers as L
 from .learner import LearnerStats
 
 
+def steps_on_host(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` keeps its step counts in host memory (``capturable=False``: torch's Adam
+    and AdamW unless created with ``capturable=True``), so that its step cannot be captured."""
+    return any(group.get("capturable") is False for group in optimizer.param_groups)
+
+
 class GuardedUpdate:
     """One optimizer update on the preallocated ``.grad`` tensors, with the finiteness guard, the
     clamps and the counters on the device. Grads are zeroed in place after it."""
@@ -52,8 +58,9 @@ class GuardedUpdate:
         self.counts = torch.zeros(4, dtype=torch.int64, device=device)
         self._found = torch.zeros(2, dtype=torch.float32, device=device)  # non-finite: grads, params
         self._one = torch.ones((), dtype=torch.float32, device=device)
-        # Branch on the guard's flags on the host (CPU tensors) or select on the device (CUDA graphs).
-        self.host_decisions = device.type == "cpu"
+        # Branch on the guard's flags on the host (CPU tensors; or an optimizer that keeps its step
+        # counts there, whose update is not captured anyway) or select on the device (CUDA graphs).
+        self.host_decisions = device.type == "cpu" or steps_on_host(optimizer)
 
     def _finite(self, tensors: list[Tensor], i: int) -> Tensor:
         """Whether every element of ``tensors`` is finite, as a bool tensor: one fused pass (the check

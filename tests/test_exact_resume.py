@@ -56,7 +56,7 @@ def test_train_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatc
     torch.set_num_threads(1)
     full, cut = tmp_path / "full", tmp_path / "cut"
     train_mod.train(_cfg(full))
-    real_save, saves = train_mod._save, []
+    real_save, saves = train_mod.save_checkpoint, []  # a kill right after a checkpoint lands
 
     def save_then_die(*args, **kw):
         real_save(*args, **kw)
@@ -64,10 +64,10 @@ def test_train_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatc
         if len(saves) == kill_after_save:
             raise _Killed
 
-    monkeypatch.setattr(train_mod, "_save", save_then_die)
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
     with pytest.raises(_Killed):
         train_mod.train(_cfg(cut))
-    monkeypatch.setattr(train_mod, "_save", real_save)
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
     mid = load_checkpoint(cut / "checkpoint.pt")
     assert mid["position"] is not None and mid["position"]["batch"] in (2, 4)  # a mid-epoch checkpoint
     train_mod.train(_cfg(cut), resume=str(cut / "checkpoint.pt"))
