@@ -68,6 +68,23 @@ def torch_device(text: str) -> str:
     return text
 
 
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options ``demo`` and ``train`` share: sample shape, seed, device, threads, progress."""
+    p.add_argument("--T", type=positive_int, default=10, help="time steps per sample (default 10)")
+    p.add_argument("--size", type=positive_int, default=16, help="input side in pixels (default 16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", type=torch_device, default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def set_threads(n: int | None) -> None:
+    """``torch.set_num_threads(n)`` when ``n`` is given (torch is imported only here)."""
+    import torch
+    if n:
+        torch.set_num_threads(n)
+
+
 def warn(command: str, message: str) -> None:
     """One warning line on stderr, in the CLI's format."""
     print(f"stoprt {command}: warning: {message}", file=sys.stderr)

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from ..runtime import layers as L
 from ..runtime.stop import KINDS, STOP
-from .onnx_step import StepFunction, export_step
+from .onnx_step import StepFunction
+from .runners import make_runner
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
 # Roles of the layers that may sit between the backbone's last LIF and the split: they pass spikes on
@@ -87,26 +88,13 @@ class HybridSTOP:
         self.backbone, self.head = split_network(net, split)
         self.backend = backend
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="stoprt-hybrid-"))
-        self.runner = self._make_runner(providers, workspace_mib, fp16)
+        self.runner = make_runner(backend, self.backbone, workdir=self.workdir, name="backbone", providers=providers,
+                                  engine={"max_batch": 64, "opt_batch": 1, "fp16": fp16, "workspace_mib": workspace_mib})
         if not isinstance(optimizer, torch.optim.Optimizer):
             optimizer = optimizer(self.head.parameters())
         device = next(self.head.parameters()).device
         self.device = device
         self.learner = STOP(self.head, optimizer, learn=learn, update=update, loss=loss)
-
-    def _make_runner(self, providers, workspace_mib: int, fp16: bool):
-        if self.backend == "torch":
-            from .runners import TorchStepRunner
-            return TorchStepRunner(self.backbone)
-        graph = self.workdir / "backbone.onnx"
-        export_step(self.backbone, graph)
-        if self.backend == "onnxruntime":
-            from .ort_runner import OrtStepRunner
-            return OrtStepRunner(graph, providers=providers)
-        from .tensorrt import TrtStepRunner, build_engine
-        engine = build_engine(graph, self.workdir / "backbone.engine", max_batch=64, opt_batch=1,
-                              fp16=fp16, workspace_mib=workspace_mib)
-        return TrtStepRunner(engine)
 
     @property
     def stats(self):

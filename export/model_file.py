@@ -10,8 +10,7 @@ written before it existed load with a warning); otherwise a
 recorded as an alias. Files are written atomically (temporary file, fsync, rename). Parameters holding NaN or Inf are
 refused on load, from a model file or a checkpoint.
 
-:func:`load_any` also takes a training checkpoint of ``runtime/train.py``, a session checkpoint of
-``stoprt stream`` (``session.pt``) or a bundle directory.
+:func:`stoprt.export.loading.load_network` loads any of these, checkpoints and bundles included.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from . import architecture
 FORMAT = "stoprt-model"
 VERSION = 1
 SUFFIX = ".stoprt"
-_SPEC_KEYS = {"shape": "per-step input shape without batch, e.g. [2, 32, 32]",
+SPEC_KEYS = {"shape": "per-step input shape without batch, e.g. [2, 32, 32]",
               "T": "time steps per sample", "channels": "input channels (2: OFF/ON polarity)",
               "sensor_size": "event sensor [width, height]", "dt_us": "bin length in microseconds",
               "event_count": "events per bin", "binning": "how events become frames, e.g. 'time'",
@@ -51,9 +50,9 @@ def normalize_input_spec(spec: Mapping[str, Any] | None, net: nn.Module | None =
     both), ``binning``, ``out_size``, ``source``. Unknown keys raise ``ModelFileError``.
     """
     spec = dict(spec or {})
-    unknown = sorted(set(spec) - set(_SPEC_KEYS))
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
     if unknown:
-        raise ModelFileError(f"unknown input spec key(s) {unknown}; known: {sorted(_SPEC_KEYS)}")
+        raise ModelFileError(f"unknown input spec key(s) {unknown}; known: {sorted(SPEC_KEYS)}")
     if spec.get("dt_us") is not None and spec.get("event_count") is not None:
         raise ModelFileError("an input spec bins by time (dt_us) or by event count (event_count), not both")
     for key in ("T", "channels", "dt_us", "event_count"):
@@ -139,52 +138,9 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     state = dict(tensors)
     state.update({key: tensors[first] for key, first in aliases.items() if first in tensors})
     check_state_dict(net, state, str(path))
-    _check_finite(state, path)
+    check_finite_state(state, path)
     net.load_state_dict(state)
     return net.eval(), spec
-
-
-def load_any(path: str | os.PathLike) -> tuple[nn.Module, dict]:
-    """``(net, input_spec)`` from a model file, a bundle (directory or ``.tar``), or a training or
-    stream-session checkpoint (its model is rebuilt from its description and must fit the weights)."""
-    path = Path(path)
-    if path.is_dir() or path.suffix == ".tar":
-        from .bundle import load_bundle
-        bundle = load_bundle(path)
-        return bundle.net, bundle.input_spec
-    if not path.is_file():
-        raise FileNotFoundError(f"no model file, checkpoint or bundle at {path}")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head[:2] == b"PK":  # a torch zip: a training checkpoint or the torch.save model file
-        probe = _torch_load(path)
-        if isinstance(probe, dict) and probe.get("format") == FORMAT:
-            return load_model(path)
-        return _from_checkpoint(path)
-    return load_model(path)
-
-
-def _from_checkpoint(path: Path) -> tuple[nn.Module, dict]:
-    from ..runtime.checkpoint import CheckpointError, load_checkpoint
-    from ..runtime.models import build_model
-    try:
-        ckpt = load_checkpoint(path)
-    except CheckpointError as err:
-        raise ModelFileError(str(err)) from err
-    session_meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}  # a `stoprt stream` session.pt
-    model = ckpt.get("model") or session_meta.get("model")
-    if not isinstance(model, dict) or not ({"name", "architecture"} & set(model)) or "model_state" not in ckpt:
-        raise ModelFileError(f"{path} is a stoprt checkpoint without a model description (model/model_state)")
-    if "architecture" in model:  # written by an importer without the model file module
-        net = architecture.build(model["architecture"])
-    else:
-        net = build_model(model["name"], **model.get("kwargs", {}))
-    check_state_dict(net, ckpt["model_state"], str(path))
-    _check_finite(ckpt["model_state"], path)
-    net.load_state_dict(ckpt["model_state"])
-    spec = ckpt.get("input_spec") or session_meta.get("input_spec") or {}
-    spec = {k: v for k, v in spec.items() if k in _SPEC_KEYS}
-    return net.eval(), normalize_input_spec(spec, net)
 
 
 def _dedupe(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -218,7 +174,8 @@ def _verify(path: Path, meta: dict[str, str], tensors: Mapping[str, torch.Tensor
         raise ModelFileError(mismatch_message(path, key))
 
 
-def _check_finite(state: Mapping[str, torch.Tensor], path: Path) -> None:
+def check_finite_state(state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse parameters holding NaN or Inf, as a ``ModelFileError``."""
     try:
         check_finite(state, path)
     except CheckpointError as err:
@@ -233,7 +190,8 @@ def _safetensors():
     return st
 
 
-def _torch_load(path: Path) -> Any:
+def torch_load(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``; an unreadable file is a ``ModelFileError``."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
@@ -246,7 +204,7 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     with open(path, "rb") as f:
         head = f.read(2)
     if head == b"PK":
-        data = _torch_load(path)
+        data = torch_load(path)
         if not isinstance(data, dict) or not isinstance(data.get("metadata"), dict):
             raise ModelFileError(f"{path} is not a stoprt model file")
         return data["metadata"], data.get("tensors", {})

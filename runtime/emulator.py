@@ -11,6 +11,12 @@ Model (per pixel, after the idea behind ESIM/v2e; our own implementation):
   given physical camera has one), refractory period and background-activity noise.
 
 Everything is vectorised over pixels (and over a batch of recordings); only frames are looped over.
+
+Why a second sensor model, :class:`stoprt.runtime.stream.encodings.FrameDifference`, exists: this one
+makes timestamped events (numpy, sub-frame times, mismatch, refractory period, noise) to record
+datasets offline; FrameDifference turns live video into per-frame ON/OFF counts in torch on the
+device, with no events in between. Without mismatch, refractory period and noise their counts per
+frame interval agree (both move the reference by whole thresholds).
 """
 
 from __future__ import annotations

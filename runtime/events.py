@@ -62,6 +62,10 @@ def events_to_frames(
 ) -> torch.Tensor:
     """Bin events into ``T`` equal-time frames of per-polarity counts.
 
+    A whole recording at once, its window split into T equal bins (datasets, folders). Streams use
+    :class:`~stoprt.runtime.stream.binning.Binner` instead: incremental, on a fixed ``dt_us`` grid,
+    with filters and at most one partial step in memory; both downsample by the same cell rule.
+
     Args:
         events: 1-D EVENT_DTYPE array (need not be sorted).
         sensor_size: ``(W, H)`` of the sensor the events come from.

@@ -11,7 +11,8 @@ from torch import nn
 from stoprt.cli import main
 from stoprt.export.architecture import ArchitectureError, build, describe
 from stoprt.export.bundle import BundleError, load_bundle, write_bundle
-from stoprt.export.model_file import ModelFileError, load_any, load_model, save_model
+from stoprt.export.loading import load_network
+from stoprt.export.model_file import ModelFileError, load_model, save_model
 from stoprt.export.ort_runner import OrtStepRunner
 from stoprt.runtime import layers as L, models
 from stoprt.runtime.checkpoint import save_checkpoint
@@ -146,31 +147,33 @@ def _train_checkpoint(path, net, name="mlp", kwargs=None, state=None):
                            "optimizer_state": {}, "epoch": 1, "stats": {}, "config": {}})
 
 
-def test_load_any_checkpoint_model_file_and_bundle(tmp_path):
+def test_load_network_checkpoint_model_file_and_bundle(tmp_path):
     net = models.build_model("mlp", in_channels=2, size=8, classes=4)
     _train_checkpoint(tmp_path / "c.pt", net)
-    from_ckpt, spec = load_any(tmp_path / "c.pt")
+    loaded = load_network(tmp_path / "c.pt")
+    from_ckpt, spec = loaded.net, loaded.input_spec
+    assert loaded.model["name"] == "mlp" and loaded.path == tmp_path / "c.pt"
     assert spec == {"source": "digits", "T": 10, "shape": [2, 8, 8], "channels": 2}
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), from_ckpt.state_dict().values()))
     save_model(tmp_path / "m.stoprt", net, spec)
-    assert load_any(tmp_path / "m.stoprt")[1] == spec
+    assert load_network(tmp_path / "m.stoprt").input_spec == spec
     save_model(tmp_path / "m.pt", net, spec, use_safetensors=False)
-    assert load_any(tmp_path / "m.pt")[1] == spec
+    assert load_network(tmp_path / "m.pt").input_spec == spec
     write_bundle(tmp_path / "b", net, spec, onnx=False)
-    assert load_any(tmp_path / "b")[1] == spec
+    assert load_network(tmp_path / "b").input_spec == spec
     # A checkpoint of another architecture: the first mismatching key and both shapes.
     other = models.build_model("mlp", in_channels=2, size=8, classes=4, hidden=(32,))
     _train_checkpoint(tmp_path / "wrong.pt", net, state=other.state_dict())
     with pytest.raises(ModelFileError, match=r"'1.weight' has shape \(32, 128\) in the file, \(256, 128\) in the model"):
-        load_any(tmp_path / "wrong.pt")
+        load_network(tmp_path / "wrong.pt")
     state = net.state_dict()
     del state["2.threshold"]
     _train_checkpoint(tmp_path / "short.pt", net, state=state)
     with pytest.raises(ModelFileError, match="it has no '2.threshold'"):
-        load_any(tmp_path / "short.pt")
+        load_network(tmp_path / "short.pt")
     (tmp_path / "junk.pt").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(ModelFileError, match="not readable"):
-        load_any(tmp_path / "junk.pt")
+        load_network(tmp_path / "junk.pt")
 
 
 def test_bundle_write_verify_and_replace(tmp_path):
@@ -270,3 +273,13 @@ def test_cli_export_tensorrt_without_tensorrt(tmp_path, capsys):
                  "--batch", "4", "--workspace-mib", "256"]) == 2
     assert "TensorRT is not installed" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()  # it failed before exporting anything
+
+
+def test_load_network_builds_a_builtin_name_and_names_an_unknown_one(tmp_path):
+    loaded = load_network("mlp", {"in_channels": 2, "size": 8, "classes": 3})
+    assert loaded.path is None and loaded.model == {"name": "mlp", "kwargs": {"in_channels": 2, "size": 8, "classes": 3}}
+    assert tuple(loaded.net.input_shape) == (2, 8, 8) and loaded.name == "mlp"
+    with pytest.raises(ValueError, match="neither a model name"):
+        load_network("alexnet")
+    with pytest.raises(FileNotFoundError, match="no model file, checkpoint or bundle at mlp"):
+        load_network("mlp", builtin=False)  # stoprt export: files only

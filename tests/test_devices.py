@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from stoprt.devices import boards, cli, detect
+from stoprt.commands import device as cli
+from stoprt.devices import boards, detect
 
 FIXTURES = Path(__file__).parent / "fixtures" / "jetson"
 ORIN_NANO = FIXTURES / "orin-nano-8gb-jp62"
@@ -185,6 +186,6 @@ def test_info_bad_root_and_register(tmp_path: Path, capsys):
 
 
 def test_cli_import_stays_light():
-    code = ("import sys, stoprt.devices.cli, stoprt.devices.telemetry; "
+    code = ("import sys, stoprt.commands.device, stoprt.devices.telemetry; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -329,3 +329,19 @@ def test_unreadable_disk_cache_is_regenerated(fake_generation: list[tuple], tmp_
     datasets._cached_frames.cache_clear()
     assert len(load_builtin("digits", T=3, size=4)) == 80 and len(fake_generation) == 3
     assert torch.load(path, weights_only=True)["frames"].shape == (100, 3, 2, 4, 4)  # rewritten
+
+
+def test_frame_difference_counts_what_the_emulator_emits_per_frame():
+    """The two sensor models agree where their docstrings say so: no mismatch, refractory period or
+    noise, equal thresholds and eps -> the emulator's events per frame interval are FrameDifference's counts."""
+    from stoprt.runtime.stream.encodings import frame_difference
+    rng = np.random.default_rng(0)
+    frames, times = rng.random((6, 8, 8)), np.arange(6) * 1000
+    events = DVSEmulator(threshold_on=0.15, threshold_off=0.15, eps=1e-2, seed=0).simulate(frames, times)
+    counts = frame_difference(torch.tensor(frames), threshold=0.15, eps=1e-2)  # [T, 2, H, W]
+    assert len(events) > 100
+    for k in range(1, len(times)):
+        sel = events[(events["t"] > times[k - 1]) & (events["t"] <= times[k])]
+        expected = np.zeros((2, 8, 8))
+        np.add.at(expected, (sel["p"].astype(int), sel["y"], sel["x"]), 1)
+        np.testing.assert_array_equal(counts[k].numpy(), expected)

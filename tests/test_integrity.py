@@ -9,7 +9,8 @@ import torch
 
 from stoprt.cli import main
 from stoprt.export.bundle import BundleError, load_bundle, write_bundle
-from stoprt.export.model_file import ModelFileError, load_any, load_model, save_model
+from stoprt.export.loading import load_network
+from stoprt.export.model_file import ModelFileError, load_model, save_model
 from stoprt.runtime import models
 from stoprt.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
@@ -93,7 +94,7 @@ def test_files_of_the_previous_version_load_with_a_warning(trained, tmp_path, ca
     del old["integrity"]
     torch.save(old, tmp_path / "old.pt")
     with caplog.at_level(logging.WARNING):
-        net, _ = load_any(tmp_path / "old.pt")
+        net = load_network(tmp_path / "old.pt").net
     assert "no integrity checksums" in caplog.text and "Save it again" in caplog.text
     assert torch.equal(net.state_dict()["1.weight"], old["model_state"]["1.weight"])
 
@@ -119,7 +120,7 @@ def test_stream_takes_a_session_checkpoint_as_model(tmp_path, capsys):
     first, second = tmp_path / "s1", tmp_path / "s2"
     base = ["stream", "--source", "builtin:digits:3", "--quiet", "--threads", "1", "--size", "8"]
     assert main([*base, "--learn", "--checkpoint", str(first)]) == 0
-    net, _ = load_any(first / "session.pt")
+    net = load_network(first / "session.pt").net
     assert torch.equal(net.state_dict()["1.weight"], load_checkpoint(first / "session.pt")["model_state"]["1.weight"])
     # A session whose model came from a file records its architecture, so its session.pt loads too.
     model_file = save_model(tmp_path / "m.stoprt", net, use_safetensors=False)

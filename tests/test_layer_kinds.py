@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from stoprt.devices.measure import SavedTensorsMeter
-from stoprt.devices.planner import MemoryPlanner
+from stoprt.devices.cost.meters import SavedTensorsMeter
+from stoprt.devices.cost.planner import MemoryPlanner
 from stoprt.export.hybrid import split_network
 from stoprt.export.onnx_step import StepFunction
 from stoprt.runtime import layers as L
@@ -151,12 +151,12 @@ def test_no_module_outside_runtime_uses_a_private_name_of_runtime():
 
 def test_the_private_name_check_sees_both_forms(tmp_path: Path):
     probe = tmp_path / "probe.py"
-    probe.write_text("from stoprt.runtime import layers as lyr\nfrom stoprt.runtime.lean import _pair\n"
+    probe.write_text("from stoprt.runtime import layers as lyr\nfrom stoprt.runtime.pooling import _pair\n"
                      "import stoprt.runtime.functional as SF\nx = lyr._PlainState\ny = SF._sum_to_shape\n"
                      "z = lyr.Neuron\nfrom ..runtime.functional import _reduce_product\n")
     found = _private_uses(probe, Path("export", "probe.py"))
     assert [f.split(" ", 1)[1] for f in found] == [
-        "imports stoprt.runtime.lean._pair", "imports stoprt.runtime.functional._reduce_product",
+        "imports stoprt.runtime.pooling._pair", "imports stoprt.runtime.functional._reduce_product",
         "reads lyr._PlainState", "reads SF._sum_to_shape"]
 
 

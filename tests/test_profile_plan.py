@@ -13,10 +13,10 @@ import torch
 
 from stoprt import cli
 from stoprt.devices import boards
-from stoprt.devices.fit import budget_for, check, largest_T, largest_batch
-from stoprt.devices.measure import SavedTensorsMeter
-from stoprt.devices.planner import MIB, MemoryPlanner
-from stoprt.devices.profile import configurations, run_child, run_profile
+from stoprt.devices.cost.fit import budget_for, check, largest_T, largest_batch
+from stoprt.devices.cost.meters import SavedTensorsMeter
+from stoprt.devices.cost.planner import MIB, MemoryPlanner
+from stoprt.devices.cost.profile import configurations, run_child, run_profile
 from stoprt.runtime import layers as L, models
 from stoprt.runtime.bptt import BPTT
 from stoprt.runtime.checkpoint import save_checkpoint

@@ -10,7 +10,7 @@ import torch
 
 from stoprt.runtime import layers as L, models
 from stoprt.runtime.checkpoint import load_checkpoint
-from stoprt.runtime.session import LabelTrack, Segment, StreamSession
+from stoprt.runtime.stream.session import LabelTrack, Segment, StreamSession
 from stoprt.runtime.stop import STOP
 
 Step = namedtuple("Step", "frame t_start t_end")

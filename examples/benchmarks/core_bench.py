@@ -27,7 +27,7 @@ import psutil
 import torch
 from torch import nn
 
-from stoprt.devices.measure import RSSPeak, SavedTensorsMeter, release_free_memory
+from stoprt.devices.cost.meters import RSSPeak, SavedTensorsMeter, release_free_memory
 from stoprt.runtime import layers as L, models
 from stoprt.runtime.bptt import BPTT
 from stoprt.runtime.stop import STOP

@@ -1,4 +1,4 @@
-"""Planner benchmark: the analytic memory model (stoprt.devices.planner) against measured peaks on CPU.
+"""Planner benchmark: the analytic memory model (stoprt.devices.cost.planner) against measured peaks on CPU.
 
     python examples/benchmarks/planner_bench.py --out runs/planner            # full run (~15 min, 2 cores)
     python examples/benchmarks/planner_bench.py --quick --out runs/planner-q  # smaller sizes (~3 min)
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from stoprt.devices.workloads import load_network
-from stoprt.devices.planner import CPU_RUNTIME_OVERHEAD_MIB, MIB, MemoryPlanner
-from stoprt.devices.profile import configurations, run_profile
+from stoprt.devices.cost.workloads import load_workload
+from stoprt.devices.cost.planner import CPU_RUNTIME_OVERHEAD_MIB, MIB, MemoryPlanner
+from stoprt.devices.cost.profile import configurations, run_profile
 
 LIVE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 FULL = [("mlp", 32, 4.0, 64), ("dvs_gesture", 64, 1.0, 32), ("vgg11", 64, 0.25, 16)]
@@ -45,7 +45,7 @@ def _err(planned: float | None, measured: float | None) -> float | None:
 
 
 def bench_case(model: str, size: int, width: float, batch: int, Ts: list[int], threads: int | None) -> list[dict]:
-    net, _ = load_network(model, size, width)
+    net, _ = load_workload(model, size, width)
     planner = MemoryPlanner(net)
     common = {"size": size, "width": width, **({"threads": threads} if threads else {})}
     configs = configurations(model, ["stop", "bptt"], Ts, batch, **common)

@@ -24,7 +24,7 @@ import psutil
 import torch
 
 from stoprt.runtime import models
-from stoprt.runtime.session import StreamSession
+from stoprt.runtime.stream.session import StreamSession
 from stoprt.runtime.stop import STOP
 from stoprt.runtime.stream import Binner, StreamPipeline
 from stoprt.runtime.stream.builtin import BuiltinStream

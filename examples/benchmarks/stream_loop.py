@@ -40,7 +40,7 @@ def stream_rate(args, device: torch.device) -> dict:
 def stream_overhead(args, make_learner: Callable) -> dict:
     """Seconds per step of the stream's own learner calls replayed bare, through the session over
     pre-binned steps, and through session + pipeline + the built-in source (CPU, demo network)."""
-    from stoprt.runtime.session import LabelTrack, StreamSession
+    from stoprt.runtime.stream.session import LabelTrack, StreamSession
     from stoprt.runtime.stream import Binner, StreamPipeline
     from stoprt.runtime.stream.builtin import BuiltinStream
 

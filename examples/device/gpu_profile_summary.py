@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-# The planner's assumption for reserved-but-free allocator blocks (stoprt.devices.planner).
+# The planner's assumption for reserved-but-free allocator blocks (stoprt.devices.cost.planner).
 ASSUMED_RESERVED_SLACK = 0.10
 
 

@@ -20,6 +20,9 @@ holds at most one step (the current, partial one), never the stream. Per packet,
    ``max_gap_steps`` per gap: longer gaps skip ahead on the grid and count ``gap_steps_skipped``).
    ``mode="count"`` cuts a step every ``events_per_step`` kept events.
 
+A recording held whole in memory and cut into T equal bins is
+:func:`~stoprt.runtime.events.events_to_frames`'s job (datasets); this one never holds the stream.
+
 Timestamps filtered out by steps 2-4 still advance time. Empty steps share one zero element (an
 expanded, read-only view: ``.clone()`` before writing into it).
 """

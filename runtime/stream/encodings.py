@@ -4,7 +4,9 @@
 * :func:`rate`: Bernoulli spikes with probability = intensity, reproducible from a seed.
 * :class:`FrameDifference` / :func:`frame_difference`: a frame-based event-camera stand-in: the
   log-intensity change since a per-pixel reference, as ON/OFF counts (channel 0 OFF, 1 ON, like the
-  event frames of :class:`~.binning.Binner`).
+  event frames of :class:`~.binning.Binner`). It is kept beside
+  :class:`~stoprt.runtime.emulator.DVSEmulator` (which records timestamped events offline, with
+  mismatch and noise) because it encodes live video on the device in torch without making events.
 
 Images are float tensors ``[H, W]`` or ``[C, H, W]`` with intensities in [0, 1].
 """

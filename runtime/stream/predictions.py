@@ -1,7 +1,7 @@
 """Per-window predictions of a stream session: a line for people, a row for files.
 
 :class:`PredictionLog` is the ``on_prediction`` callback of a
-:class:`~stoprt.runtime.session.StreamSession`. It writes one row per closed window to a ``.csv`` or
+:class:`~stoprt.runtime.stream.session.StreamSession`. It writes one row per closed window to a ``.csv`` or
 ``.jsonl`` file (chosen by the suffix), flushed row by row so that a killed run keeps every window it
 finished (the file is written in place, not atomically: it grows while the stream runs), and keeps
 the counts per class and the latest rows for the summary.
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..session import WindowPrediction
+    from .session import WindowPrediction
 
 COLUMNS = ("window", "t_start_us", "t_end_us", "steps", "prediction", "label", "score")
 SUFFIXES = (".csv", ".jsonl")

@@ -28,7 +28,7 @@ import core_bench  # noqa: E402  (its memory probes and non-spiking floor, share
 import peer_methods  # noqa: E402
 import peer_nets  # noqa: E402
 
-from stoprt.devices.measure import SavedTensorsMeter  # noqa: E402
+from stoprt.devices.cost.meters import SavedTensorsMeter  # noqa: E402
 from stoprt.runtime.batchnorm import calibrate_batchnorm  # noqa: E402
 from stoprt.runtime.datasets import load_builtin  # noqa: E402
 

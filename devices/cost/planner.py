@@ -1,7 +1,7 @@
 """Analytic memory model of a stoprt network: training (STOP, BPTT) and streaming inference.
 
 A dry run at batch 1 walks the network's layers in execution order and records every tensor that flows
-between them (shape, producer; :mod:`stoprt.devices.dataflow`). Each layer declares next to its code
+between them (shape, producer; :mod:`stoprt.devices.cost.dataflow`). Each layer declares next to its code
 what it keeps in a step, for each mode (``keeps`` on the stoprt layers, ``kinds.TORCH_LAYERS`` for
 torch's own; read through :func:`stoprt.runtime.kinds.step_keeps`): tensors saved for backward and the
 state it holds, with their size and the steps at which they exist. In short:
@@ -35,8 +35,8 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from ..runtime import layers as L
-from ..runtime.kinds import INPUT, OUTPUT, STATS, StepContext, Steps
+from ...runtime import layers as L
+from ...runtime.kinds import INPUT, OUTPUT, STATS, StepContext, Steps
 from .dataflow import trace_network
 
 MIB = 2**20

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..runtime import layers as L
+from ...runtime import layers as L
 
 
 @dataclass

@@ -42,22 +42,22 @@ def open_source(spec: str, packet_us: int, realtime: bool, seed: int = 0, format
     if format is not None and (spec.startswith("builtin:") or "://" in spec):
         raise ValueError("--format applies to recordings (a udp:// source takes ?format=spif|stoprt)")
     if spec.startswith("builtin:"):
-        from .stream.builtin import BuiltinStream
+        from ..runtime.stream.builtin import BuiltinStream
         name, _, count = spec[len("builtin:"):].partition(":")
         return BuiltinStream(name, n_samples=int(count or 200), packet_us=packet_us, seed=seed,
                              start_us=start_us or 0)
     url = urlparse(spec)
     if url.scheme == "udp":
-        from .stream.udp import DEFAULT_PORT, UDPSource
+        from ..runtime.stream.udp import DEFAULT_PORT, UDPSource
         q = {k: v[-1] for k, v in parse_qs(url.query).items()}
         size = (int(q["width"]), int(q["height"])) if "width" in q and "height" in q else None
         timeout = float(q["timeout"]) if "timeout" in q else None
         return UDPSource(url.hostname or "127.0.0.1", url.port or DEFAULT_PORT, format=q.get("format", "spif"),
                          sensor_size=size, timeout_s=timeout)
     if url.scheme in ("dv", "nd"):
-        from .stream import cameras
+        from ..runtime.stream import cameras
         return cameras.DVProcessingSource() if url.scheme == "dv" else cameras.NeuromorphicDriversSource()
-    from .stream.sources import FileSource
+    from ..runtime.stream.sources import FileSource
     if not Path(spec).is_file():
         raise ValueError(f"no such recording: {spec} (or use udp://, dv://, nd://, builtin:digits)")
     return FileSource(spec, packet_us=packet_us, realtime=realtime, format=format, sensor_size=sensor_size,
@@ -65,36 +65,16 @@ def open_source(spec: str, packet_us: int, realtime: bool, seed: int = 0, format
 
 
 def load_model(spec: str, in_channels: int, size: int, classes: int, device: str):
-    """``(net, meta)`` from a built-in model name, a training/session checkpoint, or a model file."""
-    from . import models
-    if spec in models.MODELS:
-        kwargs = {"in_channels": in_channels, "size": size, "classes": classes}
-        return models.build_model(spec, **kwargs).to(device), {"model": {"name": spec, "kwargs": kwargs}}
-    if not Path(spec).exists():
-        raise ValueError(f"--model {spec!r} is neither a built-in model ({', '.join(models.MODELS)}) nor a file")
-    # Files (model files, bundles, training and session checkpoints) have one reader, in export/;
-    # the session records the architecture so that its own session.pt loads the same way.
+    """``(net, meta)`` from a built-in model name, a training/session checkpoint, a model file or a
+    bundle; ``meta`` records how to build the network again, so that the session's own session.pt
+    loads the same way."""
+    from ..export.loading import load_network
+    loaded = load_network(spec, {"in_channels": in_channels, "size": size, "classes": classes})
+    if loaded.path is None:
+        return loaded.net.to(device), {"model": loaded.model}
     from ..export.architecture import describe
-    from ..export.model_file import load_any
-    net, input_spec = load_any(spec)
-    return net.to(device), {"model": {"architecture": describe(net)}, "input_spec": input_spec,
-                            "source_model": str(spec)}
-
-
-def _backend_runner(args: argparse.Namespace):
-    """An ONNX Runtime or TensorRT step runner for ``--model``, a bundle with a step graph."""
-    from ..export.bundle import load_bundle
-    bundle = load_bundle(args.model)
-    if bundle.onnx_path is None:
-        raise ValueError(f"{args.model} has no ONNX step graph: export it with `stoprt export ... --to bundle`")
-    if args.backend == "onnxruntime":
-        from ..export.ort_runner import OrtStepRunner
-        return OrtStepRunner(bundle.onnx_path)
-    from ..export.tensorrt import TrtStepRunner, build_engine
-    engine = Path(args.checkpoint or bundle.root) / "step.engine"
-    if not engine.exists():
-        build_engine(bundle.onnx_path, engine)
-    return TrtStepRunner(engine)
+    return loaded.net.to(device), {"model": {"architecture": describe(loaded.net)}, "input_spec": loaded.input_spec,
+                                   "source_model": str(spec)}
 
 
 # What a session's steps depend on: a resume with other values is refused (or forced with --force).
@@ -149,13 +129,13 @@ def _warn_if_labels_unused(args: argparse.Namespace, labels, stats) -> None:
 def run_stream(args: argparse.Namespace) -> int:
     import torch
 
-    from .atomic import remove_stale_temporaries, write_text
-    from .checkpoint import load_checkpoint
-    from .session import LabelTrack, StreamSession
-    from .stop import STOP
-    from .stream.binning import Binner
-    from .stream.pipeline import StreamPipeline
-    from .stream.predictions import PredictionLog, check_path, describe
+    from ..runtime.atomic import remove_stale_temporaries, write_text
+    from ..runtime.checkpoint import load_checkpoint
+    from ..runtime.stream.session import LabelTrack, StreamSession
+    from ..runtime.stop import STOP
+    from ..runtime.stream.binning import Binner
+    from ..runtime.stream.pipeline import StreamPipeline
+    from ..runtime.stream.predictions import PredictionLog, check_path, describe
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -197,7 +177,8 @@ def run_stream(args: argparse.Namespace) -> int:
         if args.learn:
             raise ValueError(f"--learn runs in torch; --backend {args.backend} is for inference "
                              "(for a frozen backbone with a learning head see stoprt.export.hybrid)")
-        runner = _backend_runner(args)
+        from ..export.runners import make_runner  # the step graph of a bundle; TensorRT keeps its engine
+        runner = make_runner(args.backend, args.model, workdir=args.checkpoint)  # in --checkpoint DIR or the bundle
     if args.learn:
         if labels is None:
             raise ValueError("--learn needs labels: --labels CSV, or a source that has them (builtin:...)")

@@ -1,143 +1,58 @@
 """Measuring one profile configuration in this process: the child side of ``stoprt profile``.
 
-Run as ``python -m stoprt.devices.measure '<json config>'``; prints one JSON row on stdout. Each
+Run as ``python -m stoprt.devices.cost.measure '<json config>'``; prints one JSON row on stdout. Each
 configuration gets a fresh process because RSS peaks and allocator caches never shrink back cleanly.
 
 Views, each taken around one sample of T steps after a warm-up sample (optimizer state, thread pools
 and first-use allocations exist by then):
 
 * allocator (CUDA only): ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved``;
-* process: RSS sampled every millisecond in a thread, minus the RSS just before the sample, taken
+* process: RSS sampled every millisecond in a thread (:class:`~stoprt.devices.cost.meters.RSSPeak`), minus the RSS just before the sample, taken
   after ``gc`` and glibc's ``malloc_trim(0)`` (which hand memory freed earlier back to the OS);
 * system: MemTotal - MemAvailable, sampled by :class:`~stoprt.devices.sampler.TelemetrySampler`
   (which also integrates power rails into energy where they are readable);
-* exact autograd view: distinct storages saved for backward (``saved_tensors_hooks``; parameters and
-  buffers excluded, they exist anyway) together with the layers' state tensors, at the end of each
-  step's forward. Deterministic, so it is what the planner is tested against.
+* exact autograd view: distinct storages saved for backward together with the layers' state tensors
+  (:class:`~stoprt.devices.cost.meters.SavedTensorsMeter`). Deterministic, so it is what the planner is
+  tested against.
+
+The meters themselves are in :mod:`stoprt.devices.cost.meters`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import gc
+import importlib.util
 import json
 import re
 import resource
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Callable
 
 import psutil
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..runtime import layers as L
-from .backends import SYSTEM_USED
-from .sampler import TelemetrySampler
-from .sysfs import read_system_memory
-from ..export.runners import TorchStepRunner
-from .workloads import RunnerUnavailable, inference_runner, load_network
+from ..backends import SYSTEM_USED
+from ..sampler import TelemetrySampler
+from ..sysfs import read_system_memory
+from ...export.runners import TorchStepRunner, make_runner
+from .meters import RSSPeak, SavedTensorsMeter, release_free_memory
+from .workloads import load_workload
 
 MIB = 2**20
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory")
 
 
-class RSSPeak(threading.Thread):
-    """Samples this process's resident set size every millisecond; :meth:`stop` returns the peak."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.proc, self.peak = psutil.Process(), 0
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.001)
-
-    def stop(self) -> int:
-        self._halt.set()
-        self.join()
-        return max(self.peak, self.proc.memory_info().rss)
+class RunnerUnavailable(RuntimeError):
+    """An inference backend that cannot run here; the message says why (the row is "skipped")."""
 
 
-def release_free_memory() -> None:
-    """Hand memory freed so far back to the OS, so a baseline counts only live memory."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the baseline then includes the allocator's free pool
-        pass
-
-
-def _storage(t: Tensor) -> tuple[int, int]:
-    s = t.untyped_storage()
-    return s.data_ptr(), s.nbytes()
-
-
-class SavedTensorsMeter:
-    """Distinct storages saved for backward plus the layers' state tensors, with their peaks.
-
-    Use as the ``saved_tensors_hooks`` context around the steps; call :meth:`new_step` where the
-    previous graph has been freed (after each STOP step) and :meth:`snapshot` at the end of each
-    step's forward (the learner's loss does it, see :meth:`loss`). ``state`` lists the tensors the
-    network keeps between steps (default: stoprt layers' state and traces).
-    """
-
-    def __init__(self, net: nn.Module, state: Callable[[nn.Module], list[Tensor]] = L.state_tensors) -> None:
-        self.net, self._state = net, state
-        self.persistent = {_storage(t)[0] for t in list(net.parameters()) + list(net.buffers())}
-        self.saved: dict[int, int] = {}
-        self.saved_bytes = 0
-        self.peak_saved = self.peak_total = self.state_at_peak = 0
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    def __enter__(self) -> SavedTensorsMeter:
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
-
-    def _pack(self, t: Tensor) -> Tensor:
-        key, nbytes = _storage(t)
-        if key and key not in self.persistent and key not in self.saved:
-            self.saved[key] = nbytes
-            self.saved_bytes += nbytes
-            self.peak_saved = max(self.peak_saved, self.saved_bytes)
-        return t
-
-    def new_step(self) -> None:
-        self.saved.clear()
-        self.saved_bytes = 0
-
-    def reset(self) -> None:
-        """Forget the peaks (a new measurement starts)."""
-        self.new_step()
-        self.peak_saved = self.peak_total = self.state_at_peak = 0
-
-    def snapshot(self) -> None:
-        state = {}
-        for t in self._state(self.net):
-            key, nbytes = _storage(t)
-            state[key] = nbytes
-        total = self.saved_bytes + sum(b for k, b in state.items() if k not in self.saved)
-        if total > self.peak_total:
-            self.peak_total, self.state_at_peak = total, sum(state.values())
-
-    def loss(self, kind: str = "ce"):
-        """A learner loss that takes the snapshot once the step's graph (loss included) is built."""
-        def fn(output: Tensor, target: Tensor) -> Tensor:
-            if kind == "ce":
-                value = F.cross_entropy(output, target)
-            else:
-                value = F.mse_loss(output, F.one_hot(target, output.shape[1]).to(output.dtype))
-            self.snapshot()
-            return value
-        return fn
+def inference_runner(cfg: dict, net: nn.Module):
+    """The step runner of ``cfg["backend"]`` (default torch); raises RunnerUnavailable."""
+    backend = cfg.get("backend", "torch")
+    if backend == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
+        raise RunnerUnavailable("tensorrt is not importable here")
+    return make_runner(backend, net, cfg.get("device", "cpu"), threads=cfg.get("threads"))
 
 
 def _frames(batch: int, shape: tuple[int, ...], device: torch.device, seed: int):
@@ -171,8 +86,8 @@ def _is_oom(err: BaseException) -> bool:
 
 
 def _learner(cfg: dict, net: nn.Module, meter: SavedTensorsMeter):
-    from ..runtime.bptt import BPTT
-    from ..runtime.stop import STOP
+    from ...runtime.bptt import BPTT
+    from ...runtime.stop import STOP
     params = [p for p in net.parameters() if p.requires_grad]
     name = cfg.get("optimizer", "adam")
     if name == "adam":
@@ -251,7 +166,7 @@ def measure(cfg: dict) -> dict:
     device = torch.device(cfg.get("device", "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but torch sees no CUDA device here")
-    net, _ = load_network(cfg["model"], cfg.get("size"), cfg.get("width"), cfg.get("channels", 2),
+    net, _ = load_workload(cfg["model"], cfg.get("size"), cfg.get("width"), cfg.get("channels", 2),
                           cfg.get("classes"))
     net.to(device)
     mode, T, batch = cfg["mode"], cfg["T"], cfg["batch"]
@@ -314,7 +229,7 @@ def _persistent_tensors(net: nn.Module, learner) -> list[Tensor]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m stoprt.devices.measure '<json config>'", file=sys.stderr)
+        print("usage: python -m stoprt.devices.cost.measure '<json config>'", file=sys.stderr)
         return 2
     try:
         row = measure(json.loads(argv[0]))

@@ -70,23 +70,24 @@ def run_export(args: argparse.Namespace) -> int:
     """Export as asked; exit code 0. Errors (bad input, a missing optional backend such as TensorRT or
     NIR, TensorRT build failures) are raised and reported by ``stoprt.cli.main`` in one line."""
     _check_options(args)
-    from .model_file import load_any
+    from ..export.loading import load_network
     out = Path(args.out)
     if args.to == "tensorrt":
-        from .tensorrt import import_tensorrt
+        from ..export.tensorrt import import_tensorrt
         import_tensorrt()  # fail before the (slow) ONNX export when TensorRT is missing
     if args.to == "nir":
         export_nir = _nir_exporter()
-    net, spec = load_any(args.checkpoint)
+    loaded = load_network(args.checkpoint, builtin=False)
+    net, spec = loaded.net, loaded.input_spec
     opset = args.opset if args.opset is not None else 20
     if args.to == "onnx":
-        from .onnx_step import export_step
+        from ..export.onnx_step import export_step
         sig = export_step(net, out, opset=opset, params_as_inputs=args.params_as_inputs, input_spec=spec)
         _report(out, f"ONNX step graph (opset {opset}, {len(sig.state)} state tensors"
                      f"{', parameters as inputs' if sig.params_as_inputs else ''})")
     elif args.to == "tensorrt":
-        from .onnx_step import export_step
-        from .tensorrt import build_engine
+        from ..export.onnx_step import export_step
+        from ..export.tensorrt import build_engine
         graph = out.with_suffix(".onnx")
         if graph == out:
             raise ValueError(f"give the engine a name not ending in .onnx (the step graph goes to {graph})")
@@ -96,7 +97,7 @@ def run_export(args: argparse.Namespace) -> int:
         _report(out, f"TensorRT engine (batch <= {args.batch or 1}{', FP16' if args.fp16 else ''}"
                      f"{', refittable' if args.refit else ''}); step graph {graph}")
     elif args.to == "bundle":
-        from .bundle import write_bundle
+        from ..export.bundle import write_bundle
         write_bundle(out, net, spec, onnx=not args.no_onnx, opset=opset,
                      params_as_inputs=args.params_as_inputs, archive=args.archive)
         _report(out, "deployment bundle" + (" archive" if args.archive else ""))
@@ -108,7 +109,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def _nir_exporter():
     try:
-        from .importers.nir import export_nir
+        from ..export.importers.nir import export_nir
     except ModuleNotFoundError as err:
         if err.name in ("stoprt.export.importers", "stoprt.export.importers.nir"):
             raise ImportError("NIR export is not available in this stoprt (stoprt.export.importers.nir "

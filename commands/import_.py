@@ -32,7 +32,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from ...cli_args import positive_float, positive_int
+from ..cli_args import positive_float, positive_int
 
 SOURCES = ("snntorch", "spikingjelly", "nir")
 
@@ -75,7 +75,7 @@ def _load_state_dict(path: Path) -> dict:
 
 def run_import(args: argparse.Namespace) -> int:
     """Convert ``args.source`` and write ``args.out``. Exit code."""
-    from . import _common, nir, snntorch, spikingjelly
+    from ..export.importers import _common, nir, snntorch, spikingjelly
 
     if args.library == "nir":
         if args.spec is not None:
@@ -110,14 +110,14 @@ def _save(out: Path, net, layers, shape, source: str) -> str:
     """Write the model file; returns what was written."""
     input_spec = {"source": source, "shape": None if shape is None else list(shape)}
     try:
-        from ..model_file import save_model
+        from ..export.model_file import save_model
     except ImportError:
         save_model = None
     if save_model is not None:
         save_model(out, net, input_spec)
         return "stoprt model file"
-    from ...runtime.checkpoint import save_checkpoint
-    from ._common import describe
+    from ..runtime.checkpoint import save_checkpoint
+    from ..export.importers._common import describe
     save_checkpoint(out, {"model": {"architecture": describe(layers, shape), "imported_from": source},
                           "input_spec": input_spec, "model_state": net.state_dict()})
     return "stoprt checkpoint with the architecture description"

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from . import boards
+from .. import boards
 from .planner import CUDA_RESERVED_SLACK, MIB, MemoryPlan, MemoryPlanner
-from .sysfs import read_system_memory
+from ..sysfs import read_system_memory
 
 _SEARCH_LIMIT = 1 << 30  # beyond this the answer is "more than anyone will run"
 

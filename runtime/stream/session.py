@@ -35,9 +35,10 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from . import layers as L
-from .checkpoint import load_checkpoint, save_checkpoint
-from .stop import STOP
+from .. import layers as L
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..stop import STOP
+from .runner import StepRunner
 
 
 @dataclass(frozen=True)
@@ -180,15 +181,15 @@ class StreamSession:
         checkpoint_every: samples between checkpoints (0: only on signals and at the end).
         late_label_steps: keep up to this many input steps of the last sample for a late label.
         meta: extra JSON-able facts stored in checkpoints (model description, input spec).
-        runner: for inference without learning, another backend with ``step(x) -> output`` and
-            ``reset()`` (e.g. :class:`stoprt.export.ort_runner.OrtStepRunner`) used instead of ``net``.
+        runner: for inference without learning, another backend (a :class:`StepRunner`: ``step(x) ->
+            output`` and ``reset()``, from :func:`stoprt.export.runners.make_runner`) used instead of ``net``.
         on_prediction: called with a :class:`WindowPrediction` each time a sample closes.
     """
 
     def __init__(self, net: nn.Module, learner: STOP | None = None, window: int = 10,
                  labels: LabelTrack | None = None, checkpoint_dir: str | Path | None = None,
                  checkpoint_every: int = 0, late_label_steps: int = 0, meta: dict | None = None,
-                 runner: Any = None, on_prediction: Callable[[WindowPrediction], None] | None = None) -> None:
+                 runner: StepRunner | None = None, on_prediction: Callable[[WindowPrediction], None] | None = None) -> None:
         if window < 1:
             raise ValueError(f"window must be at least 1 step, got {window}")
         if runner is not None and learner is not None:

@@ -1,10 +1,10 @@
 """``stoprt profile``: measured memory, time and energy of training (STOP, BPTT) and inference vs T.
 
 Each configuration (mode or backend x T) runs in a fresh subprocess
-(``python -m stoprt.devices.measure``, see there for the views) that prints one JSON row. A
+(``python -m stoprt.devices.cost.measure``, see there for the views) that prints one JSON row. A
 configuration that runs out of memory, crashes, is killed or times out becomes a row saying so (with
 what was measured until then), never a traceback here. Every row also carries the planner's
-prediction (:mod:`stoprt.devices.planner`) for the views it can be compared with:
+prediction (:mod:`stoprt.devices.cost.planner`) for the views it can be compared with:
 
 * ``planned_saved_and_state_mib`` vs ``saved_and_state_peak_mib`` (exact, deterministic);
 * ``planned_sample_peak_mib`` vs ``rss_peak_delta_mib`` (CPU live memory; glibc may hold more);
@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..runtime.atomic import write_bytes
+from ...runtime.atomic import write_bytes
 from .planner import MIB, MemoryPlanner
 
 COLUMNS = ("model", "mode", "backend", "device", "T", "batch", "status", "error", "steps_done", "time_per_step_ms",
@@ -62,7 +62,7 @@ def run_child(cfg: dict, timeout_s: float, command: list[str] | None = None, env
     ``command`` replaces the child command line (tests use it to stand in for crashes); ``env`` adds
     environment variables (e.g. glibc's ``MALLOC_TRIM_THRESHOLD_``).
     """
-    cmd = command or [sys.executable, "-m", "stoprt.devices.measure", json.dumps(cfg)]
+    cmd = command or [sys.executable, "-m", "stoprt.devices.cost.measure", json.dumps(cfg)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
                               env=None if env is None else {**os.environ, **env})

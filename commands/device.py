@@ -2,9 +2,9 @@
 
 * ``info``: the detected device and a telemetry snapshot;
 * ``profile``: measured memory (allocator, process, system, autograd views), time and energy per step
-  vs T, each configuration in a fresh process (:mod:`stoprt.devices.profile`);
+  vs T, each configuration in a fresh process (:mod:`stoprt.devices.cost.profile`);
 * ``plan``: whether a configuration fits a board, and the largest batch and T that do
-  (:mod:`stoprt.devices.planner`, :mod:`stoprt.devices.fit`).
+  (:mod:`stoprt.devices.cost.planner`, :mod:`stoprt.devices.cost.fit`).
 
 The top-level CLI calls :func:`register`. Nothing heavy is imported here at module level: torch
 is only imported when a subcommand runs.
@@ -80,7 +80,7 @@ def _register_profile(subparsers) -> None:
 
 
 def _register_plan(subparsers) -> None:
-    from .boards import board_keys
+    from ..devices.boards import board_keys
     p = subparsers.add_parser(
         "plan", help="does a model fit a board? headroom and the largest batch and T for STOP and BPTT",
         description="Predict training (STOP, BPTT) and inference memory analytically and compare it with a "
@@ -96,14 +96,14 @@ def _register_plan(subparsers) -> None:
 
 
 def _network(args: argparse.Namespace):
-    from .workloads import load_network
-    return load_network(args.model, args.size, args.width, args.channels, args.classes)
+    from ..devices.cost.workloads import load_workload
+    return load_workload(args.model, args.size, args.width, args.channels, args.classes)
 
 
 def run_profile(args: argparse.Namespace) -> int:
     """Measure every (mode or backend) x T configuration; print the table, write the files."""
-    from .planner import MemoryPlanner
-    from .profile import configurations, format_table, machine, run_profile as measure_all, write_outputs
+    from ..devices.cost.planner import MemoryPlanner
+    from ..devices.cost.profile import configurations, format_table, machine, run_profile as measure_all, write_outputs
 
     net, desc = _network(args)
     common = {k: v for k, v in (("size", args.size), ("width", args.width), ("channels", args.channels),
@@ -126,8 +126,8 @@ def run_profile(args: argparse.Namespace) -> int:
 
 def run_plan(args: argparse.Namespace) -> int:
     """Print (and optionally write) the fit report; 0 if the configuration fits, 1 if not."""
-    from .fit import budget_for, fit_report, format_report
-    from .planner import MemoryPlanner
+    from ..devices.cost.fit import budget_for, fit_report, format_report
+    from ..devices.cost.planner import MemoryPlanner
 
     budget = budget_for(args.device)  # before building the model: a bad key fails fast
     if args.batch < 1 or args.T < 1:
@@ -163,8 +163,8 @@ def _format_snapshot(snap: dict) -> str:
 def run_info(args: argparse.Namespace) -> int:
     """Print the device description and snapshot; write JSON if ``args.json``. Exit code."""
     # Imported here so that building the CLI parser stays cheap.
-    from .detect import detect
-    from .telemetry import snapshot
+    from ..devices.detect import detect
+    from ..devices.telemetry import snapshot
 
     root = Path(args.root)
     if not root.is_dir():
