@@ -25,6 +25,7 @@ dimension is dynamic. The signature (names, shapes without batch, loss) is store
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -38,6 +39,7 @@ from ..runtime import layers as L
 from ..runtime.learner import LOSS_GRADS
 from ..runtime.static import Program, Unsupported, compile_net
 from ..runtime.wiring import WiringError, wire
+from .onnx_lowering import LoweringError, lower
 from .onnx_step import (_TRACE_BATCH, DEFAULT_OPSET, OPSETS, StepGraphError, StepSignature, _input_shape,
                         _quiet_exporter, _save_atomic, _summary)
 
@@ -119,12 +121,24 @@ class LearnStep(nn.Module):
                 if p is not None:
                     self.slots.setdefault(first[id(p)], []).append((m, attr))
         self.paths = {id(m): path for path, m in net.named_modules()}
-        program, _ = self._program(torch.zeros(_TRACE_BATCH, *input_shape), self.parameters_list())
-        self.state_names = self._state_names(program)
+        self.originals = dict(net.named_parameters())
+        with self._bound():
+            program, _ = self._program(torch.zeros(_TRACE_BATCH, *input_shape), self.parameters_list())
+            self.state_names = self._state_names(program)
+
+    @contextlib.contextmanager
+    def _bound(self):
+        """Put the Parameters back after a call has bound plain tensors in their place."""
+        try:
+            yield
+        finally:
+            for name, p in self.originals.items():
+                for m, attr in self.slots[name]:
+                    m._parameters[attr] = p
+            L.reset_state(self.net)
 
     def parameters_list(self) -> list[Tensor]:
-        named = dict(self.net.named_parameters())
-        return [named[n].detach() for n in self.param_names]
+        return [self.originals[n].detach() for n in self.param_names]
 
     def _program(self, x: Tensor, params: list[Tensor]) -> tuple[Program, list[Tensor]]:
         """A fresh program over ``params`` (clones of the inputs; the learned ones with zero ``.grad``)."""
@@ -153,7 +167,7 @@ class LearnStep(nn.Module):
     def forward(self, x: Tensor, target: Tensor, *flat: Tensor) -> tuple[Tensor, ...]:
         n_s, n_g = len(self.state_names), len(self.learned)
         state, grads_in, params = flat[:n_s], flat[n_s:n_s + n_g], flat[n_s + n_g:]
-        with torch.no_grad():
+        with torch.no_grad(), self._bound():
             program, grads = self._program(x, list(params))
             buffers = [t for op in program.ops for t in op.state()]
             for buf, value in zip(buffers, state):
@@ -182,7 +196,7 @@ def export_learn_step(net: nn.Module, path: str | os.PathLike, *, loss: str = "c
     params = fn.parameters_list()
     x = torch.zeros(_TRACE_BATCH, *shape)
     target = torch.zeros(_TRACE_BATCH, dtype=torch.int64)
-    with torch.no_grad():
+    with torch.no_grad(), fn._bound():
         program, grads = fn._program(x, params)
         program.learn(x, target)
         buffers = [t for op in program.ops for t in op.state()]
@@ -201,13 +215,19 @@ def export_learn_step(net: nn.Module, path: str | os.PathLike, *, loss: str = "c
                          buffers=[k for k, _ in fn.net.named_buffers()], opset=opset, input_spec=input_spec,
                          loss=loss, grads=[[n, list(g.shape)] for n, g in zip(gnames, accs)],
                          learned=[f"param.{n}" for n in fn.learned])
+    args = (x, target, *state, *accs, *params)
     with _quiet_exporter():
+        try:  # the backward kernels ONNX lacks are lowered to forward ops first (onnx_lowering)
+            traced = lower(torch.export.export(fn, args, dynamic_shapes=dynamic, strict=False))
+        except LoweringError as err:
+            raise LearnGraphError(f"cannot export the learning step: {err}") from err
+        except Exception as err:  # torch.export raises many types; keep its own summary
+            raise LearnGraphError(f"tracing the learning step failed: {_summary(err)}") from err
         try:
-            program = torch.onnx.export(fn, (x, target, *state, *accs, *params), None, dynamo=True,
-                                        opset_version=opset,
+            program = torch.onnx.export(traced, args, None, dynamo=True, opset_version=opset,
                                         input_names=["x", "target", *fn.state_names, *gnames, *pnames],
                                         output_names=["y", *sig.state_outputs, *sig.grad_outputs],
-                                        dynamic_shapes=dynamic, external_data=False, verbose=False)
+                                        external_data=False, verbose=False)
         except Exception as err:  # the exporter raises many types; keep its own summary
             raise LearnGraphError(f"ONNX export of the learning step failed: {_summary(err)}") from err
     proto = program.model_proto
