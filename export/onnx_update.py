@@ -7,7 +7,8 @@
 (``momentum.<name>``, zeros at the start: with no dampening a zero buffer's first step is torch's
 ``clone(grad)`` exactly); ``lr``: a float32 scalar, so a schedule needs no new graph.
 
-The arithmetic is torch's own SGD (``torch.optim.sgd.sgd``), traced, not a copy. Around it, the
+The arithmetic is torch.optim.SGD's (its single-tensor path, written out: tracing torch's own
+``sgd`` with a tensor ``lr`` would take its autograd branch, ``lr.requires_grad``). Around it, the
 eager learner's guards (:meth:`~stoprt.runtime.learner.Learner._apply_update`) as selects:
 
 * a non-finite gradient: nothing changes (parameters and momentum kept), ``ok`` false;
@@ -28,7 +29,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch.optim.sgd import sgd
 from torch import Tensor, nn
 
 from ..runtime import layers as L
@@ -77,6 +77,21 @@ def neuron_clamps(net: nn.Module) -> dict[str, list]:
     return clamps
 
 
+def _finite(tensors: list[Tensor]) -> Tensor:
+    """Whether every element is finite, as |x| <= FLT_MAX (NaN compares false): Abs + LessOrEqual,
+    which TensorRT's ONNX parser takes (older ones lack IsInf)."""
+    big = torch.finfo(torch.float32).max
+    return torch.stack([(t.abs() <= big).all() for t in tensors]).all()
+
+
+def _direction(p: Tensor, g: Tensor, buf: Tensor, sig: UpdateSignature) -> Tensor:
+    """torch.optim.SGD's direction (single-tensor path, dampening 0, no Nesterov): the momentum buffer
+    m buf + (g + wd p); a zero buffer gives torch's first step, ``clone(g + wd p)``, exactly."""
+    if sig.weight_decay:
+        g = g + sig.weight_decay * p
+    return sig.momentum * buf + g if sig.momentum else g
+
+
 class SgdUpdate(nn.Module):
     """The guarded SGD update as a pure function (see the module doc)."""
 
@@ -87,16 +102,10 @@ class SgdUpdate(nn.Module):
     def forward(self, lr: Tensor, *flat: Tensor) -> tuple[Tensor, ...]:
         n, sig = len(self.sig.learned), self.sig
         old, grads, bufs = list(flat[:n]), list(flat[n:2 * n]), list(flat[2 * n:])
-        grads_ok = torch.stack([torch.isfinite(g).all() for g in grads]).all()
-        params = [p.clone() for p in old]
-        moms = [b.clone() for b in bufs] if sig.momentum else None
-        # lr is a graph input: torch's SGD multiplies by a tensor lr only on its differentiable path
-        # (addcmul; its plain path would read lr on the host), hence requires_grad on a copy
-        lr = lr.clone().requires_grad_(True)
-        sgd(params, [g.clone() for g in grads], moms if moms else [None] * n, foreach=False,
-                            weight_decay=sig.weight_decay, momentum=sig.momentum, lr=lr, dampening=0.0,
-                            nesterov=False, maximize=False)
-        params_ok = torch.stack([torch.isfinite(p).all() for p in params]).all()
+        grads_ok = _finite(grads)
+        moms = [_direction(p, g, b, sig) for p, g, b in zip(old, grads, bufs if sig.momentum else old)]
+        params = [p - lr * m for p, m in zip(old, moms)]
+        params_ok = _finite(params)
         ok = grads_ok & params_ok
         clamped = torch.zeros((), dtype=torch.int64)
         out = []
@@ -107,19 +116,20 @@ class SgdUpdate(nn.Module):
                 clamped = clamped + (c != p).sum()
                 p = c
             out.append(torch.where(ok, p, before))
-        new_bufs = [torch.where(grads_ok, m, b) for m, b in zip(moms, bufs)] if moms else []
+        new_bufs = [torch.where(grads_ok, m, b) for m, b in zip(moms, bufs)] if sig.momentum else []
         return (*out, *new_bufs, ok, torch.where(ok, clamped, torch.zeros_like(clamped)))
 
 
 def export_update(net: nn.Module, learned: list[list], path: str | os.PathLike, *, momentum: float = 0.0,
                   weight_decay: float = 0.0, opset: int = DEFAULT_OPSET) -> UpdateSignature:
     """Export the SGD update for the learned parameters ``learned`` (``[name, shape]``, the learning
-    graph's order, e.g. from :func:`learned_shapes`) of ``net`` to ``path`` (atomically)."""
+    graph's order) of ``net`` to ``path`` (atomically)."""
     if not learned:
         raise LearnGraphError("the network learns no parameter: there is no update to export")
     sig = UpdateSignature(learned=[[n, list(s)] for n, s in learned], clamps=neuron_clamps(net),
                           momentum=float(momentum), weight_decay=float(weight_decay), opset=opset)
-    params = [torch.zeros(s) for _, s in sig.learned]
+    # distinct example tensors: the tracer treats one tensor passed twice as one input
+    params, grads = ([torch.zeros(s) for _, s in sig.learned] for _ in range(2))
     bufs = [torch.zeros(s) for _, s in sig.learned] if momentum else []
     names = [n for n, _ in sig.learned]
     inputs = ["lr", *names, *[n.replace("param.", "grad.", 1) for n in names],
@@ -127,7 +137,7 @@ def export_update(net: nn.Module, learned: list[list], path: str | os.PathLike, 
     outputs = ["new_" + n for n in names] + ["new_" + n for n in inputs[1 + 2 * len(names):]] + ["ok", "clamped"]
     with _quiet_exporter(), torch.no_grad():
         try:
-            program = torch.onnx.export(SgdUpdate(sig), (torch.tensor(0.1), *params, *params, *bufs), None,
+            program = torch.onnx.export(SgdUpdate(sig), (torch.tensor(0.1), *params, *grads, *bufs), None,
                                         dynamo=True, opset_version=opset, input_names=inputs,
                                         output_names=outputs, external_data=False, verbose=False)
         except Exception as err:
