@@ -96,6 +96,14 @@ class OrtLearner:
             return {}
         return {name: buf.copy() for (name, _), buf in zip(self.sig.state, self._state[self._k])}
 
+    def gradients(self) -> dict[str, np.ndarray]:
+        """The accumulated gradients since the last update, by state_dict key (copies)."""
+        if self._batch is None:
+            return {}
+        by_name = {name: g.copy() for (name, _), g in zip(self.sig.grads, self._grads[self._k])}
+        return {key: by_name["grad." + name[len("param."):]] for key, name in self.sig.weights.items()
+                if name in self.sig.learned}
+
     # ---- steps --------------------------------------------------------------------------------
     def step(self, x: Any, target: Any) -> np.ndarray:
         """One labelled step: ``x`` ``[B, *input_shape]``, ``target`` ``[B]`` class indices; returns
