@@ -41,7 +41,7 @@ from ..runtime.static import Program, Unsupported, compile_net
 from ..runtime.wiring import WiringError, wire
 from .onnx_lowering import LoweringError, lower
 from .onnx_step import (_TRACE_BATCH, DEFAULT_OPSET, OPSETS, StepGraphError, StepSignature, _input_shape,
-                        _quiet_exporter, _save_atomic, _summary)
+                        _quiet_exporter, _save_atomic, _summary, _weight_names)
 
 LEARN_FORMAT = "stoprt-learn-step"
 LEARN_VERSION = 1
@@ -211,7 +211,7 @@ def export_learn_step(net: nn.Module, path: str | os.PathLike, *, loss: str = "c
     sig = LearnSignature(input_name="x", input_shape=list(shape), output_name="y", output_shape=out_shape,
                          state=[[n, list(s.shape[1:]) if s.dim() else None] for n, s in zip(fn.state_names, state)],
                          params=[[n, list(p.shape)] for n, p in zip(pnames, params)],
-                         weights={n: f"param.{n}" for n in fn.param_names}, params_as_inputs=True,
+                         weights=_weight_names(fn), params_as_inputs=True,
                          buffers=[k for k, _ in fn.net.named_buffers()], opset=opset, input_spec=input_spec,
                          loss=loss, grads=[[n, list(g.shape)] for n, g in zip(gnames, accs)],
                          learned=[f"param.{n}" for n in fn.learned])
