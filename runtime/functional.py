@@ -58,8 +58,9 @@ def heaviside(x: Tensor, threshold: Tensor | float = 0.0, out: Tensor | None = N
     The comparison writes floats directly: a bool result cast afterwards costs several passes more
     on a CPU. Graph exporters trace the plain comparison (``Greater`` + ``Cast`` in ONNX).
     """
-    if torch.compiler.is_compiling():
-        return (x > threshold).to(x.dtype)
+    if torch.compiler.is_compiling():  # also under torch.export: ``out`` must still receive the spikes
+        spikes = (x > threshold).to(x.dtype)
+        return spikes if out is None else out.copy_(spikes)
     return torch.gt(x, threshold, out=torch.empty_like(x) if out is None else out)
 
 

@@ -63,7 +63,8 @@ class Program:
             if self.root.needs:
                 self.learn(zero, self.target)
             self.reset()
-            torch._foreach_zero_(grads)
+            if grads:  # none when the ONNX exporter loads the accumulators itself
+                torch._foreach_zero_(grads)
 
     def _check(self, x: Tensor, target: Tensor | None) -> None:
         self.step_no += 1

@@ -1,0 +1,91 @@
+"""Forward-op forms of the ATen backward kernels the static STOP step calls, for the ONNX exporter.
+
+The static program's backward (through :mod:`stoprt.runtime.functional`) calls
+``aten.convolution_backward`` and the pooling backward kernels, which the ONNX exporter cannot
+translate and torch does not decompose. Each is the adjoint of a linear op, written here with
+forward ops that ONNX has (``static-step.md``, "ONNX learning graph"):
+
+* conv input gradient: the transposed convolution of the output gradient with W;
+* conv weight gradient: a convolution of the input (STOP's input trace) with the output gradient,
+  batch and channel axes swapped (groups folded into the channel axis);
+* average pooling: the output gradient spread evenly over each window (a transposed convolution
+  with a constant kernel, one channel at a time).
+
+:func:`lower` applies them to an exported program. Configurations they do not cover raise
+:class:`~stoprt.export.onnx_learn.LearnGraphError` naming the layer setting. ``tests/test_onnx_learn``
+checks each against the ATen kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+aten = torch.ops.aten
+
+
+class LoweringError(ValueError):
+    """A backward kernel configuration without a forward-op form here."""
+
+
+def _fit(y: Tensor, h: int, w: int) -> Tensor:
+    """Pad (zeros: inputs no window reached get no gradient) or crop ``y``'s last two axes to h, w."""
+    dh, dw = h - y.shape[-2], w - y.shape[-1]
+    if dh < 0 or dw < 0:
+        y = y[..., :h, :w]
+    return F.pad(y, [0, max(dw, 0), 0, max(dh, 0)]) if dh > 0 or dw > 0 else y
+
+
+def conv_backward(grad_y, x, weight, bias_sizes, stride, padding, dilation, transposed, output_padding,
+                  groups, mask):
+    """``aten.convolution_backward`` of a plain 2-D convolution: (grad_x, grad_w, None)."""
+    if transposed or x.dim() != 4 or mask[2]:
+        raise LoweringError("only a plain Conv2d's input and weight gradients are lowered")
+    kh, kw = weight.shape[-2:]
+    grad_x = grad_w = None
+    if mask[0]:
+        full = F.conv_transpose2d(grad_y, weight, None, stride, padding, 0, groups, dilation)
+        grad_x = _fit(full, x.shape[-2], x.shape[-1])
+    if mask[1]:
+        b, g = x.shape[0], groups
+        # [B, G*Ci, H, W] -> [Ci, G*B, H, W]; [B, G*Co, Ho, Wo] -> [G*Co, B, Ho, Wo]
+        xs = x.reshape(b, g, x.shape[1] // g, *x.shape[2:]).permute(2, 1, 0, 3, 4).reshape(
+            x.shape[1] // g, g * b, *x.shape[2:])
+        gs = grad_y.reshape(b, g, grad_y.shape[1] // g, *grad_y.shape[2:]).permute(1, 2, 0, 3, 4).reshape(
+            grad_y.shape[1], b, *grad_y.shape[2:])
+        gw = F.conv2d(xs, gs, None, dilation, padding, stride, g)  # [Ci, G*Co, >=kh, >=kw]
+        grad_w = gw.transpose(0, 1)[..., :kh, :kw]
+    return grad_x, grad_w, None
+
+
+def avg_pool_backward(grad_y, x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    """``aten.avg_pool2d_backward`` without ceil mode and, with padding, counting the padding."""
+    pad = list(padding) if len(padding) == 2 else [padding[0]] * 2
+    if ceil_mode or divisor_override is not None or (any(pad) and not count_include_pad):
+        raise LoweringError("AvgPool2d with ceil_mode, divisor_override or count_include_pad=False")
+    k = list(kernel_size) if len(kernel_size) == 2 else [kernel_size[0]] * 2
+    s = (list(stride) if len(stride) == 2 else [stride[0]] * 2) if len(stride) else k
+    b, c = grad_y.shape[:2]
+    ones = grad_y.new_full((1, 1, *k), 1.0 / (k[0] * k[1]))
+    full = F.conv_transpose2d(grad_y.reshape(b * c, 1, *grad_y.shape[2:]), ones, None, s, pad)
+    return _fit(full, x.shape[-2], x.shape[-1]).reshape(x.shape)
+
+
+def adaptive_avg_pool_backward(grad_y, x):
+    """``aten._adaptive_avg_pool2d_backward`` where the output divides the input (equal windows)."""
+    (h, w), (oh, ow) = x.shape[-2:], grad_y.shape[-2:]
+    if h % oh or w % ow:
+        raise LoweringError(f"AdaptiveAvgPool2d from {h}x{w} to {oh}x{ow} (windows of unequal size)")
+    k = [h // oh, w // ow]
+    return avg_pool_backward(grad_y, x, k, k, [0, 0], False, True, None)
+
+
+LOWERINGS = {aten.convolution_backward.default: conv_backward,
+             aten.avg_pool2d_backward.default: avg_pool_backward,
+             aten._adaptive_avg_pool2d_backward.default: adaptive_avg_pool_backward}
+
+
+def lower(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``program`` with the backward kernels above replaced by their forward-op forms."""
+    return program.run_decompositions(dict(LOWERINGS))

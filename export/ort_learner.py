@@ -1,0 +1,200 @@
+"""STOP learning in ONNX Runtime: the learning-step graph and the update graph, without torch.
+
+:class:`OrtLearner` runs the graphs written by :func:`~stoprt.export.onnx_learn.export_learn_step`
+and :func:`~stoprt.export.onnx_update.export_update` with the step / end_sample / update schedule of
+:class:`~stoprt.runtime.stop.STOP`. State, traces and gradient accumulators live in two sets of
+buffers that swap roles every step (ping-pong, as :class:`~.ort_runner.OrtStepRunner`): each set is
+bound once with IO binding, so a step copies ``x`` and ``target`` in and runs. Parameters are bound
+buffers too; an update (one run of the update graph) writes the new values into them in place.
+
+CPU execution provider only for now (buffers are numpy arrays that the OrtValues wrap).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from .onnx_learn import LearnGraphError, LearnSignature
+from .onnx_update import UpdateSignature
+from .ort_runner import _import_ort
+
+log = logging.getLogger("stoprt")
+
+
+def _as_numpy(value: Any, dtype) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.array(value, dtype=dtype, order="C")  # (ascontiguousarray would make a 0-d array 1-d)
+
+
+class OrtLearner:
+    """STOP on ONNX Runtime (see the module doc).
+
+    Args:
+        learn_graph, update_graph: the two ONNX files.
+        parameters: the network's state_dict (its parameters' starting values).
+        lr: SGD's learning rate (an input of the update graph).
+        update: ``"sample"`` (at :meth:`end_sample`), ``"step"`` or every N labelled steps, as STOP.
+        threads: intra-op threads (1: a small step gains nothing from more).
+    """
+
+    def __init__(self, learn_graph: str | os.PathLike, update_graph: str | os.PathLike,
+                 parameters: Mapping[str, Any], lr: float, update: str | int = "sample", threads: int = 1) -> None:
+        if update not in ("sample", "step") and not (isinstance(update, int) and update >= 1):
+            raise ValueError(f"update must be 'sample', 'step' or an int >= 1, got {update!r}")
+        ort = _import_ort()
+        self._ort, self.update, self.lr = ort, update, np.asarray(lr, np.float32)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.learn_session = ort.InferenceSession(str(learn_graph), options, providers=["CPUExecutionProvider"])
+        self.update_session = ort.InferenceSession(str(update_graph), options, providers=["CPUExecutionProvider"])
+        self.sig = LearnSignature.from_metadata(self.learn_session.get_modelmeta().custom_metadata_map,
+                                                str(learn_graph))
+        self.usig = UpdateSignature.from_metadata(self.update_session.get_modelmeta().custom_metadata_map,
+                                                  str(update_graph))
+        if [n for n, _ in self.usig.learned] != self.sig.learned:
+            raise LearnGraphError(f"{update_graph} updates other parameters than {learn_graph} learns")
+        sig = self.sig
+        expected = ["x", "target", *[n for n, _ in sig.state], *[n for n, _ in sig.grads], *[n for n, _ in sig.params]]
+        got = [i.name for i in self.learn_session.get_inputs()]
+        if got != expected:
+            raise LearnGraphError(f"{learn_graph}: the graph's inputs do not match its stoprt metadata")
+        self.params = {n: np.zeros(s, np.float32) for n, s in sig.params}
+        self.set_parameters(parameters)
+        self.momentum = {n: np.zeros(s, np.float32) for n, s in self.usig.learned} if self.usig.momentum else {}
+        self.updates = self.rejected_updates = self.clamped_values = 0
+        self.sample_steps, self._since_update = 0, 0
+        self._batch: int | None = None
+        self.output_sum: np.ndarray | None = None
+
+    # ---- parameters ---------------------------------------------------------------------------
+    def set_parameters(self, state_dict: Mapping[str, Any]) -> None:
+        """Load parameter values (a state_dict or part of one; BatchNorm statistics are baked in)."""
+        for key, value in state_dict.items():
+            if key in self.sig.buffers:
+                continue
+            if key not in self.sig.weights:
+                raise ValueError(f"parameter {key!r} is not an input of the learning graph")
+            target = self.params[self.sig.weights[key]]
+            data = _as_numpy(value, np.float32)
+            if data.shape != target.shape:
+                raise ValueError(f"parameter {key!r} has shape {data.shape}; the graph expects {target.shape}")
+            np.copyto(target, data)  # in place: the bound OrtValues wrap these arrays
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """The current parameter values by state_dict key (copies)."""
+        return {key: self.params[name].copy() for key, name in self.sig.weights.items()}
+
+    def state(self) -> dict[str, np.ndarray]:
+        """State and traces after the last step (zeros after a sample's end), by graph input name."""
+        if self._batch is None:
+            return {}
+        return {name: buf.copy() for (name, _), buf in zip(self.sig.state, self._state[self._k])}
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        """The accumulated gradients since the last update, by state_dict key (copies)."""
+        if self._batch is None:
+            return {}
+        by_name = {name: g.copy() for (name, _), g in zip(self.sig.grads, self._grads[self._k])}
+        return {key: by_name["grad." + name[len("param."):]] for key, name in self.sig.weights.items()
+                if name in self.sig.learned}
+
+    # ---- steps --------------------------------------------------------------------------------
+    def step(self, x: Any, target: Any) -> np.ndarray:
+        """One labelled step: ``x`` ``[B, *input_shape]``, ``target`` ``[B]`` class indices; returns
+        the step's output ``[B, K]``."""
+        x, target = _as_numpy(x, np.float32), _as_numpy(target, np.int64)
+        if tuple(x.shape[1:]) != tuple(self.sig.input_shape) or target.shape != x.shape[:1]:
+            raise ValueError(f"input {x.shape} / target {target.shape} do not fit the learning graph: expected "
+                             f"[B, {', '.join(map(str, self.sig.input_shape))}] and [B]")
+        if self.sample_steps == 0:
+            if x.shape[0] != self._batch:
+                self._allocate(x.shape[0])
+            self.output_sum = np.zeros((x.shape[0], *self.sig.output_shape), np.float32)
+        elif x.shape[0] != self._batch:
+            raise ValueError(f"batch changed within a sample ({self._batch} then {x.shape[0]})")
+        np.copyto(self._x, x)
+        np.copyto(self._target, target)
+        self.learn_session.run_with_iobinding(self._bindings[self._k])
+        self._k ^= 1
+        self.output_sum += self._y
+        self.sample_steps += 1
+        self._since_update += 1
+        if self.update == "step" or (isinstance(self.update, int) and self._since_update >= self.update):
+            self._apply_update()
+        return self._y.copy()
+
+    def end_sample(self) -> np.ndarray | None:
+        """Apply pending gradients, forget state and traces; the prediction ``[B]`` (None if no step)."""
+        if self.sample_steps == 0:
+            return None
+        self._apply_update()
+        for buf in self._state[self._k]:
+            buf.fill(0.0)
+        self.sample_steps = 0
+        return self.output_sum.argmax(1)
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _apply_update(self) -> None:
+        if not self._since_update:
+            return
+        self._since_update = 0
+        grads = self._grads[self._k]
+        feeds = {"lr": self.lr, **{n: self.params[n] for n, _ in self.usig.learned},
+                 **{n: g for (n, _), g in zip(self.sig.grads, grads)},
+                 **{n.replace("param.", "momentum.", 1): m for n, m in self.momentum.items()}}
+        out = self.update_session.run(None, feeds)
+        n = len(self.usig.learned)
+        ok, clamped = bool(out[-2]), int(out[-1])
+        for (name, _), value in zip(self.usig.learned, out[:n]):
+            np.copyto(self.params[name], value)
+        for name, value in zip(self.momentum, out[n:-2]):
+            np.copyto(self.momentum[name], value)
+        for g in grads:
+            g.fill(0.0)
+        if ok:
+            self.updates += 1
+            self.clamped_values += clamped
+        else:
+            self.rejected_updates += 1
+            log.warning("stoprt: update refused: a gradient or an updated parameter is NaN or Inf; "
+                        "parameters keep their last good values")
+
+    def _allocate(self, batch: int) -> None:
+        """Two sets of state and accumulator buffers, and one binding per direction."""
+        ort, sig = self._ort, self.sig
+        self._batch, self._k = batch, 0
+        self._x = np.zeros((batch, *sig.input_shape), np.float32)
+        self._target = np.zeros(batch, np.int64)
+        self._y = np.zeros((batch, *sig.output_shape), np.float32)
+        shapes = [() if s is None else (batch, *s) for _, s in sig.state]
+        self._state = [[np.zeros(s, np.float32) for s in shapes] for _ in range(2)]
+        self._grads = [[np.zeros(s, np.float32) for _, s in sig.grads] for _ in range(2)]
+        self._values: list = []  # the OrtValues wrap the arrays' memory (no copy); kept alive here
+
+        def value(array: np.ndarray):
+            self._values.append(ort.OrtValue.ortvalue_from_numpy(array))
+            return self._values[-1]
+
+        self._bindings = []
+        for k in (0, 1):  # binding k reads set k and writes set 1 - k
+            io = self.learn_session.io_binding()
+            io.bind_ortvalue_input("x", value(self._x))
+            io.bind_ortvalue_input("target", value(self._target))
+            for (name, _), buf in zip(sig.state, self._state[k]):
+                io.bind_ortvalue_input(name, value(buf))
+            for (name, _), buf in zip(sig.grads, self._grads[k]):
+                io.bind_ortvalue_input(name, value(buf))
+            for name, buf in self.params.items():
+                io.bind_ortvalue_input(name, value(buf))
+            io.bind_ortvalue_output(sig.output_name, value(self._y))
+            for name, buf in zip(sig.state_outputs, self._state[1 - k]):
+                io.bind_ortvalue_output(name, value(buf))
+            for name, buf in zip(sig.grad_outputs, self._grads[1 - k]):
+                io.bind_ortvalue_output(name, value(buf))
+            self._bindings.append(io)
