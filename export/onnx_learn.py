@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +39,7 @@ from ..runtime.static import Program, Unsupported, compile_net
 from ..runtime.wiring import WiringError, wire
 from .onnx_lowering import LoweringError, lower
 from .onnx_step import (_TRACE_BATCH, DEFAULT_OPSET, OPSETS, StepGraphError, StepSignature, _input_shape,
-                        _quiet_exporter, _save_atomic, _summary, _weight_names)
+                        _quiet_exporter, _summary, _weight_names, write_graph)
 
 LEARN_FORMAT = "stoprt-learn-step"
 LEARN_VERSION = 1
@@ -57,6 +55,10 @@ class LearnSignature(StepSignature):
     rank 0, the bias trace, has shape ``None``: it has no batch axis); ``grads``: ``[name, shape]`` of
     each accumulator (output ``new_`` + name); ``learned``: parameter input name of each accumulator."""
 
+    FORMAT, VERSION, ERROR = LEARN_FORMAT, LEARN_VERSION, LearnGraphError
+    KIND = "learning-step graph"
+    HOW = "stoprt.export.onnx_learn.export_learn_step"
+
     target_name: str = "target"
     loss: str = "ce"
     grads: list[list] = field(default_factory=list)
@@ -65,23 +67,6 @@ class LearnSignature(StepSignature):
     @property
     def grad_outputs(self) -> list[str]:
         return ["new_" + name for name, _ in self.grads]
-
-    def to_metadata(self) -> dict[str, str]:
-        return {"stoprt.format": LEARN_FORMAT, "stoprt.step_version": str(LEARN_VERSION),
-                "stoprt.signature": json.dumps(asdict(self))}
-
-    @classmethod
-    def from_metadata(cls, meta: dict[str, str], where: str = "the graph") -> "LearnSignature":
-        if meta.get("stoprt.format") != LEARN_FORMAT:
-            raise LearnGraphError(f"{where} is not a stoprt learning-step graph (export it with "
-                                  "stoprt.export.onnx_learn.export_learn_step)")
-        if meta.get("stoprt.step_version") != str(LEARN_VERSION):
-            raise LearnGraphError(f"{where} is a learning-step graph of version "
-                                  f"{meta.get('stoprt.step_version')}; this stoprt reads {LEARN_VERSION}")
-        try:
-            return cls(**json.loads(meta["stoprt.signature"]))
-        except (KeyError, TypeError, ValueError) as err:
-            raise LearnGraphError(f"{where} has unreadable stoprt metadata: {err}") from err
 
 
 class LearnStep(nn.Module):
@@ -232,11 +217,7 @@ def export_learn_step(net: nn.Module, path: str | os.PathLike, *, loss: str = "c
             raise LearnGraphError(f"ONNX export of the learning step failed: {_summary(err)}") from err
     proto = program.model_proto
     _check_graph(proto)
-    del proto.metadata_props[:]
-    for key, value in sig.to_metadata().items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    _save_atomic(proto, Path(path))
+    write_graph(proto, sig, path)
     return sig
 
 

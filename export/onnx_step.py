@@ -30,6 +30,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -49,8 +50,45 @@ class StepGraphError(ValueError):
     """An ONNX file that is not a stoprt step graph, or one that cannot be exported."""
 
 
+class GraphMetadata:
+    """What every stoprt graph keeps in its ONNX metadata: a format tag, a version and the signature
+    (a dataclass: the subclass) as JSON. Subclasses name the tag, version, error type, what the graph
+    is called and how one is made."""
+
+    FORMAT: ClassVar[str]
+    VERSION: ClassVar[int]
+    ERROR: ClassVar[type[ValueError]]
+    KIND: ClassVar[str]
+    HOW: ClassVar[str]
+
+    def to_metadata(self) -> dict[str, str]:
+        return {"stoprt.format": self.FORMAT, "stoprt.step_version": str(self.VERSION),
+                "stoprt.signature": json.dumps(asdict(self))}
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], where: str = "the graph"):
+        if meta.get("stoprt.format") != cls.FORMAT:
+            raise cls.ERROR(f"{where} is not a stoprt {cls.KIND} (no stoprt metadata): export it with {cls.HOW}")
+        if meta.get("stoprt.step_version") != str(cls.VERSION):
+            raise cls.ERROR(f"{where} is a stoprt {cls.KIND} of version {meta.get('stoprt.step_version')}; "
+                            f"this stoprt reads version {cls.VERSION}")
+        try:
+            return cls(**json.loads(meta["stoprt.signature"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise cls.ERROR(f"{where} has unreadable stoprt metadata: {err}") from err
+
+
+def write_graph(proto, sig: GraphMetadata, path: str | os.PathLike) -> None:
+    """Replace ``proto``'s metadata by ``sig``'s and write it atomically."""
+    del proto.metadata_props[:]
+    for key, value in sig.to_metadata().items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    _save_atomic(proto, Path(path))
+
+
 @dataclass
-class StepSignature:
+class StepSignature(GraphMetadata):
     """The interface of a step graph; shapes exclude the batch dimension.
 
     ``state``: ``[name, shape]`` of each state input in order (its output is ``new_`` + name);
@@ -61,6 +99,10 @@ class StepSignature:
     ``constants``: buffer key -> its initializer, where one survived (equal-valued buffers may share
     one), which a refit needs when an engine fused them with a weight.
     """
+
+    FORMAT, VERSION, ERROR = STEP_FORMAT, STEP_VERSION, StepGraphError
+    KIND = "step graph"
+    HOW = "stoprt.export.onnx_step.export_step or `stoprt export --to onnx`"
 
     input_name: str
     input_shape: list[int]
@@ -80,22 +122,6 @@ class StepSignature:
     def state_outputs(self) -> list[str]:
         return [new_name(name) for name, _ in self.state]
 
-    def to_metadata(self) -> dict[str, str]:
-        return {"stoprt.format": STEP_FORMAT, "stoprt.step_version": str(STEP_VERSION),
-                "stoprt.signature": json.dumps(asdict(self))}
-
-    @classmethod
-    def from_metadata(cls, meta: dict[str, str], where: str = "the graph") -> "StepSignature":
-        if meta.get("stoprt.format") != STEP_FORMAT:
-            raise StepGraphError(f"{where} is not a stoprt step graph (no stoprt metadata): export it with "
-                                 "stoprt.export.onnx_step.export_step or `stoprt export --to onnx`")
-        if meta.get("stoprt.step_version") != str(STEP_VERSION):
-            raise StepGraphError(f"{where} is a stoprt step graph of version {meta.get('stoprt.step_version')}; "
-                                 f"this stoprt reads version {STEP_VERSION}")
-        try:
-            return cls(**json.loads(meta["stoprt.signature"]))
-        except (KeyError, TypeError, ValueError) as err:
-            raise StepGraphError(f"{where} has unreadable stoprt metadata: {err}") from err
 
 
 def new_name(state_name: str) -> str:
@@ -227,11 +253,7 @@ def export_step(net: nn.Module, path: str | os.PathLike, *, input_shape=None, op
     if not params_as_inputs:
         _bake(proto, {n: p.detach().numpy() for n, p in zip(pnames, params)})
     check_step_graph(proto, n_lif=sum(isinstance(m, L.LIF) for m in net.modules()))  # spiking neurons
-    del proto.metadata_props[:]
-    for key, value in sig.to_metadata().items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    _save_atomic(proto, Path(path))
+    write_graph(proto, sig, path)
     return sig
 
 

@@ -23,26 +23,28 @@ Only SGD (momentum, weight decay, dampening 0, no Nesterov) is exported for now.
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from ..runtime import layers as L
 from .onnx_learn import LearnGraphError
-from .onnx_step import DEFAULT_OPSET, _quiet_exporter, _save_atomic, _summary
+from .onnx_step import DEFAULT_OPSET, GraphMetadata, _quiet_exporter, _summary, write_graph
 
 UPDATE_FORMAT = "stoprt-update"
 UPDATE_VERSION = 1
 
 
 @dataclass
-class UpdateSignature:
+class UpdateSignature(GraphMetadata):
     """``learned``: ``[name, shape]`` of each learned parameter (its learning-graph input name);
     ``clamps``: name -> ``[lo, hi]`` (None: unbounded) for leaks and thresholds."""
+
+    FORMAT, VERSION, ERROR = UPDATE_FORMAT, UPDATE_VERSION, LearnGraphError
+    KIND = "update graph"
+    HOW = "stoprt.export.onnx_update.export_update"
 
     learned: list[list]
     clamps: dict[str, list] = field(default_factory=dict)
@@ -50,19 +52,6 @@ class UpdateSignature:
     momentum: float = 0.0
     weight_decay: float = 0.0
     opset: int = DEFAULT_OPSET
-
-    def to_metadata(self) -> dict[str, str]:
-        return {"stoprt.format": UPDATE_FORMAT, "stoprt.step_version": str(UPDATE_VERSION),
-                "stoprt.signature": json.dumps(asdict(self))}
-
-    @classmethod
-    def from_metadata(cls, meta: dict[str, str], where: str = "the graph") -> "UpdateSignature":
-        if meta.get("stoprt.format") != UPDATE_FORMAT or meta.get("stoprt.step_version") != str(UPDATE_VERSION):
-            raise LearnGraphError(f"{where} is not a stoprt update graph of version {UPDATE_VERSION}")
-        try:
-            return cls(**json.loads(meta["stoprt.signature"]))
-        except (KeyError, TypeError, ValueError) as err:
-            raise LearnGraphError(f"{where} has unreadable stoprt metadata: {err}") from err
 
 
 def neuron_clamps(net: nn.Module) -> dict[str, list]:
@@ -143,9 +132,5 @@ def export_update(net: nn.Module, learned: list[list], path: str | os.PathLike, 
         except Exception as err:
             raise LearnGraphError(f"ONNX export of the update failed: {_summary(err)}") from err
     proto = program.model_proto
-    del proto.metadata_props[:]
-    for key, value in sig.to_metadata().items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    _save_atomic(proto, Path(path))
+    write_graph(proto, sig, path)
     return sig
