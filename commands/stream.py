@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -111,10 +110,6 @@ def _status(session, pipeline, start: float, rss0: float, steps0: int = 0) -> st
             f"RSS {psutil.Process().memory_info().rss / 2**20:.0f} MiB (+{psutil.Process().memory_info().rss / 2**20 - rss0:.0f})")
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-
-
 def _warn_if_labels_unused(args: argparse.Namespace, labels, stats) -> None:
     """One warning line when labels were given but no step fell inside any of them (times relative to
     the recording's start instead of its timestamps, say): learning did nothing, accuracy is n/a."""
@@ -136,6 +131,7 @@ def run_stream(args: argparse.Namespace) -> int:
     from ..runtime.stream.binning import Binner
     from ..runtime.stream.pipeline import StreamPipeline
     from ..runtime.stream.predictions import PredictionLog, check_path, describe
+    from ..runtime.usage import peak_rss_mib
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -237,7 +233,7 @@ def run_stream(args: argparse.Namespace) -> int:
                "steps": stats.steps, "samples": stats.samples, "labelled_samples": stats.labelled_samples,
                "accuracy": stats.accuracy, "updates": stats.updates, "interrupted": session.interrupted,
                "seconds": seconds, "steps_per_s": (stats.steps - steps0) / seconds if seconds > 0 else 0.0,
-               "pipeline": pipeline.stats, "peak_rss_mib": _peak_rss_mib(),
+               "pipeline": pipeline.stats, "peak_rss_mib": peak_rss_mib(),
                "checkpoint": str(session.checkpoint_path) if session.checkpoint_path else None,
                "warnings": problems, "predictions": log.summary()}
     print("stoprt stream: " + _status(session, pipeline, start, rss0, steps0))

@@ -8,7 +8,6 @@ device. Held-out accuracy is measured before and after, with the same network.
 from __future__ import annotations
 
 import json
-import resource
 import time
 from pathlib import Path
 
@@ -19,12 +18,9 @@ from .datasets import load_builtin
 from .progress import ProgressBar
 from .stop import STOP
 from .train import evaluate
+from .usage import peak_rss_mib
 
 CHANCE = {"digits": 0.1, "gestures": 1 / 8}
-
-
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def run_demo(data: str = "digits", model: str = "mlp", T: int = 10, size: int = 16, passes: int = 1,
@@ -39,7 +35,7 @@ def run_demo(data: str = "digits", model: str = "mlp", T: int = 10, size: int = 
     learner = STOP(net, torch.optim.Adam(net.parameters(), lr=lr),
                    learn=("weight", "threshold", "leak"), update="sample")
     test_loader = torch.utils.data.DataLoader(test_set, batch_size=64)
-    rss_before = _rss_mib()
+    rss_before = peak_rss_mib()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
 
@@ -70,7 +66,7 @@ def run_demo(data: str = "digits", model: str = "mlp", T: int = 10, size: int = 
         "online_accuracy": correct / max(seen, 1), "steps": learner.stats.steps - 0,
         "stream_seconds": seconds, "steps_per_s": seen * T / seconds if seconds > 0 else 0.0,
         "updates": learner.stats.updates, "rejected_updates": learner.stats.rejected_updates,
-        "peak_rss_mib": _rss_mib(), "rss_before_stream_mib": rss_before,
+        "peak_rss_mib": peak_rss_mib(), "rss_before_stream_mib": rss_before,
         "peak_cuda_allocated_mib": (torch.cuda.max_memory_allocated() / 2**20
                                     if device.startswith("cuda") else None),
         "device": device, "torch_threads": torch.get_num_threads(),

@@ -20,7 +20,6 @@ import itertools
 import json
 import os
 import random
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from .bptt import BPTT
 from .checkpoint import check_finite, load_checkpoint, save_checkpoint
 from .learner import Learner
 from .progress import ProgressBar
+from .usage import peak_rss_mib
 from .stop import STOP
 
 LEARN_CODES = {"w": ("weight",), "wt": ("weight", "threshold"), "wl": ("weight", "leak"),
@@ -180,10 +180,6 @@ def _ranks_in_sync(net: torch.nn.Module) -> bool:
     return bool(torch.equal(high, low))
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 class _EpochOrder(Sampler):
     """This process's sample order in one epoch (``DistributedSampler``: shuffled by seed + epoch,
     sharded when data-parallel), starting after the samples a resumed run has already learned."""
@@ -286,7 +282,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                   "last_loss": learner.stats.last_loss, "seconds": seconds,
                   "steps_per_s": steps / seconds if seconds > 0 else 0.0,
                   "updates": learner.stats.updates, "rejected_updates": learner.stats.rejected_updates,
-                  "peak_rss_mib": _peak_rss_mib()}
+                  "peak_rss_mib": peak_rss_mib()}
         history.append(record)
         if out_dir:
             _save(out_dir / "checkpoint.pt", cfg, net, learner, epoch + 1, train_set, history, None)
