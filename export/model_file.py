@@ -199,15 +199,25 @@ def torch_load(path: Path) -> Any:
                              f"{str(err).splitlines()[0][:200] if str(err) else ''}") from err
 
 
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """A safetensors file opens with its JSON header's length (u64 little-endian) and then ``{``."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 2 <= int.from_bytes(head[:8], "little") <= size - 8
+
+
 def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """Metadata and tensors of either layout."""
     with open(path, "rb") as f:
-        head = f.read(2)
-    if head == b"PK":
+        head = f.read(9)
+    if head[:2] == b"PK":
         data = torch_load(path)
         if not isinstance(data, dict) or not isinstance(data.get("metadata"), dict):
             raise ModelFileError(f"{path} is not a stoprt model file")
         return data["metadata"], data.get("tensors", {})
+    if not _looks_like_safetensors(head, path.stat().st_size):
+        raise ModelFileError(f"{path} is not a stoprt model file: neither a torch zip archive nor a safetensors "
+                             "file (corrupted, truncated or another format)")
     st = _safetensors()
     if st is None:
         raise ModelFileError(f"{path} is a safetensors model file and safetensors is not installed "

@@ -107,6 +107,13 @@ def test_model_file_round_trip(tmp_path, use_safetensors):
             assert torch.equal(net(x), twin(x))
 
 
+def test_garbage_model_file_is_named_as_garbage(tmp_path):
+    """Not reported as a safetensors file waiting for a package (needs no safetensors to run)."""
+    (tmp_path / "garbage.pt").write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(ModelFileError, match="neither a torch zip archive nor a safetensors file"):
+        load_model(tmp_path / "garbage.pt")
+
+
 def test_model_file_errors(tmp_path):
     pytest.importorskip("safetensors", reason="safetensors is not installed (the torch.save layout is used)")
     net = models.build_model("mlp", in_channels=2, size=8, classes=4)
