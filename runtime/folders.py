@@ -30,9 +30,10 @@ import torch
 
 from .events import EVENT_DTYPE, events_to_frames
 from .formats import EXTENSIONS, open_events
+from .formats.nmnist import SENSOR_SIZE as NMNIST_SENSOR
 
 # Formats whose files do not state the sensor size: the datasets that use them fix it.
-DEFAULT_SENSOR = {"nmnist": (34, 34)}
+DEFAULT_SENSOR = {"nmnist": NMNIST_SENSOR}
 GESTURE_CLASSES = ("hand_clap", "right_hand_wave", "left_hand_wave", "right_arm_clockwise",
                    "right_arm_counter_clockwise", "left_arm_clockwise", "left_arm_counter_clockwise", "arm_roll",
                    "air_drums", "air_guitar", "other_gestures")
