@@ -1,5 +1,7 @@
 """`stoprt stream` on damaged or unusual recordings, and what it shows while predicting (issue 10,
-defects 5 and 8): real subprocesses, exit codes, stderr lines, the --json summary, --predictions files."""
+defects 5 and 8): exit codes, stderr lines, the --json summary, --predictions files. The CLI runs
+in-process (``run_cli``) where a shell would see the same; a killed run and the process's peak RSS
+run as real subprocesses."""
 
 from __future__ import annotations
 
@@ -19,11 +21,14 @@ from stoprt.runtime.formats import EVT2Writer
 from stoprt.runtime.formats.aedat4 import check_available
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "dvs"
-STREAM = [sys.executable, "-m", "stoprt.cli", "stream", "--threads", "1"]
+STREAM = ["stream", "--threads", "1"]
+PROCESS = [sys.executable, "-m", "stoprt.cli", *STREAM]  # a real `stoprt stream`
 
 
-def stream(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*STREAM, *args], capture_output=True, text=True, timeout=timeout)
+@pytest.fixture
+def stream(run_cli):
+    """``stoprt stream --threads 1 ARGS`` in this process, as a ``CompletedProcess``."""
+    return lambda *args: run_cli(*STREAM, *args)
 
 
 def fixture(name: str) -> Path:
@@ -56,7 +61,7 @@ def evt2_file(path: Path, n: int = 3000) -> bytes:
 
 
 # --------------------------------------------------------------------------- defect 5: bad recordings
-def test_garbage_bin_warns_that_most_events_were_dropped(tmp_path: Path) -> None:
+def test_garbage_bin_warns_that_most_events_were_dropped(stream, tmp_path: Path) -> None:
     path, out = tmp_path / "garbage.bin", tmp_path / "s.json"
     path.write_bytes(np.random.default_rng(0).integers(0, 256, 100_000, dtype=np.uint8).tobytes())
     proc = stream("--source", str(path), "--quiet", "--json", str(out))
@@ -66,13 +71,13 @@ def test_garbage_bin_warns_that_most_events_were_dropped(tmp_path: Path) -> None
     assert json.loads(out.read_text())["warnings"] == [lines[0].removeprefix("stoprt stream: warning: ")]
 
 
-def test_empty_file_is_an_error(tmp_path: Path) -> None:
+def test_empty_file_is_an_error(stream, tmp_path: Path) -> None:
     path = tmp_path / "empty.bin"
     path.write_bytes(b"")
     assert "no event could be read" in one_error_line(stream("--source", str(path), "--quiet"))
 
 
-def test_truncated_raw_warns_and_streams_what_it_has(tmp_path: Path) -> None:
+def test_truncated_raw_warns_and_streams_what_it_has(stream, tmp_path: Path) -> None:
     path, out = tmp_path / "cut.raw", tmp_path / "s.json"
     path.write_bytes(evt2_file(path)[:-2])
     proc = stream("--source", str(path), "--quiet", "--json", str(out))
@@ -83,7 +88,7 @@ def test_truncated_raw_warns_and_streams_what_it_has(tmp_path: Path) -> None:
     assert summary["steps"] > 10 and summary["pipeline"]["source"]["reader"]["truncated_bytes"] == 2
 
 
-def test_header_cut_mid_line_is_one_clear_error(tmp_path: Path) -> None:
+def test_header_cut_mid_line_is_one_clear_error(stream, tmp_path: Path) -> None:
     path = tmp_path / "cut.raw"
     data = evt2_file(path)
     path.write_bytes(data[: data.index(b";width")])
@@ -92,7 +97,7 @@ def test_header_cut_mid_line_is_one_clear_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not check_available(), reason="the optional 'aedat' package (stoprt[aedat]) is not installed")
-def test_aedat4_missing_its_last_byte_is_reported(tmp_path: Path) -> None:
+def test_aedat4_missing_its_last_byte_is_reported(stream, tmp_path: Path) -> None:
     path = tmp_path / "short.aedat4"
     path.write_bytes(fixture("sample.aedat4").read_bytes()[:-1])
     proc = stream("--source", str(path), "--quiet")
@@ -101,7 +106,7 @@ def test_aedat4_missing_its_last_byte_is_reported(tmp_path: Path) -> None:
     assert len(lines) == 1 and "file ends inside a data table" in lines[0]
 
 
-def test_format_option_picks_the_reader(tmp_path: Path) -> None:
+def test_format_option_picks_the_reader(stream, tmp_path: Path) -> None:
     path = tmp_path / "recording.bin"  # an EVT 2.0 file under N-MNIST's extension
     evt2_file(path)
     assert "--format" in one_error_line(stream("--source", str(path), "--quiet"))
@@ -113,7 +118,7 @@ def test_format_option_picks_the_reader(tmp_path: Path) -> None:
     assert "unknown event format 'evt9'" in one_error_line(stream("--source", str(path), "--format", "evt9"))
 
 
-def test_nmnist_bin_needs_no_sensor_size_flags(tmp_path: Path) -> None:
+def test_nmnist_bin_needs_no_sensor_size_flags(stream, tmp_path: Path) -> None:
     out = tmp_path / "s.json"
     proc = stream("--source", str(fixture("sample_nmnist.bin")), "--quiet", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-600:]
@@ -123,7 +128,7 @@ def test_nmnist_bin_needs_no_sensor_size_flags(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------ defect 8: predictions shown
-def test_inference_prints_and_writes_a_prediction_per_window(tmp_path: Path) -> None:
+def test_inference_prints_and_writes_a_prediction_per_window(stream, tmp_path: Path) -> None:
     out, rows = tmp_path / "s.json", tmp_path / "p.csv"
     proc = stream("--source", str(fixture("sample_nmnist.bin")), "--model", "mlp", "--dt-us", "10000",
                   "--window", "5", "--json", str(out), "--predictions", str(rows))
@@ -145,7 +150,7 @@ def test_inference_prints_and_writes_a_prediction_per_window(tmp_path: Path) -> 
 
 def test_predictions_jsonl_with_labels_and_a_killed_run_keeps_its_rows(tmp_path: Path) -> None:
     rows = tmp_path / "p.jsonl"
-    proc = subprocess.Popen([*STREAM, "--source", "builtin:digits:300", "--quiet", "--realtime",
+    proc = subprocess.Popen([*PROCESS, "--source", "builtin:digits:300", "--quiet", "--realtime",
                              "--predictions", str(rows)])
     try:
         deadline = time.time() + 240
@@ -169,7 +174,7 @@ def test_summary_peak_rss_is_the_process_peak(tmp_path: Path) -> None:
     out = tmp_path / "s.json"
     parent = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)")
-    cmd = [*STREAM, "--source", "builtin:digits:40", "--quiet", "--json", str(out)]
+    cmd = [*PROCESS, "--source", "builtin:digits:40", "--quiet", "--json", str(out)]
     peak = float(subprocess.run([sys.executable, "-c", parent, *cmd], capture_output=True, text=True,
                                 check=True, timeout=300).stdout.splitlines()[-1])
     assert json.loads(out.read_text())["peak_rss_mib"] == pytest.approx(peak, abs=0.01)
