@@ -1,5 +1,6 @@
 """`stoprt stream` end to end: learning from a labelled stream, SIGKILL and resume, chunked input,
-UDP over loopback."""
+UDP over loopback. The CLI runs in-process (``run_cli``) except where a real process is the point:
+the run that is killed with SIGKILL."""
 
 import json
 import signal
@@ -7,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -20,18 +22,17 @@ from stoprt.runtime.stream.binning import Binner
 from stoprt.runtime.stream.pipeline import StreamPipeline
 from stoprt.runtime.stream.sources import FileSource
 
-STREAM = [sys.executable, "-m", "stoprt.cli", "stream", "--source", "builtin:digits:60", "--learn",
-          "--threads", "1", "--quiet", "--checkpoint-every", "4"]
+STREAM = ["stream", "--source", "builtin:digits:60", "--learn", "--threads", "1", "--quiet", "--checkpoint-every", "4"]
 
 
 def _params(path):
     return load_checkpoint(path)["model_state"]
 
 
-def test_sigkill_loses_nothing_before_the_last_checkpoint_and_resume_is_exact(tmp_path):
+def test_sigkill_loses_nothing_before_the_last_checkpoint_and_resume_is_exact(tmp_path, run_cli):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    subprocess.run([*STREAM, "--checkpoint", str(full)], check=True, timeout=600)
-    proc = subprocess.Popen([*STREAM, "--checkpoint", str(killed)])
+    assert run_cli(*STREAM, "--checkpoint", str(full)).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "stoprt.cli", *STREAM, "--checkpoint", str(killed)])
     ckpt = killed / "session.pt"
     deadline = time.time() + 300
     while time.time() < deadline:  # wait until a few samples are checkpointed, then kill -9
@@ -45,7 +46,7 @@ def test_sigkill_loses_nothing_before_the_last_checkpoint_and_resume_is_exact(tm
     assert saved["kind"] == "stream-session" and saved["session"]["samples"] >= 12
     # A kill inside a checkpoint write leaves its temporary file (never a half-written session.pt);
     # the resume removes such leftovers.
-    subprocess.run([*STREAM, "--checkpoint", str(killed), "--resume"], check=True, timeout=600)
+    assert run_cli(*STREAM, "--checkpoint", str(killed), "--resume").returncode == 0
     assert not [p for p in killed.iterdir() if p.name != "session.pt"], "a temporary file was left behind"
     a, b = _params(full / "session.pt"), _params(ckpt)
     assert a.keys() == b.keys()
@@ -54,10 +55,11 @@ def test_sigkill_loses_nothing_before_the_last_checkpoint_and_resume_is_exact(tm
     assert load_checkpoint(ckpt)["session"]["updates"] == load_checkpoint(full / "session.pt")["session"]["updates"]
 
 
-def test_stream_learns_and_reports(tmp_path):
+def test_stream_learns_and_reports(tmp_path, run_cli):
     out = tmp_path / "s.json"
-    subprocess.run([sys.executable, "-m", "stoprt.cli", "stream", "--source", "builtin:digits:300", "--learn",
-                    "--threads", "1", "--quiet", "--json", str(out)], check=True, timeout=600)
+    done = run_cli("stream", "--source", "builtin:digits:300", "--learn", "--threads", "1", "--quiet",
+                   "--json", str(out))
+    assert done.returncode == 0, done.stderr
     s = json.loads(out.read_text())
     assert s["labelled_samples"] >= 290 and s["updates"] == s["labelled_samples"]
     assert s["pipeline"]["steps_dropped"] == 0  # a recording is not live: the producer waits
@@ -93,32 +95,38 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_stream_from_udp_over_loopback(tmp_path):
+def _send_events(port, until_us):
+    """1 ms packets of 200 random events to ``port``, paced at about 2 ms each."""
     from stoprt.runtime.stream.udp import UDPSender
-    port = _free_port()
-    out = tmp_path / "udp.json"
-    proc = subprocess.Popen([sys.executable, "-m", "stoprt.cli", "stream", "--source",
-                             f"udp://127.0.0.1:{port}?format=stoprt&width=32&height=32&timeout=3",
-                             "--model", "mlp", "--dt-us", "1000", "--threads", "1", "--quiet", "--json", str(out)])
     rng = np.random.default_rng(0)
     with UDPSender("127.0.0.1", port, format="stoprt") as sender:
-        t = 0
-        deadline = time.time() + 60
-        while proc.poll() is None and time.time() < deadline and t < 2_000_000:
+        for t in range(0, until_us, 1000):
             n = 200
             ev = np.zeros(n, dtype=[("t", "<i8"), ("x", "<u2"), ("y", "<u2"), ("p", "u1")])
             ev["t"] = t + np.sort(rng.integers(0, 1000, n))
             ev["x"], ev["y"], ev["p"] = rng.integers(0, 32, n), rng.integers(0, 32, n), rng.integers(0, 2, n)
             sender.send(ev)
-            t += 1000
             time.sleep(0.002)
-    assert proc.wait(timeout=60) == 0
+
+
+def test_stream_from_udp_over_loopback(tmp_path, run_cli):
+    port = _free_port()
+    out = tmp_path / "udp.json"
+    # The sender runs in a thread while the CLI listens in this one (its signal handlers need the main
+    # thread). 1 s of packets (at least 2 s of sending): datagrams sent before the CLI binds are lost,
+    # and a few hundred of the 1000 are plenty for the claims below. The stream ends 3 s after the last.
+    with ThreadPoolExecutor(1) as pool:
+        sending = pool.submit(_send_events, port, 1_000_000)
+        done = run_cli("stream", "--source", f"udp://127.0.0.1:{port}?format=stoprt&width=32&height=32&timeout=3",
+                       "--model", "mlp", "--dt-us", "1000", "--threads", "1", "--quiet", "--json", str(out))
+        sending.result(timeout=60)
+    assert done.returncode == 0, done.stderr
     s = json.loads(out.read_text())
     assert s["steps"] > 10 and s["pipeline"]["events"] > 1000
     assert s["pipeline"]["source"]["garbage_packets"] == 0
 
 
-def test_onnxruntime_backend_streams_a_bundle_like_torch(tmp_path):
+def test_onnxruntime_backend_streams_a_bundle_like_torch(tmp_path, run_cli):
     from stoprt.export.bundle import write_bundle
     torch.manual_seed(0)
     net = models.mlp(in_channels=2, size=16, classes=10)
@@ -127,9 +135,9 @@ def test_onnxruntime_backend_streams_a_bundle_like_torch(tmp_path):
     results = {}
     for backend in ("torch", "onnxruntime"):
         out = tmp_path / f"{backend}.json"
-        subprocess.run([sys.executable, "-m", "stoprt.cli", "stream", "--source", "builtin:digits:30",
-                        "--model", str(bundle), "--backend", backend, "--threads", "1", "--quiet",
-                        "--json", str(out)], check=True, timeout=600)
+        done = run_cli("stream", "--source", "builtin:digits:30", "--model", str(bundle), "--backend", backend,
+                       "--threads", "1", "--quiet", "--json", str(out))
+        assert done.returncode == 0, done.stderr
         results[backend] = json.loads(out.read_text())
     assert results["torch"]["steps"] == results["onnxruntime"]["steps"] > 100
     assert results["torch"]["labelled_samples"] == results["onnxruntime"]["labelled_samples"] == 30
