@@ -66,7 +66,10 @@ def test_checkpoint_is_atomic_and_checked(tmp_path):
 
 def test_demo_learns_far_above_chance(tmp_path, capsys):
     summary_path = tmp_path / "demo.json"
-    assert main(["demo", "--passes", "1", "--json", str(summary_path), "--quiet", "--threads", "1"]) == 0
+    # 500 of the 1437 training digits (a third of the time) already reach 0.78 held out; the full pass
+    # reaches 0.89. The claim is the same: streaming learning lifts accuracy far above chance.
+    assert main(["demo", "--passes", "1", "--max-samples", "500", "--json", str(summary_path), "--quiet",
+                 "--threads", "1"]) == 0
     printed = capsys.readouterr().out
     assert "held-out accuracy" in printed and "steps/s" in printed
     s = json.loads(summary_path.read_text())
