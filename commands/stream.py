@@ -178,7 +178,8 @@ def run_stream(args: argparse.Namespace) -> int:
     if args.learn:
         if labels is None:
             raise ValueError("--learn needs labels: --labels CSV, or a source that has them (builtin:...)")
-        learner = STOP(net, torch.optim.Adam(net.parameters(), lr=args.lr), update="sample")
+        from ..runtime.static_optim import new_optimizer  # torch.optim.Adam without the dynamo import
+        learner = STOP(net, new_optimizer(torch.optim.Adam, net.parameters(), lr=args.lr), update="sample")
     else:
         net.eval()
     live = sys.stderr.isatty() and not args.quiet

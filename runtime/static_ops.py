@@ -88,11 +88,9 @@ class _Synapse(_Op):
 
     def backward(self, g: Tensor) -> Tensor | None:
         w = self.m.weight
-        gx, gw = self.op.backward(g, w, self.w_tr, self.x_shape, self.needs_in, self.learn_w)
-        if gw is not None:
-            w.grad.add_(gw)
+        gx = self.op.backward_into(g, w, self.w_tr, self.x_shape, self.needs_in, w.grad if self.learn_w else None)
         if self.learn_b:
-            self.m.bias.grad.add_(SF.bias_grad(self.op, g, self.b_tr))
+            SF.bias_grad_into(self.op, self.m.bias.grad, g, self.b_tr)
         return gx
 
     def state(self) -> list[Tensor]:
@@ -135,9 +133,9 @@ class _LIF(_Op):
     def backward(self, g: Tensor) -> Tensor | None:
         delta = SF.lif_delta(g, self.u, self.th, self.m.surrogate, self.m.alpha)
         if self.learn_th:
-            self.th.grad.add_(SF.threshold_grad(delta, self.th_tr, self.th.shape))
+            SF.threshold_grad_into(self.th.grad, delta, self.th_tr)
         if self.learn_a:
-            self.leak.grad.add_(SF.leak_grad(delta, self.a_tr))
+            SF.leak_grad_into(self.leak.grad, delta, self.a_tr)
         return delta if self.needs_in else None
 
     def state(self) -> list[Tensor]:
@@ -165,7 +163,7 @@ class _Readout(_Op):
 
     def backward(self, g: Tensor) -> Tensor | None:
         if self.learn_a:
-            self.leak.grad.add_(SF.leak_grad(g, self.a_tr))
+            SF.leak_grad_into(self.leak.grad, g, self.a_tr)
         return g if self.needs_in else None
 
     def state(self) -> list[Tensor]:

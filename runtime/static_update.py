@@ -30,6 +30,7 @@ from torch import Tensor
 
 from . import layers as L
 from .learner import LearnerStats
+from .static_optim import direct_step
 
 
 def steps_on_host(optimizer: torch.optim.Optimizer) -> bool:
@@ -45,6 +46,7 @@ class GuardedUpdate:
     def __init__(self, optimizer: torch.optim.Optimizer, net: torch.nn.Module, keep_last_good: bool,
                  grad_sync: Callable[[], Callable | None]) -> None:
         self.optimizer, self.keep_last_good, self.grad_sync = optimizer, keep_last_good, grad_sync
+        self._step = direct_step(optimizer)  # optimizer.step() without torch.optim's dynamo guards
         self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         for p in self.params:  # allocated once; accumulated into in place
             if p.grad is None:
@@ -100,7 +102,7 @@ class GuardedUpdate:
             return
         if self.keep_last_good:
             torch._foreach_copy_(self.saved, self.params)
-        self.optimizer.step()
+        self._step()
         if not bool(self._finite(self.params, 1)):
             if self.keep_last_good:
                 torch._foreach_copy_(self.params, self.saved)
@@ -118,7 +120,7 @@ class GuardedUpdate:
         if state:
             torch._foreach_copy_(self.saved_state, state)
         torch._foreach_copy_(self.saved, self.params)  # also for keep_last_good=False: bad grads
-        self.optimizer.step()
+        self._step()
         params_ok = self._finite(self.params, 1)
         ok = grads_ok & params_ok if self.keep_last_good else grads_ok
         for p, old in zip(self.params, self.saved):
