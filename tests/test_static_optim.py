@@ -14,6 +14,7 @@ CASES = [
     (torch.optim.Adam, {"lr": 1e-2}),
     (torch.optim.Adam, {"lr": 1e-2, "amsgrad": True, "weight_decay": 0.1, "maximize": True}),
     (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.05}),
+    (torch.optim.Adam, {"lr": 1e-2, "fused": True}),  # what `stoprt stream --learn` uses on a CPU
     (torch.optim.SGD, {"lr": 0.1}),
     (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}),
     (torch.optim.SGD, {"lr": 0.1, "momentum": 0.5, "dampening": 0.1}),
