@@ -41,6 +41,11 @@ class _Op:
     def forward(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def predict(self, x: Tensor) -> Tensor:
+        """The forward of a sample that will not learn: state advances, traces do not (ops without
+        traces: their forward)."""
+        return self.forward(x)
+
     def backward(self, g: Tensor) -> Tensor | None:
         return g if self.needs_in else None
 
@@ -84,6 +89,9 @@ class _Synapse(_Op):
                 self.b_tr = self.m.b_trace = _zeros(a)
             SF.bias_trace_step(self.b_tr, a, out=self.b_tr)
         self.x_shape = x.shape
+        return self.op.forward(x, self.m.weight, self.m.bias)
+
+    def predict(self, x: Tensor) -> Tensor:
         return self.op.forward(x, self.m.weight, self.m.bias)
 
     def backward(self, g: Tensor) -> Tensor | None:
@@ -130,6 +138,12 @@ class _LIF(_Op):
         SF.membrane_update(current, term, a, th, self.s, reset, out=self.u)
         return SF.heaviside(self.u, th, out=self.s)
 
+    def predict(self, current: Tensor) -> Tensor:  # (buffers exist: the program's dry run ran forward)
+        th, reset = self.th, self.m.reset
+        term = SF.leak_term(self.u, self.s, th, reset, out=self.term)
+        SF.membrane_update(current, term, self.leak, th, self.s, reset, out=self.u)
+        return SF.heaviside(self.u, th, out=self.s)
+
     def backward(self, g: Tensor) -> Tensor | None:
         delta = SF.lif_delta(g, self.u, self.th, self.m.surrogate, self.m.alpha)
         if self.learn_th:
@@ -159,6 +173,9 @@ class _Readout(_Op):
                 self.a_tr = self.m.a_trace = _zeros(current)
         if self.learn_a:
             SF.leak_trace_step(self.a_tr, self.u, self.leak, out=self.a_tr)
+        return SF.readout_step(current, self.u, self.leak, out=self.u)
+
+    def predict(self, current: Tensor) -> Tensor:
         return SF.readout_step(current, self.u, self.leak, out=self.u)
 
     def backward(self, g: Tensor) -> Tensor | None:
@@ -300,6 +317,11 @@ class _Sequence(_Op):
             x = op.forward(x)
         return x
 
+    def predict(self, x: Tensor) -> Tensor:
+        for op in self.ops:
+            x = op.predict(x)
+        return x
+
     def backward(self, g: Tensor) -> Tensor | None:
         for op in reversed(self.ops):
             if g is None:
@@ -322,6 +344,9 @@ class _Residual(_Op):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.main.forward(x) + self.shortcut.forward(x)
+
+    def predict(self, x: Tensor) -> Tensor:
+        return self.main.predict(x) + self.shortcut.predict(x)
 
     def backward(self, g: Tensor) -> Tensor | None:
         gm = self.main.backward(g) if self.main.needs else None
