@@ -228,6 +228,31 @@ def bias_grad(op: "SynapticOp", grad_y: Tensor, b_trace: Tensor) -> Tensor:
     return op.grad_bias(grad_y) * b_trace
 
 
+# The same gradients added into a gradient buffer in place (the static step accumulates into each
+# parameter's ``.grad``): fused into one op where torch has one, and without per-step temporaries
+# where the shapes allow. The products are those above; only the rounding of the accumulation may
+# differ (a fused multiply-add), by an ulp.
+
+def threshold_grad_into(grad: Tensor, delta: Tensor, th_trace: Tensor) -> None:
+    """grad += :func:`threshold_grad`; one ``addcmul`` when each threshold meets one value of a
+    batch-1 ``delta`` (a ``"channel"`` threshold of a dense layer, a ``"neuron"`` one)."""
+    if delta.shape[0] == 1 and delta.numel() == grad.numel():
+        q = torch.sub(th_trace, 1.0)
+        torch.addcmul(grad, delta.view(grad.shape), q.view(grad.shape), out=grad)
+    else:
+        grad.add_(threshold_grad(delta, th_trace, grad.shape))
+
+
+def leak_grad_into(grad: Tensor, delta: Tensor, a_trace: Tensor) -> None:
+    """grad += :func:`leak_grad` (a scalar)."""
+    grad.add_(torch.dot(delta.reshape(-1), a_trace.reshape(-1)))
+
+
+def bias_grad_into(op: "SynapticOp", grad: Tensor, grad_y: Tensor, b_trace: Tensor) -> None:
+    """grad += :func:`bias_grad`, in one ``addcmul`` after the op's reduction."""
+    torch.addcmul(grad, op.grad_bias(grad_y), b_trace, out=grad)
+
+
 class TracedLIF(torch.autograd.Function):
     """One LIF step under STOP: the ordinary forward; in backward, the same-step surrogate error,
     with dE/dth and dE/da taken from the traces instead of the history.
@@ -311,6 +336,14 @@ class SynapticOp:
     def grad_bias(self, grad_y: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def backward_into(self, grad_y: Tensor, weight: Tensor, trace: Tensor, x_shape: torch.Size,
+                      need_input: bool, grad_w: Tensor | None) -> Tensor | None:
+        """:meth:`backward` with dE/dW added into ``grad_w`` in place (None: not learned); returns dE/dx."""
+        grad_x, gw = self.backward(grad_y, weight, trace, x_shape, need_input, grad_w is not None)
+        if gw is not None:
+            grad_w.add_(gw)
+        return grad_x
+
 
 class LinearOp(SynapticOp):
     """y = x W^T + b for x of shape [B, in]."""
@@ -323,6 +356,11 @@ class LinearOp(SynapticOp):
 
     def grad_bias(self, grad_y):
         return grad_y.sum(0)
+
+    def backward_into(self, grad_y, weight, trace, x_shape, need_input, grad_w):
+        if grad_w is not None:  # grad_w + grad_y^T trace in one GEMM: no [out, in] temporary
+            torch.addmm(grad_w, grad_y.t(), trace, out=grad_w)
+        return torch.mm(grad_y, weight) if need_input else None
 
 
 class Conv2dOp(SynapticOp):

@@ -104,6 +104,10 @@ class CapturedSteps:
         self.g_infer.replay()
         return self.out
 
+    # A step of a sample that will not learn replays the inference graph: the traces it advances
+    # are never read, the outputs are the same, and one graph fewer is captured.
+    predict = infer
+
     def update(self, sync: bool = False) -> None:
         if sync or not self.update_captured:  # gradients averaged across processes first, or a host-side
             self._update()                       # optimizer: not part of the graphs

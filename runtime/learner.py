@@ -61,7 +61,6 @@ def mse_one_hot_grad(output: Tensor, target: Tensor) -> Tensor:
 LOSS_GRADS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"ce": cross_entropy_grad, "mse": mse_one_hot_grad}
 
 
-@torch.no_grad()
 def all_finite(tensors: list[Tensor]) -> bool:
     """Whether every element of every tensor is finite.
 
@@ -69,8 +68,11 @@ def all_finite(tensors: list[Tensor]) -> bool:
     ``isfinite`` makes several passes), read in one go; only a tensor whose sum is not finite, which a
     large finite one can also overflow to, gets the exact element-wise test.
     """
-    sums = tensors[0].sum() if len(tensors) == 1 else torch.stack([t.sum() for t in tensors])
-    if all(map(math.isfinite, sums.reshape(-1).tolist())):
+    tensors = [t.detach() for t in tensors]  # (cheaper than a no_grad context around two calls)
+    if len(tensors) == 1:  # a step's input: two calls
+        if math.isfinite(tensors[0].sum().item()):
+            return True
+    elif all(map(math.isfinite, torch.stack([t.sum() for t in tensors]).tolist())):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 

@@ -83,6 +83,14 @@ class Program:
         self.output_sum.add_(out)
         return out
 
+    def predict(self, x: Tensor) -> Tensor:
+        """:meth:`infer` for a sample that will not learn: the traces are not advanced."""
+        if self.device_checks:
+            self._check(x, None)
+        out = self.root.predict(x)
+        self.output_sum.add_(out)
+        return out
+
     def learn(self, x: Tensor, target: Tensor) -> Tensor:
         self.target.copy_(target)
         if self.device_checks:

@@ -69,24 +69,25 @@ class StaticEngine:
         return [] if self.program is None else self.program.state()
 
     # ---- steps ----------------------------------------------------------------------------------
-    def step(self, x: Tensor, target: Tensor | None) -> Tensor:
+    def step(self, x: Tensor, target: Tensor | None, traced: bool = True) -> Tensor:
+        """One step; ``traced=False`` (no target): the program's ``predict``, which leaves the traces."""
         lr = self.learner
         lr._check_shape(x)
         if lr.sample_steps == 0:
             self.runner = self._runner(x)
             self.program.start_sample()
-        on_host = not self._on_device(x)
+        on_host = x.device.type == "cpu" if self.device_checks is None else not self.device_checks
         if lr.check_inputs and on_host and not all_finite([x]):
             raise ValueError(f"input at step {lr.sample_steps} of the sample contains NaN or Inf")
         with torch.no_grad():
             if target is None:
-                out = self.runner.infer(x)
+                out = self.runner.infer(x) if traced else self.runner.predict(x)
             else:
                 if on_host:
                     lr._check_target(self.program.last_out, target)
                 out = self.runner.learn(x, target)
                 lr._steps_since_update += 1
-                object.__setattr__(lr.stats, "_loss_override", None)
+                lr.stats.loss_override = None
                 self._loss_program = self.program
             lr.sample_steps += 1
             lr.stats.steps += 1
@@ -153,7 +154,7 @@ class _DirectSteps:
 
     def __init__(self, program: Program, update: GuardedUpdate) -> None:
         self.program, self._update = program, update
-        self.learn, self.infer = program.learn, program.infer
+        self.learn, self.infer, self.predict = program.learn, program.infer, program.predict
 
     def update(self, sync: bool = False) -> None:
         self._update()

@@ -41,6 +41,11 @@ class _Op:
     def forward(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def predict(self, x: Tensor) -> Tensor:
+        """The forward of a sample that will not learn: state advances, traces do not (ops without
+        traces: their forward)."""
+        return self.forward(x)
+
     def backward(self, g: Tensor) -> Tensor | None:
         return g if self.needs_in else None
 
@@ -86,13 +91,14 @@ class _Synapse(_Op):
         self.x_shape = x.shape
         return self.op.forward(x, self.m.weight, self.m.bias)
 
+    def predict(self, x: Tensor) -> Tensor:
+        return self.op.forward(x, self.m.weight, self.m.bias)
+
     def backward(self, g: Tensor) -> Tensor | None:
         w = self.m.weight
-        gx, gw = self.op.backward(g, w, self.w_tr, self.x_shape, self.needs_in, self.learn_w)
-        if gw is not None:
-            w.grad.add_(gw)
+        gx = self.op.backward_into(g, w, self.w_tr, self.x_shape, self.needs_in, w.grad if self.learn_w else None)
         if self.learn_b:
-            self.m.bias.grad.add_(SF.bias_grad(self.op, g, self.b_tr))
+            SF.bias_grad_into(self.op, self.m.bias.grad, g, self.b_tr)
         return gx
 
     def state(self) -> list[Tensor]:
@@ -132,12 +138,18 @@ class _LIF(_Op):
         SF.membrane_update(current, term, a, th, self.s, reset, out=self.u)
         return SF.heaviside(self.u, th, out=self.s)
 
+    def predict(self, current: Tensor) -> Tensor:  # (buffers exist: the program's dry run ran forward)
+        th, reset = self.th, self.m.reset
+        term = SF.leak_term(self.u, self.s, th, reset, out=self.term)
+        SF.membrane_update(current, term, self.leak, th, self.s, reset, out=self.u)
+        return SF.heaviside(self.u, th, out=self.s)
+
     def backward(self, g: Tensor) -> Tensor | None:
         delta = SF.lif_delta(g, self.u, self.th, self.m.surrogate, self.m.alpha)
         if self.learn_th:
-            self.th.grad.add_(SF.threshold_grad(delta, self.th_tr, self.th.shape))
+            SF.threshold_grad_into(self.th.grad, delta, self.th_tr)
         if self.learn_a:
-            self.leak.grad.add_(SF.leak_grad(delta, self.a_tr))
+            SF.leak_grad_into(self.leak.grad, delta, self.a_tr)
         return delta if self.needs_in else None
 
     def state(self) -> list[Tensor]:
@@ -163,9 +175,12 @@ class _Readout(_Op):
             SF.leak_trace_step(self.a_tr, self.u, self.leak, out=self.a_tr)
         return SF.readout_step(current, self.u, self.leak, out=self.u)
 
+    def predict(self, current: Tensor) -> Tensor:
+        return SF.readout_step(current, self.u, self.leak, out=self.u)
+
     def backward(self, g: Tensor) -> Tensor | None:
         if self.learn_a:
-            self.leak.grad.add_(SF.leak_grad(g, self.a_tr))
+            SF.leak_grad_into(self.leak.grad, g, self.a_tr)
         return g if self.needs_in else None
 
     def state(self) -> list[Tensor]:
@@ -302,6 +317,11 @@ class _Sequence(_Op):
             x = op.forward(x)
         return x
 
+    def predict(self, x: Tensor) -> Tensor:
+        for op in self.ops:
+            x = op.predict(x)
+        return x
+
     def backward(self, g: Tensor) -> Tensor | None:
         for op in reversed(self.ops):
             if g is None:
@@ -324,6 +344,9 @@ class _Residual(_Op):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.main.forward(x) + self.shortcut.forward(x)
+
+    def predict(self, x: Tensor) -> Tensor:
+        return self.main.predict(x) + self.shortcut.predict(x)
 
     def backward(self, g: Tensor) -> Tensor | None:
         gm = self.main.backward(g) if self.main.needs else None

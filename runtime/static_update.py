@@ -30,6 +30,7 @@ from torch import Tensor
 
 from . import layers as L
 from .learner import LearnerStats
+from .static_optim import direct_step
 
 
 def steps_on_host(optimizer: torch.optim.Optimizer) -> bool:
@@ -45,6 +46,7 @@ class GuardedUpdate:
     def __init__(self, optimizer: torch.optim.Optimizer, net: torch.nn.Module, keep_last_good: bool,
                  grad_sync: Callable[[], Callable | None]) -> None:
         self.optimizer, self.keep_last_good, self.grad_sync = optimizer, keep_last_good, grad_sync
+        self._step = direct_step(optimizer)  # optimizer.step() without torch.optim's dynamo guards
         self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         for p in self.params:  # allocated once; accumulated into in place
             if p.grad is None:
@@ -100,7 +102,7 @@ class GuardedUpdate:
             return
         if self.keep_last_good:
             torch._foreach_copy_(self.saved, self.params)
-        self.optimizer.step()
+        self._step()
         if not bool(self._finite(self.params, 1)):
             if self.keep_last_good:
                 torch._foreach_copy_(self.params, self.saved)
@@ -118,7 +120,7 @@ class GuardedUpdate:
         if state:
             torch._foreach_copy_(self.saved_state, state)
         torch._foreach_copy_(self.saved, self.params)  # also for keep_last_good=False: bad grads
-        self.optimizer.step()
+        self._step()
         params_ok = self._finite(self.params, 1)
         ok = grads_ok & params_ok if self.keep_last_good else grads_ok
         for p, old in zip(self.params, self.saved):
@@ -154,34 +156,33 @@ def _clamp(n: L.Neuron) -> Tensor:
 class DeviceStats(LearnerStats):
     """:class:`LearnerStats` whose update counters and last loss live on the device and are read
     (a synchronisation) only when these attributes are read. Writes (a restored session) add host
-    offsets, so the device counters are never reallocated."""
-
-    _DEVICE = ("updates", "rejected_updates", "clamped_values")
+    offsets, so the device counters are never reallocated. ``steps`` and ``samples`` are plain
+    attributes (the step counts them: properties only where the device is read)."""
 
     def __init__(self, counts: Tensor, last_loss: Callable[[], float]) -> None:
-        object.__setattr__(self, "_counts", counts)
-        object.__setattr__(self, "_last_loss", last_loss)
-        object.__setattr__(self, "_offsets", dict.fromkeys(self._DEVICE, 0))
-        object.__setattr__(self, "_loss_override", None)
+        self._counts, self._last_loss = counts, last_loss
+        self._offsets = [0, 0, 0]
+        self.loss_override: float | None = None  # a restored last loss, until the next learning step
         self.steps, self.samples = 0, 0
 
-    def __getattribute__(self, name: str):
-        if name in DeviceStats._DEVICE:
-            i = DeviceStats._DEVICE.index(name)
-            return int(object.__getattribute__(self, "_counts")[i]) + self._offsets[name]
-        if name == "last_loss":
-            override = object.__getattribute__(self, "_loss_override")
-            return override if override is not None else object.__getattribute__(self, "_last_loss")()
-        return object.__getattribute__(self, name)
+    def _device(i: int) -> property:  # noqa: N805  (a property factory used in the class body)
+        def get(self) -> int:
+            return int(self._counts[i]) + self._offsets[i]
 
-    def __setattr__(self, name: str, value) -> None:
-        if name in DeviceStats._DEVICE:
-            i = DeviceStats._DEVICE.index(name)
-            self._offsets[name] = int(value) - int(self._counts[i])
-        elif name == "last_loss":
-            object.__setattr__(self, "_loss_override", float(value))
-        else:
-            object.__setattr__(self, name, value)
+        def set_(self, value: int) -> None:
+            self._offsets[i] = int(value) - int(self._counts[i])
+        return property(get, set_)
+
+    updates, rejected_updates, clamped_values = _device(0), _device(1), _device(2)
+    del _device
+
+    @property
+    def last_loss(self) -> float:
+        return self.loss_override if self.loss_override is not None else self._last_loss()
+
+    @last_loss.setter
+    def last_loss(self, value: float) -> None:
+        self.loss_override = float(value)
 
     def __repr__(self) -> str:
         return f"DeviceStats({self.as_dict()})"

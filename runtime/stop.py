@@ -97,6 +97,7 @@ class STOP(Learner):
         L.set_stop_mode(net, True)
         L.reset_state(net)
         self._steps_since_update = 0
+        self._untraced = False  # an infer() step ran in this sample: it cannot learn
         self.compile = compile
         self._static: StaticEngine | None = None
         if compile != "eager":
@@ -137,9 +138,24 @@ class STOP(Learner):
         Returns the step's output (spikes or readout potential), detached. Without a target the
         traces still advance, so a later labelled step of the same sample learns correctly.
         """
+        if target is not None and self._untraced:
+            raise ValueError("this sample ran infer() steps, which do not advance the traces, so it cannot "
+                             "learn; call end_sample() first, or use step(x) for the unlabelled steps")
+        return self._step(x, target, traced=True)
+
+    def infer(self, x: Tensor) -> Tensor:
+        """A step of a sample that will not learn (streaming inference): the network's state advances,
+        its traces do not, which makes it cheaper than ``step(x)`` (about a plain forward). Returns
+        the same output as ``step(x)``. A ``step(x, target)`` later in the same sample is refused
+        (ValueError). Eager learners advance the traces anyway (their layers do it), with the same
+        refusal."""
+        self._untraced = True
+        return self._step(x, None, traced=False)
+
+    def _step(self, x: Tensor, target: Tensor | None, traced: bool) -> Tensor:
         if self._static is not None:
             try:
-                return self._static.step(x, target)
+                return self._static.step(x, target, traced)
             except CaptureError as err:  # only at a sample's first step: nothing to carry over
                 self._fall_back(f"CUDA graph capture failed: {err}")
         with torch.set_grad_enabled(target is not None):
@@ -156,6 +172,7 @@ class STOP(Learner):
 
         Returns the sample's prediction ``[B]`` (argmax of the summed outputs) or None if no step ran.
         """
+        self._untraced = False
         if self._static is not None:
             return self._static.end_sample()
         self._update()
@@ -168,6 +185,7 @@ class STOP(Learner):
 
     @torch.no_grad()
     def predict(self, x_seq: Tensor) -> Tensor:
+        self._untraced = False
         if self._static is not None:
             self._static.reset()  # as in eager: a sample in progress is discarded
         return super().predict(x_seq)

@@ -12,7 +12,8 @@ from pathlib import Path
 from stoprt.runtime.stop import STOP
 
 BENCH = Path(__file__).resolve().parents[1] / "examples" / "benchmarks" / "step_bench.py"
-ROWS = ("eager_learn", "eager_infer", "static_learn", "static_infer", "floor_fwd_bwd", "floor_fwd")
+ROWS = ("eager_learn", "eager_infer", "eager_predict", "static_learn", "static_infer", "static_predict",
+        "floor_fwd_bwd", "floor_fwd")
 
 
 def test_quick_run_writes_every_row(tmp_path):
@@ -46,6 +47,7 @@ def test_quick_run_writes_every_row(tmp_path):
     stream = result["stream"]
     assert "error" not in stream, stream
     assert stream["steps"] == 40 and stream["steps_per_s"] > 0 and stream["startup_s"] > 0
+    assert stream["steps_per_cpu_s"] > 0 and 0 < stream["first_step_s"] < stream["wall_s"]
     overhead = result["stream_overhead"]
     assert overhead["steps"] > 0
     assert all(overhead[f"{k}_{c}_us_per_step"] > 0 for k in ("bare", "session", "session_pipeline")

@@ -215,7 +215,34 @@ def measure(cfg: dict) -> dict:
         if "rss_peak_delta_mib" not in row:  # failed in the timed pass: the process's lifetime peak
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             row.update(rss_baseline_mib=rss_base / MIB, rss_peak_delta_mib=max(peak - rss_base, 0) / MIB)
+    if mode == "stop" and row["status"] == "ok":  # after the passes: its memory is not in their views
+        row["graph_pool_mib"] = graph_pool_mib(cfg, net, device)
     return row
+
+
+def graph_pool_mib(cfg: dict, net: nn.Module, device: torch.device) -> float | None:
+    """Device memory the static STOP step's CUDA graphs reserve in their private pool (learning step,
+    update, inference step), for this network and batch; None on a CPU, which has no graphs.
+
+    Read from a learner of its own, after one sample: the row's learner runs eager (its loss is the
+    saved-tensor meter's, which the static step cannot differentiate).
+    """
+    if device.type != "cuda":
+        return None
+    import copy  # noqa: PLC0415
+    from ...runtime.stop import STOP  # noqa: PLC0415
+    twin = copy.deepcopy(net)
+    params = [p for p in twin.parameters() if p.requires_grad]
+    opt = (torch.optim.Adam(params, lr=1e-4, capturable=True) if cfg.get("optimizer", "adam") == "adam" else
+           torch.optim.SGD(params, lr=1e-4, momentum=0.9 if cfg.get("optimizer") == "sgd-momentum" else 0.0))
+    learner = STOP(twin, opt, update="sample")
+    frames = _frames(cfg["batch"], net.input_shape, device, cfg.get("seed", 0))
+    y = torch.randint(0, 2, (cfg["batch"],), device=device)
+    for _ in range(3):
+        learner.step(next(frames), y)
+    learner.end_sample()
+    pool = learner.graph_pool_bytes()
+    return None if pool is None else pool / MIB
 
 
 def _persistent_tensors(net: nn.Module, learner) -> list[Tensor]:

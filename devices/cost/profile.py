@@ -10,6 +10,10 @@ prediction (:mod:`stoprt.devices.cost.planner`) for the views it can be compared
 * ``planned_sample_peak_mib`` vs ``rss_peak_delta_mib`` (CPU live memory; glibc may hold more);
 * ``planned_allocator_peak_mib`` vs ``allocator_peak_mib`` (CUDA).
 
+STOP rows on CUDA also carry ``graph_pool_mib``: the private memory pool of the static step's CUDA
+graphs (:func:`~stoprt.devices.cost.profile.graph_pool_note` says it in the table; on a CPU, that it
+does not apply).
+
 Writes ``profile.csv``, ``profile.json`` and ``profile.png`` (memory vs T) to the output folder.
 """
 
@@ -32,7 +36,7 @@ COLUMNS = ("model", "mode", "backend", "device", "T", "batch", "status", "error"
            "rss_baseline_mib", "rss_peak_delta_mib", "planned_sample_peak_mib", "allocator_baseline_mib",
            "allocator_peak_mib", "allocator_reserved_peak_mib", "planned_allocator_peak_mib",
            "system_used_baseline_mib", "system_used_peak_delta_mib", "persistent_mib", "energy_per_step_mj",
-           "power_rail", "limit_mib")
+           "power_rail", "limit_mib", "graph_pool_mib")
 
 
 def configurations(model: str, modes: list[str], Ts: list[int], batch: int, *, infer: bool = False,
@@ -132,7 +136,24 @@ def format_table(rows: list[dict]) -> str:
                      f"{_fmt(r.get('system_used_peak_delta_mib')):>12s} {_fmt(r.get('energy_per_step_mj'), '.2f'):>8s}")
         if r["status"] != "ok" and r.get("error"):
             lines.append(f"{'':18s} {'':>6s} -> {r['error']}")
-    return "\n".join(lines)
+    note = graph_pool_note(rows)
+    return "\n".join(lines + ([note] if note else []))
+
+
+def graph_pool_note(rows: list[dict]) -> str | None:
+    """One line on the CUDA graphs' memory pool of the static STOP step (``graph_pool_mib``, read by
+    :func:`~stoprt.devices.cost.measure.graph_pool_mib`), or that it does not apply; None without
+    STOP rows."""
+    stop = [r for r in rows if r["mode"] == "stop" and r["status"] == "ok"]
+    if not stop:
+        return None
+    if not str(stop[0].get("device", "cpu")).startswith("cuda"):
+        return "CUDA graph pool: does not apply (no CUDA graphs on a CPU; the static step runs directly)"
+    pools = sorted({r["graph_pool_mib"] for r in stop if r.get("graph_pool_mib") is not None})
+    if not pools:
+        return "CUDA graph pool: none (the static STOP step was not captured here)"
+    return (f"CUDA graph pool of the static STOP step (learning step, update, inference; batch "
+            f"{stop[0]['batch']}): {' / '.join(f'{p:.1f}' for p in pools)} MiB")
 
 
 def plot(rows: list[dict], title: str) -> bytes | None:

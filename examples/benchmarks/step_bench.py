@@ -9,6 +9,8 @@ Rows, per network (``mlp`` 2x16x16 as in the demo, ``dvs_gesture`` and ``vgg11``
 
 * ``eager_learn`` / ``eager_infer``: the reference learner (``compile="eager"``), STOP-WTL with a
   target / a step without one;
+* ``eager_predict`` / ``static_predict``: ``STOP.infer`` (a sample that will not learn: the traces do
+  not advance);
 * ``static_learn`` / ``static_infer``: the static step (``compile="static"``; CUDA graphs on CUDA).
   Marked not available, with the reason, where this checkout's STOP has no ``compile`` argument;
 * ``floor_fwd_bwd`` / ``floor_fwd``: the same synaptic ops, frozen BatchNorm and pooling with ReLU in
@@ -62,7 +64,8 @@ from stoprt.runtime.stop import STOP  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 NETS = {"mlp": {"size": 16, "classes": 10}, "dvs_gesture": {"size": 32, "classes": 11},
         "vgg11": {"size": 32, "classes": 10}}
-ROWS = ("eager_learn", "eager_infer", "static_learn", "static_infer", "floor_fwd_bwd", "floor_fwd")
+ROWS = ("eager_learn", "eager_infer", "eager_predict", "static_learn", "static_infer", "static_predict",
+        "floor_fwd_bwd", "floor_fwd")
 
 
 def static_unavailable() -> str | None:
@@ -136,7 +139,7 @@ def runners(name: str, batch: int, args, device: torch.device) -> tuple[dict, di
         except Exception as err:  # a refusal is a result: report it, time the rest
             why = f"STOP(compile='static') failed: {type(err).__name__}: {err}"
     if why is not None:
-        missing["static_learn"] = missing["static_infer"] = why
+        missing["static_learn"] = missing["static_infer"] = missing["static_predict"] = why
     for mode, lrn in modes.items():
         def learn(lrn=lrn):
             for x in xs:
@@ -149,6 +152,14 @@ def runners(name: str, batch: int, args, device: torch.device) -> tuple[dict, di
             lrn.end_sample()
         runs[f"{mode}_learn"], runs[f"{mode}_infer"] = learn, infer
         runs_on[f"{mode}_learn"] = runs_on[f"{mode}_infer"] = lrn
+        if hasattr(lrn, "infer"):
+            def predict(lrn=lrn):
+                for x in xs:
+                    lrn.infer(x)
+                lrn.end_sample()
+            runs[f"{mode}_predict"], runs_on[f"{mode}_predict"] = predict, lrn
+        else:
+            missing[f"{mode}_predict"] = "this checkout's STOP has no infer()"
 
     def floor_fwd_bwd():
         for x in xs:

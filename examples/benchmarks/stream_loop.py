@@ -31,7 +31,11 @@ def stream_rate(args, device: torch.device) -> dict:
         if done.returncode != 0 or not summary.exists():
             return {"command": " ".join(cmd[1:]), "error": (done.stderr or done.stdout).strip()[-500:]}
         s = json.loads(summary.read_text())
+    # steps per CPU second of the stream loop: what the rate would be with the core to itself (on a
+    # shared, loaded machine the wall-clock rate mostly measures the other processes)
+    cpu = s.get("cpu_s")
     return {"command": "python " + " ".join(cmd[1:]), "steps": s["steps"], "steps_per_s": s["steps_per_s"],
+            "steps_per_cpu_s": s["steps"] / cpu if cpu else None, "first_step_s": s.get("first_step_s"),
             "updates": s["updates"], "stream_s": s["seconds"], "wall_s": wall,
             "startup_s": wall - s["seconds"], "realtime_factor": s["pipeline"]["realtime_factor"],
             "command_cpu_s": cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime}

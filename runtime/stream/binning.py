@@ -40,6 +40,7 @@ from .sources import as_packet
 
 _NEIGHBOURS = [(dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dx or dy]
 _NEVER = np.iinfo(np.int64).min // 2
+_BLOCK_CELLS = 1 << 21  # counts of at most this many cells at once when a packet spans many steps
 
 
 @dataclass
@@ -142,7 +143,11 @@ class Binner:
         """Forget the stream: drop the partial step, the time grid and the denoise history. The
         counters in ``stats`` and the hot-pixel mask (a property of the sensor) are kept."""
         w, h = self.sensor_size
-        self._acc = np.zeros(int(np.prod(self.frame_shape)), dtype=np.float32)
+        # The open step's counts; ``_blank`` (read-only zeros) until an event arrives, so that an
+        # emitted frame never shares memory with the counts that follow it.
+        self._blank = np.zeros(int(np.prod(self.frame_shape)), dtype=np.float32)
+        self._blank.flags.writeable = False
+        self._acc = self._blank
         self._n = 0
         self._k: int | None = 0 if self.t_start is not None else None  # current step on the time grid
         self._t0 = self.t_start
@@ -284,6 +289,8 @@ class Binner:
         return (channel * oh + yo) * ow + xo
 
     def _accumulate(self, flat: np.ndarray) -> None:
+        if self._acc is self._blank:
+            self._acc = np.zeros_like(self._blank)
         if len(flat) * 8 < len(self._acc):
             np.add.at(self._acc, flat, 1.0)
         else:
@@ -291,14 +298,30 @@ class Binner:
         self._n += len(flat)
 
     def _bin_time(self, t: np.ndarray, flat: np.ndarray, keep: np.ndarray) -> list[Step]:
+        """The steps of a packet, counted in one ``bincount`` per chunk of steps (a recording held in
+        memory comes as one packet of many steps: a count and a copy per step would hold the model up)."""
         if self._t0 is None:
             self._t0 = int(t[0])
         k = (t - self._t0) // self.dt_us
+        starts = np.concatenate(([0], np.flatnonzero(np.diff(k)) + 1))  # the runs of equal step (t is sorted)
+        run = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(k))))
+        cells = len(self._acc)
         out: list[Step] = []
-        cuts = np.flatnonzero(np.diff(k)) + 1
-        for start, stop in zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [len(k)]))):
-            out += self._advance_to(int(k[start]))
-            self._accumulate(flat[start:stop][keep[start:stop]])
+        chunk = max(1, _BLOCK_CELLS // cells)  # steps counted per bincount (bounded memory)
+        for lo in range(0, len(starts), chunk):
+            hi = min(lo + chunk, len(starts))
+            sel = keep & (run >= lo) & (run < hi) if len(starts) > chunk else keep
+            rows = run[sel] - lo
+            block = np.bincount(rows * cells + flat[sel], minlength=(hi - lo) * cells).astype(np.float32)
+            block = block.reshape(hi - lo, cells)
+            counts = np.bincount(rows, minlength=hi - lo).tolist()
+            for i, step_k in enumerate(k[starts[lo:hi]].tolist()):
+                out += self._advance_to(step_k)
+                if self._n:  # the open step already holds events of an earlier packet
+                    self._acc += block[i]
+                else:
+                    self._acc = block[i]  # a row of its own: becomes the frame, no copy
+                self._n += counts[i]
         return out
 
     def _advance_to(self, k: int) -> list[Step]:
@@ -336,7 +359,7 @@ class Binner:
     def _emit(self, t_start: int, t_end: int) -> Step:
         if self._n:
             frame = torch.from_numpy(self._acc.reshape(self.frame_shape)).to(self.device, self.dtype)
-            self._acc = np.zeros_like(self._acc)
+            self._acc = self._blank  # replaced (not written) by the next events: see _accumulate
         else:
             frame = self._zero.expand(self.frame_shape)
             self._counts["empty_steps"] += 1
