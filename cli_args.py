@@ -35,6 +35,7 @@ def _number(kind: type, low: float, inclusive: bool, what: str) -> Callable[[str
 positive_int = _number(int, 1, True, "an integer >= 1")
 nonnegative_int = _number(int, 0, True, "an integer >= 0")
 positive_float = _number(float, 0.0, False, "a finite number > 0")
+nonnegative_float = _number(float, 0.0, True, "a finite number >= 0")
 
 
 def int_list(item: Callable[[str], int] = positive_int) -> Callable[[str], list[int]]:
@@ -45,6 +46,17 @@ def int_list(item: Callable[[str], int] = positive_int) -> Callable[[str], list[
             raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
         return values
     return parse
+
+
+def update_schedule(text: str) -> str | int:
+    """A STOP update schedule: ``sample``, ``step``, or every K labelled steps (an integer >= 1)."""
+    text = text.strip()
+    if text in ("sample", "step"):
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected sample, step or an integer >= 1, got {text!r}") from None
 
 
 _DEVICE = re.compile(r"cuda(?::(\d+))?")

@@ -4,9 +4,14 @@ graph or a deployment bundle.
     stoprt export runs/x/checkpoint.pt --to onnx model.onnx [--opset 20] [--params-as-inputs]
     stoprt export model.stoprt --to tensorrt model.engine [--batch 4] [--fp16] [--workspace-mib 256]
     stoprt export runs/x/checkpoint.pt --to bundle deploy/ [--archive]
+    stoprt export runs/x/checkpoint.pt --to onnx-learn learn/ [--optimizer sgd] [--lr 0.05]
+        [--momentum 0.9] [--weight-decay 0] [--loss ce|mse] [--update sample|step|K] [--archive]
     stoprt export model.stoprt --to nir model.nir [--allow-reset-change]
 
-CHECKPOINT is a training checkpoint, a stoprt model file or a bundle. Nothing heavy is imported
+CHECKPOINT is a training checkpoint, a stoprt model file or a bundle. ``onnx-learn`` writes a
+learning bundle: a bundle that also carries STOP's learning-step and update graphs, the parameters
+they start from and the optimizer and schedule (:mod:`stoprt.export.learning`), from which
+``stoprt stream --backend onnxruntime --learn`` learns without torch. Nothing heavy is imported
 until the command runs.
 """
 
@@ -15,10 +20,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli_args import positive_int
+from ..cli_args import nonnegative_float, positive_float, positive_int, update_schedule
 
-TARGETS = ("onnx", "tensorrt", "nir", "bundle")
-SUFFIXES = {"onnx": ".onnx", "tensorrt": ".engine", "nir": ".nir", "bundle": ""}
+TARGETS = ("onnx", "tensorrt", "nir", "bundle", "onnx-learn")
+SUFFIXES = {"onnx": ".onnx", "tensorrt": ".engine", "nir": ".nir", "bundle": "", "onnx-learn": ""}
+BUNDLES = ("bundle", "onnx-learn")  # directories (or .tar with --archive)
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -40,6 +46,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--refit", action="store_true", help="TensorRT: build a refittable engine")
     p.add_argument("--archive", action="store_true", help="bundle: write one .tar file instead of a directory")
     p.add_argument("--no-onnx", action="store_true", help="bundle: model file only, no step graph")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default=None, help="onnx-learn: the update graph's optimizer "
+                   "(default sgd)")
+    p.add_argument("--lr", type=positive_float, default=None, help="onnx-learn: default learning rate (default 0.05)")
+    p.add_argument("--momentum", type=nonnegative_float, default=None, help="onnx-learn: SGD momentum (default 0.9)")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=None, help="onnx-learn: weight decay (default 0)")
+    p.add_argument("--loss", choices=("ce", "mse"), default=None, help="onnx-learn: loss of the learning step (default ce)")
+    p.add_argument("--update", type=update_schedule, default=None,
+                   help="onnx-learn: update schedule: sample, step, or every K labelled steps (default sample)")
     p.add_argument("--allow-reset-change", action="store_true",
                    help="nir: write soft-reset LIF neurons (what `stoprt train` makes) as NIR's hard reset to "
                         "v_reset=0; after each spike the NIR neuron restarts from 0 instead of keeping the "
@@ -48,20 +62,24 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+LEARN_OPTIONS = ("optimizer", "lr", "momentum", "weight_decay", "loss", "update")  # LearningOptions' fields
+
+
 def _check_options(args: argparse.Namespace) -> None:
     trt_only = {"--batch": args.batch is not None, "--fp16": args.fp16,
                 "--workspace-mib": args.workspace_mib is not None, "--refit": args.refit}
     bundle_only = {"--archive": args.archive, "--no-onnx": args.no_onnx}
     onnx_opts = {"--opset": args.opset is not None, "--params-as-inputs": args.params_as_inputs}
     nir_only = {"--allow-reset-change": args.allow_reset_change}
+    learn_only = {f"--{k.replace('_', '-')}": getattr(args, k) is not None for k in LEARN_OPTIONS}
     allowed = {"onnx": onnx_opts, "tensorrt": {**onnx_opts, **trt_only}, "bundle": {**onnx_opts, **bundle_only},
-               "nir": nir_only}[args.to]
-    given = {**onnx_opts, **trt_only, **bundle_only, **nir_only}
+               "nir": nir_only, "onnx-learn": {"--opset": True, **bundle_only, **learn_only}}[args.to]
+    given = {**onnx_opts, **trt_only, **bundle_only, **nir_only, **learn_only}
     stray = [name for name, on in given.items() if on and name not in allowed]
     if stray:
         raise ValueError(f"{', '.join(stray)} does not apply to --to {args.to}")
     out = Path(args.out)
-    if args.to != "bundle" and out.is_dir():  # a bundle is a directory; the others are one file
+    if args.to not in BUNDLES and out.is_dir():  # a bundle is a directory; the others are one file
         raise ValueError(f"{out} is a directory: give a file name for the {args.to} output, "
                          f"e.g. {out / ('model' + SUFFIXES[args.to])}")
 
@@ -101,6 +119,14 @@ def run_export(args: argparse.Namespace) -> int:
         write_bundle(out, net, spec, onnx=not args.no_onnx, opset=opset,
                      params_as_inputs=args.params_as_inputs, archive=args.archive)
         _report(out, "deployment bundle" + (" archive" if args.archive else ""))
+    elif args.to == "onnx-learn":
+        from ..export.bundle import write_bundle
+        from ..export.learning import LearningOptions
+        options = LearningOptions(**{k: getattr(args, k) for k in LEARN_OPTIONS if getattr(args, k) is not None})
+        write_bundle(out, net, spec, onnx=not args.no_onnx, opset=opset, archive=args.archive, learning=options)
+        _report(out, f"learning bundle{' archive' if args.archive else ''} ({options.optimizer}, lr {options.lr}, "
+                     f"momentum {options.momentum}, weight decay {options.weight_decay}, loss {options.loss}, "
+                     f"update per {options.update})")
     else:
         export_nir(net, out, allow_reset_change=args.allow_reset_change)
         _report(out, "NIR graph")

@@ -14,6 +14,11 @@ Sources (``--source``):
   neuromorphic-drivers), optional extras;
 * ``builtin:digits`` / ``builtin:gestures``: emulated recordings back to back, with labels.
 
+Learning (``--learn``) runs STOP in torch, or, with ``--backend onnxruntime``, in ONNX Runtime from a
+learning bundle (``stoprt export CKPT --to onnx-learn``): that path imports no torch (the edge
+install), takes numpy frames from the binner and checkpoints ``session.npz``
+(:class:`~stoprt.export.ort_learner.OrtLearner`; ``--provider`` asks for an execution provider).
+
 Each closed readout window prints its predicted class and time on stdout (unless ``--quiet``);
 ``--predictions FILE.csv|FILE.jsonl`` also writes them, a row per window (see
 :mod:`stoprt.runtime.stream.predictions`).
@@ -30,7 +35,7 @@ from urllib.parse import parse_qs, urlparse
 
 import psutil
 
-from ..cli_args import nonnegative_int, positive_float, positive_int, torch_device, warn
+from ..cli_args import nonnegative_int, positive_float, positive_int, torch_device, update_schedule, warn
 
 
 def open_source(spec: str, packet_us: int, realtime: bool, seed: int = 0, format: str | None = None,
@@ -78,7 +83,8 @@ def load_model(spec: str, in_channels: int, size: int, classes: int, device: str
 
 # What a session's steps depend on: a resume with other values is refused (or forced with --force).
 _SETTINGS = ("source", "format", "model", "learn", "labels", "classes", "size", "window", "dt_us", "events_per_step",
-             "sensor_width", "sensor_height", "lr", "late_label_steps", "seed")
+             "sensor_width", "sensor_height", "lr", "late_label_steps", "seed", "update")
+_ADDED = {"update": "sample"}  # settings newer than some checkpoints: what those were written with
 
 
 def _check_resume(data: dict, args: argparse.Namespace, path: Path) -> None:
@@ -92,8 +98,8 @@ def _check_resume(data: dict, args: argparse.Namespace, path: Path) -> None:
         raise ValueError(f"{path} does not record its source and settings (written by an older stoprt); "
                          "pass --force to resume it anyway")
     now = {k: getattr(args, k) for k in _SETTINGS}
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now[k]!r})"
-               for k in _SETTINGS if saved.get(k) != now[k]]
+    changed = [f"--{k.replace('_', '-')} {saved.get(k, _ADDED.get(k))!r} (now {now[k]!r})"
+               for k in _SETTINGS if saved.get(k, _ADDED.get(k)) != now[k]]
     if changed:
         raise ValueError(f"{path} was written with other settings: {', '.join(changed)}; resume with the same "
                          "ones, or pass --force")
@@ -121,32 +127,59 @@ def _warn_if_labels_unused(args: argparse.Namespace, labels, stats) -> None:
                    f"own timestamps in microseconds, and its last step ended at {stats.t_us} us")
 
 
-def run_stream(args: argparse.Namespace) -> int:
-    import torch
+def _check_backend_options(args: argparse.Namespace) -> bool:
+    """Whether this run learns in ONNX Runtime (torch-free); refuses options that do not apply."""
+    ort_learn = args.backend == "onnxruntime" and args.learn
+    if args.learn and args.backend == "tensorrt":
+        raise ValueError("--learn runs in torch or onnxruntime; --backend tensorrt is for inference "
+                         "(for a frozen backbone with a learning head see stoprt.export.hybrid)")
+    if not ort_learn and (args.provider is not None or args.strict):
+        raise ValueError("--provider and --strict apply to --backend onnxruntime --learn")
+    if ort_learn and args.device != "cpu":
+        raise ValueError("--device is torch's; ONNX Runtime learning takes --provider cpu|cuda|tensorrt")
+    if not ort_learn:  # torch's defaults; the ONNX Runtime learner takes the bundle's
+        args.lr = 1e-3 if args.lr is None else args.lr
+        args.update = "sample" if args.update is None else args.update
+    return ort_learn
 
+
+def _ort_learner(args: argparse.Namespace):
+    """``(learner, meta)`` from a learning bundle, checked (see OrtLearner.from_bundle)."""
+    from ..export.ort_learner import OrtLearner
+    learner = OrtLearner.from_bundle(args.model, lr=args.lr, update=args.update, threads=args.threads or 1,
+                                     provider=args.provider or "cpu", strict=args.strict)
+    meta = {"model": {"bundle": str(args.model)}, "input_spec": learner.manifest.get("input_spec"),
+            "source_model": str(args.model)}
+    return learner, meta
+
+
+def run_stream(args: argparse.Namespace) -> int:
     from ..runtime.atomic import remove_stale_temporaries, write_text
-    from ..runtime.checkpoint import load_checkpoint
-    from ..runtime.stream.session import LabelTrack, StreamSession
-    from ..runtime.stop import STOP
+    from ..runtime.checkpoint import load_array_checkpoint, load_checkpoint
     from ..runtime.stream.binning import Binner
     from ..runtime.stream.pipeline import StreamPipeline
     from ..runtime.stream.predictions import PredictionLog, check_path, describe
+    from ..runtime.stream.session import LabelTrack, StreamSession
     from ..runtime.usage import peak_rss_mib
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    ort_learn = _check_backend_options(args)
+    if not ort_learn:
+        import torch
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        torch.manual_seed(args.seed)
     if args.backend == "tensorrt":
         from ..export.tensorrt import import_tensorrt
         import_tensorrt()  # a missing TensorRT fails first, in one line, before anything is loaded
     saved = None
-    if args.checkpoint:
-        remove_stale_temporaries(Path(args.checkpoint) / "session.pt")  # of killed earlier runs
+    checkpoint = StreamSession.checkpoint_file(args.checkpoint, arrays=ort_learn) if args.checkpoint else None
+    if checkpoint:
+        remove_stale_temporaries(checkpoint)  # of killed earlier runs
     if args.resume:
         if not args.checkpoint:
             raise ValueError("--resume needs --checkpoint DIR")
-        saved = load_checkpoint(Path(args.checkpoint) / "session.pt")
-        _check_resume(saved, args, Path(args.checkpoint) / "session.pt")
+        saved = load_array_checkpoint(checkpoint) if ort_learn else load_checkpoint(checkpoint)
+        _check_resume(saved, args, checkpoint)
     if args.predictions:
         check_path(args.predictions)
     if (args.sensor_width is None) != (args.sensor_height is None):
@@ -160,29 +193,35 @@ def run_stream(args: argparse.Namespace) -> int:
                          start_us=start_us)
     labels = LabelTrack.from_csv(args.labels) if args.labels else getattr(source, "labels", None)
     classes = args.classes or getattr(source, "num_classes", 10)
-    net, meta = load_model(args.model, 2, args.size, classes, args.device)
-    input_shape = tuple(getattr(net, "input_shape", None) or (2, args.size, args.size))
+    learner = runner = net = None
+    if ort_learn:
+        learner, meta = _ort_learner(args)
+        input_shape = tuple(learner.sig.input_shape)
+    else:
+        net, meta = load_model(args.model, 2, args.size, classes, args.device)
+        input_shape = tuple(getattr(net, "input_shape", None) or (2, args.size, args.size))
     sensor = source.sensor_size or (args.sensor_width, args.sensor_height)
     if sensor[0] is None:
         raise ValueError("the source does not state its sensor size: pass --sensor-width and --sensor-height")
     by_count = {"mode": "count", "events_per_step": args.events_per_step} if args.events_per_step else {}
     binner = Binner(sensor, out_size=(input_shape[-1], input_shape[-2]), dt_us=args.dt_us,
-                    device=args.device, t_start=None if by_count else start_us, **by_count)
-    learner = runner = None
-    if args.backend != "torch":
-        if args.learn:
-            raise ValueError(f"--learn runs in torch; --backend {args.backend} is for inference "
-                             "(for a frozen backbone with a learning head see stoprt.export.hybrid)")
+                    device=args.device, t_start=None if by_count else start_us,
+                    frames="numpy" if ort_learn else "torch", **by_count)
+    if args.learn and labels is None:
+        raise ValueError("--learn needs labels: --labels CSV, or a source that has them (builtin:...)")
+    if args.backend != "torch" and not args.learn:
         from ..export.runners import make_runner  # the step graph of a bundle; TensorRT keeps its engine
         runner = make_runner(args.backend, args.model, workdir=args.checkpoint)  # in --checkpoint DIR or the bundle
-    if args.learn:
-        if labels is None:
-            raise ValueError("--learn needs labels: --labels CSV, or a source that has them (builtin:...)")
+    if args.learn and not ort_learn:
+        import torch
+
         from ..runtime.static_optim import new_optimizer  # torch.optim.Adam without the dynamo import
+        from ..runtime.stop import STOP
         # fused on a CPU: one pass over the parameters per update instead of a dozen (~10x faster there)
         fused = torch.device(args.device).type == "cpu"
-        learner = STOP(net, new_optimizer(torch.optim.Adam, net.parameters(), lr=args.lr, fused=fused), update="sample")
-    else:
+        optimizer = new_optimizer(torch.optim.Adam, net.parameters(), lr=args.lr, fused=fused)
+        learner = STOP(net, optimizer, update=args.update)
+    elif net is not None:
         net.eval()
     live = sys.stderr.isatty() and not args.quiet
     log = PredictionLog(args.predictions)
@@ -268,7 +307,10 @@ def register(sub) -> None:
     p.add_argument("--sensor-width", type=positive_int, default=None, help="sensor size of a recording "
                    "(overrides its header; N-MNIST .bin is 34x34)")
     p.add_argument("--sensor-height", type=positive_int, default=None)
-    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="learning rate (default: 1e-3 for torch's Adam; onnxruntime: the bundle's)")
+    p.add_argument("--update", type=update_schedule, default=None, help="update schedule: sample, step, or every K "
+                   "labelled steps (default: sample; onnxruntime: the bundle's)")
     p.add_argument("--late-label-steps", type=nonnegative_int, default=0, help="keep this many steps to replay late labels")
     p.add_argument("--checkpoint", metavar="DIR", help="write session.pt here (atomically)")
     p.add_argument("--checkpoint-every", type=nonnegative_int, default=50,
@@ -280,8 +322,13 @@ def register(sub) -> None:
     p.add_argument("--queue", type=positive_int, default=8, help="steps buffered between producer and model")
     p.add_argument("--drop", choices=("oldest", "newest"), default="oldest", help="which steps to drop when behind")
     p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="torch",
-                   help="inference backend; onnxruntime/tensorrt take a bundle from `stoprt export --to bundle`")
+                   help="backend; onnxruntime/tensorrt take a bundle from `stoprt export --to bundle` (onnxruntime "
+                        "--learn: from `--to onnx-learn`)")
     p.add_argument("--device", type=torch_device, default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default=None,
+                   help="onnxruntime --learn: execution provider (default cpu); missing in this ONNX Runtime: "
+                        "CPU with a warning, or an error with --strict")
+    p.add_argument("--strict", action="store_true", help="fail if the --provider is not available")
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write the summary as JSON")

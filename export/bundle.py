@@ -5,6 +5,9 @@ Contents::
     model.stoprt      the stoprt model file (weights, architecture, input spec)
     step.onnx         the ONNX step graph (optional; see stoprt.export.onnx_step)
     input_spec.json   how events become the network's input (also inside the model file)
+    learn_step.onnx, update.onnx, params.npz
+                      a learning bundle's learning graphs and starting parameters (optional; see
+                      stoprt.export.learning), named under the manifest's ``learning`` entry
     manifest.json     format, versions (stoprt, torch, onnx, opset), per file sha256 and size, and
                       ``manifest_sha256``: a sha256 of the manifest's other fields (canonical JSON)
 
@@ -13,6 +16,9 @@ old bundle or the new one, never half of one. :func:`load_bundle` checks the man
 and every file's before using a file, names the file that does not match, and checks that the
 manifest's input spec is the model file's. A bundle written before ``manifest_sha256`` existed loads
 with a warning (the spec comparison still covers its input spec).
+
+:func:`verify_bundle` does the checks that need no torch (manifest and file checksums): the edge
+install, which learns from a bundle in ONNX Runtime, uses it; :func:`load_bundle` adds the model.
 """
 
 from __future__ import annotations
@@ -29,12 +35,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..runtime.atomic import atomic_path
-from .model_file import load_model, normalize_input_spec, save_model
+
+if TYPE_CHECKING:  # torch is imported where a model is written or loaded: verify_bundle needs none
+    from torch import nn
+
+    from .learning import LearningOptions
 
 FORMAT = "stoprt-bundle"
 VERSION = 1
@@ -71,12 +80,16 @@ def _sha256(path: Path) -> str:
 
 def write_bundle(out: str | os.PathLike, net: nn.Module, input_spec: Mapping[str, Any] | None = None, *,
                  onnx: bool = True, opset: int = 20, params_as_inputs: bool = False,
-                 archive: bool = False) -> Path:
-    """Write a bundle for ``net`` to the directory ``out`` (or the ``.tar`` file ``out`` if ``archive``).
+                 archive: bool = False, learning: LearningOptions | None = None) -> Path:
+    """Write a bundle for ``net`` to the directory ``out`` (or the ``.tar`` file ``out`` if ``archive``);
+    with ``learning``, a learning bundle (:mod:`.learning`).
 
     An existing bundle at ``out`` is replaced; any other existing file or non-empty directory there
     is left alone and raises ``FileExistsError``.
     """
+    import torch
+
+    from .model_file import normalize_input_spec, save_model
     out = Path(out)
     _check_target(out, archive)
     spec = normalize_input_spec(input_spec, net)
@@ -91,10 +104,16 @@ def write_bundle(out: str | os.PathLike, net: nn.Module, input_spec: Mapping[str
             from .onnx_step import export_step
             export_step(net, staging / ONNX_FILE, opset=opset, params_as_inputs=params_as_inputs, input_spec=spec)
             versions.update(onnx=onnx_pkg.__version__, opset=opset)
+        learned = None
+        if learning is not None:
+            from .learning import write_learning_files
+            learned = write_learning_files(net, staging, learning, spec, opset)
         files = {p.name: {"sha256": _sha256(p), "size": p.stat().st_size} for p in sorted(staging.iterdir())}
         manifest = {"format": FORMAT, "version": VERSION, "created": datetime.now(timezone.utc).isoformat(),
                     "versions": versions, "model": MODEL_FILE, "onnx": ONNX_FILE if onnx else None,
                     "params_as_inputs": bool(onnx and params_as_inputs), "input_spec": spec, "files": files}
+        if learned is not None:
+            manifest["learning"] = learned
         manifest[CHECKSUM] = _manifest_sha256(manifest)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if archive:
@@ -145,6 +164,19 @@ def load_bundle(path: str | os.PathLike, extract_to: str | os.PathLike | None = 
     the returned ``onnx_path``). Raises :class:`BundleError` naming the file whose checksum or size
     does not match, a missing file, or an unreadable or foreign manifest.
     """
+    from .model_file import load_model
+    root, manifest = verify_bundle(path, extract_to)
+    net, spec = load_model(root / manifest["model"])
+    if manifest.get("input_spec") != spec:
+        raise BundleError(f"{root}: the input spec in {MANIFEST} differs from the model file's (altered)")
+    onnx_name = manifest.get("onnx")
+    return Bundle(root, net, spec, root / onnx_name if onnx_name else None, manifest)
+
+
+def verify_bundle(path: str | os.PathLike, extract_to: str | os.PathLike | None = None) -> tuple[Path, dict]:
+    """``(root, manifest)`` of a bundle whose manifest and files match their checksums (no torch needed;
+    see :func:`load_bundle` for ``extract_to`` and the errors). The files a manifest names (model,
+    step graph, learning files) must be among its checksummed files."""
     path = Path(path)
     if path.is_file():
         root = Path(extract_to) if extract_to is not None else Path(tempfile.mkdtemp(prefix="stoprt-bundle-"))
@@ -164,13 +196,15 @@ def load_bundle(path: str | os.PathLike, extract_to: str | os.PathLike | None = 
             raise BundleError(f"{root}: {name} does not match its checksum in {MANIFEST} (altered or corrupted)")
     if manifest.get("model") not in manifest["files"]:
         raise BundleError(f"{root}: {MANIFEST} lists no model file")
-    net, spec = load_model(root / manifest["model"])
-    if manifest.get("input_spec") != spec:
-        raise BundleError(f"{root}: the input spec in {MANIFEST} differs from the model file's (altered)")
-    onnx_name = manifest.get("onnx")
-    if onnx_name is not None and onnx_name not in manifest["files"]:
-        raise BundleError(f"{root}: {MANIFEST} names {onnx_name} without its checksum")
-    return Bundle(root, net, spec, root / onnx_name if onnx_name else None, manifest)
+    learning = manifest.get("learning")
+    named = [manifest.get("onnx")] + ([learning.get(k) for k in ("learn_graph", "update_graph", "params")]
+                                      if isinstance(learning, dict) else [])
+    for name in named:
+        if name is not None and name not in manifest["files"]:
+            raise BundleError(f"{root}: {MANIFEST} names {name} without its checksum")
+    if learning is not None and (not isinstance(learning, dict) or None in named[1:]):
+        raise BundleError(f"{root}: the learning entry of {MANIFEST} is incomplete")
+    return root, manifest
 
 
 def _read_manifest(root: Path) -> dict:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -38,36 +37,9 @@ from ..runtime.learner import LOSS_GRADS
 from ..runtime.static import Program, Unsupported, compile_net
 from ..runtime.wiring import WiringError, wire
 from .onnx_lowering import LoweringError, lower
-from .onnx_step import (_TRACE_BATCH, DEFAULT_OPSET, OPSETS, StepGraphError, StepSignature, _input_shape,
-                        _quiet_exporter, _summary, _weight_names, write_graph)
-
-LEARN_FORMAT = "stoprt-learn-step"
-LEARN_VERSION = 1
-
-
-class LearnGraphError(StepGraphError):
-    """A network the learning graph cannot be exported for, or a file that is not a learning graph."""
-
-
-@dataclass
-class LearnSignature(StepSignature):
-    """:class:`StepSignature` of a learning step. ``state`` covers neuron state and traces (a trace of
-    rank 0, the bias trace, has shape ``None``: it has no batch axis); ``grads``: ``[name, shape]`` of
-    each accumulator (output ``new_`` + name); ``learned``: parameter input name of each accumulator."""
-
-    FORMAT, VERSION, ERROR = LEARN_FORMAT, LEARN_VERSION, LearnGraphError
-    KIND = "learning-step graph"
-    HOW = "stoprt.export.onnx_learn.export_learn_step"
-
-    target_name: str = "target"
-    loss: str = "ce"
-    grads: list[list] = field(default_factory=list)
-    learned: list[str] = field(default_factory=list)
-
-    @property
-    def grad_outputs(self) -> list[str]:
-        return ["new_" + name for name, _ in self.grads]
-
+from .onnx_step import (_TRACE_BATCH, DEFAULT_OPSET, OPSETS, _input_shape, _quiet_exporter, _summary, _weight_names,
+                        write_graph)
+from .signatures import LEARN_FORMAT, LEARN_VERSION, LearnGraphError, LearnSignature  # noqa: F401 (re-exported)
 
 class LearnStep(nn.Module):
     """The static program's learning step as a pure function (see the module doc).

@@ -24,58 +24,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from .. import __version__
 from ..runtime import layers as L
 from ..runtime.atomic import atomic_path
+from .signatures import (DEFAULT_OPSET, OPSETS, STEP_FORMAT, STEP_VERSION, GraphMetadata,  # noqa: F401 (re-exported)
+                         StepGraphError, StepSignature, new_name)
 
-STEP_FORMAT = "stoprt-step"
-STEP_VERSION = 1
-OPSETS = (18, 19, 20)
-DEFAULT_OPSET = 20
 _TRACE_BATCH = 2  # torch.export specialises a size-1 dimension: trace with 2, keep the batch dynamic
-
-
-class StepGraphError(ValueError):
-    """An ONNX file that is not a stoprt step graph, or one that cannot be exported."""
-
-
-class GraphMetadata:
-    """What every stoprt graph keeps in its ONNX metadata: a format tag, a version and the signature
-    (a dataclass: the subclass) as JSON. Subclasses name the tag, version, error type, what the graph
-    is called and how one is made."""
-
-    FORMAT: ClassVar[str]
-    VERSION: ClassVar[int]
-    ERROR: ClassVar[type[ValueError]]
-    KIND: ClassVar[str]
-    HOW: ClassVar[str]
-
-    def to_metadata(self) -> dict[str, str]:
-        return {"stoprt.format": self.FORMAT, "stoprt.step_version": str(self.VERSION),
-                "stoprt.signature": json.dumps(asdict(self))}
-
-    @classmethod
-    def from_metadata(cls, meta: dict[str, str], where: str = "the graph"):
-        if meta.get("stoprt.format") != cls.FORMAT:
-            raise cls.ERROR(f"{where} is not a stoprt {cls.KIND} (no stoprt metadata): export it with {cls.HOW}")
-        if meta.get("stoprt.step_version") != str(cls.VERSION):
-            raise cls.ERROR(f"{where} is a stoprt {cls.KIND} of version {meta.get('stoprt.step_version')}; "
-                            f"this stoprt reads version {cls.VERSION}")
-        try:
-            return cls(**json.loads(meta["stoprt.signature"]))
-        except (KeyError, TypeError, ValueError) as err:
-            raise cls.ERROR(f"{where} has unreadable stoprt metadata: {err}") from err
 
 
 def write_graph(proto, sig: GraphMetadata, path: str | os.PathLike) -> None:
@@ -85,48 +47,6 @@ def write_graph(proto, sig: GraphMetadata, path: str | os.PathLike) -> None:
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     _save_atomic(proto, Path(path))
-
-
-@dataclass
-class StepSignature(GraphMetadata):
-    """The interface of a step graph; shapes exclude the batch dimension.
-
-    ``state``: ``[name, shape]`` of each state input in order (its output is ``new_`` + name);
-    ``params``: ``[name, shape]`` of each parameter input (empty unless ``params_as_inputs``);
-    ``weights``: state_dict key -> the graph's name for that parameter (``param.<key>``: an input, or an
-    initializer when baked), for updates and refitting; every key of a tied (shared) parameter maps to
-    its one name. ``buffers``: state_dict keys baked into the graph (BatchNorm statistics);
-    ``constants``: buffer key -> its initializer, where one survived (equal-valued buffers may share
-    one), which a refit needs when an engine fused them with a weight.
-    """
-
-    FORMAT, VERSION, ERROR = STEP_FORMAT, STEP_VERSION, StepGraphError
-    KIND = "step graph"
-    HOW = "stoprt.export.onnx_step.export_step or `stoprt export --to onnx`"
-
-    input_name: str
-    input_shape: list[int]
-    output_name: str
-    output_shape: list[int]
-    state: list[list] = field(default_factory=list)
-    params: list[list] = field(default_factory=list)
-    weights: dict[str, str] = field(default_factory=dict)
-    buffers: list[str] = field(default_factory=list)
-    constants: dict[str, str] = field(default_factory=dict)
-    params_as_inputs: bool = False
-    opset: int = DEFAULT_OPSET
-    stoprt_version: str = __version__
-    input_spec: dict | None = None
-
-    @property
-    def state_outputs(self) -> list[str]:
-        return [new_name(name) for name, _ in self.state]
-
-
-
-def new_name(state_name: str) -> str:
-    """The output carrying the next value of a state input."""
-    return "new_" + state_name
 
 
 class StepFunction(nn.Module):

@@ -24,35 +24,13 @@ Only SGD (momentum, weight decay, dampening 0, no Nesterov) is exported for now.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from ..runtime import layers as L
-from .onnx_learn import LearnGraphError
-from .onnx_step import DEFAULT_OPSET, GraphMetadata, _quiet_exporter, _summary, write_graph
-
-UPDATE_FORMAT = "stoprt-update"
-UPDATE_VERSION = 1
-
-
-@dataclass
-class UpdateSignature(GraphMetadata):
-    """``learned``: ``[name, shape]`` of each learned parameter (its learning-graph input name);
-    ``clamps``: name -> ``[lo, hi]`` (None: unbounded) for leaks and thresholds."""
-
-    FORMAT, VERSION, ERROR = UPDATE_FORMAT, UPDATE_VERSION, LearnGraphError
-    KIND = "update graph"
-    HOW = "stoprt.export.onnx_update.export_update"
-
-    learned: list[list]
-    clamps: dict[str, list] = field(default_factory=dict)
-    optimizer: str = "sgd"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    opset: int = DEFAULT_OPSET
-
+from .onnx_step import DEFAULT_OPSET, _quiet_exporter, _summary, write_graph
+from .signatures import UPDATE_FORMAT, UPDATE_VERSION, LearnGraphError, UpdateSignature  # noqa: F401 (re-exported)
 
 def neuron_clamps(net: nn.Module) -> dict[str, list]:
     """``param.<name>`` -> ``[lo, hi]`` for every leak and threshold of ``net`` (the layers' ranges)."""

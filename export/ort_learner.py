@@ -7,7 +7,14 @@ buffers that swap roles every step (ping-pong, as :class:`~.ort_runner.OrtStepRu
 bound once with IO binding, so a step copies ``x`` and ``target`` in and runs. Parameters are bound
 buffers too; an update (one run of the update graph) writes the new values into them in place.
 
-CPU execution provider only for now (buffers are numpy arrays that the OrtValues wrap).
+Buffers are numpy arrays that the OrtValues wrap (host memory). The CPU execution provider is the
+default; ``provider="cuda"`` or ``"tensorrt"`` asks for that provider (ONNX Runtime then copies the
+bound host buffers in and out), and an ONNX Runtime build without it falls back to CPU with a warning,
+or raises :class:`ProviderUnavailable` with ``strict=True``.
+
+Torch-free: this module and what it imports need numpy and onnxruntime only (the edge install).
+:meth:`OrtLearner.state_dict` / :meth:`OrtLearner.load_state_dict` carry what a checkpoint needs
+(parameters and optimizer state, as arrays) for :class:`~stoprt.runtime.stream.session.StreamSession`.
 """
 
 from __future__ import annotations
@@ -18,11 +25,32 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .onnx_learn import LearnGraphError, LearnSignature
-from .onnx_update import UpdateSignature
+from ..runtime.learner_stats import LearnerStats
 from .ort_runner import _import_ort
+from .signatures import LearnGraphError, LearnSignature, UpdateSignature
 
 log = logging.getLogger("stoprt")
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+class ProviderUnavailable(ValueError):
+    """The requested execution provider is not in this ONNX Runtime build (with ``strict``)."""
+
+
+def choose_providers(ort, provider: str, strict: bool = False) -> list[str]:
+    """ONNX Runtime's provider list for ``provider`` (a key of :data:`PROVIDERS`), CPU last as the
+    fallback for unsupported ops. A build without it: a warning and CPU alone, or
+    :class:`ProviderUnavailable` when ``strict``."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown execution provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    wanted, available = PROVIDERS[provider], ort.get_available_providers()
+    if wanted in available:
+        return list(dict.fromkeys([wanted, PROVIDERS["cpu"]]))
+    message = (f"this ONNX Runtime ({ort.__version__}) has no {wanted} (it has {', '.join(available)})")
+    if strict:
+        raise ProviderUnavailable(message + "; install a build with it, or drop --strict to run on the CPU")
+    log.warning("stoprt: warning: %s; running on the CPU execution provider", message)
+    return [PROVIDERS["cpu"]]
 
 
 def _as_numpy(value: Any, dtype) -> np.ndarray:
@@ -40,10 +68,12 @@ class OrtLearner:
         lr: SGD's learning rate (an input of the update graph).
         update: ``"sample"`` (at :meth:`end_sample`), ``"step"`` or every N labelled steps, as STOP.
         threads: intra-op threads (1: a small step gains nothing from more).
+        provider, strict: the execution provider asked for (see :func:`choose_providers`).
     """
 
     def __init__(self, learn_graph: str | os.PathLike, update_graph: str | os.PathLike,
-                 parameters: Mapping[str, Any], lr: float, update: str | int = "sample", threads: int = 1) -> None:
+                 parameters: Mapping[str, Any], lr: float, update: str | int = "sample", threads: int = 1,
+                 provider: str = "cpu", strict: bool = False) -> None:
         if update not in ("sample", "step") and not (isinstance(update, int) and update >= 1):
             raise ValueError(f"update must be 'sample', 'step' or an int >= 1, got {update!r}")
         ort = _import_ort()
@@ -51,8 +81,9 @@ class OrtLearner:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.learn_session = ort.InferenceSession(str(learn_graph), options, providers=["CPUExecutionProvider"])
-        self.update_session = ort.InferenceSession(str(update_graph), options, providers=["CPUExecutionProvider"])
+        providers = choose_providers(ort, provider, strict)
+        self.learn_session = ort.InferenceSession(str(learn_graph), options, providers=providers)
+        self.update_session = ort.InferenceSession(str(update_graph), options, providers=providers)
         self.sig = LearnSignature.from_metadata(self.learn_session.get_modelmeta().custom_metadata_map,
                                                 str(learn_graph))
         self.usig = UpdateSignature.from_metadata(self.update_session.get_modelmeta().custom_metadata_map,
@@ -64,13 +95,51 @@ class OrtLearner:
         got = [i.name for i in self.learn_session.get_inputs()]
         if got != expected:
             raise LearnGraphError(f"{learn_graph}: the graph's inputs do not match its stoprt metadata")
+        # [shape without batch, has a batch axis] of each input (a bias trace is a scalar)
+        shapes = [(sig.input_shape, True), ([], True), *[(s or [], s is not None) for _, s in sig.state],
+                  *[(s, False) for _, s in sig.grads + sig.params]]
+        for info, (want, batched) in zip(self.learn_session.get_inputs(), shapes):
+            dims = list(info.shape[1:] if batched and info.shape else info.shape)
+            if len(dims) != len(want) or any(isinstance(d, int) and d != w for d, w in zip(dims, want)):
+                raise LearnGraphError(f"{learn_graph}: input {info.name} has shape {info.shape}, its stoprt "
+                                      f"metadata says {want} (without batch): the graph was altered")
         self.params = {n: np.zeros(s, np.float32) for n, s in sig.params}
         self.set_parameters(parameters)
         self.momentum = {n: np.zeros(s, np.float32) for n, s in self.usig.learned} if self.usig.momentum else {}
-        self.updates = self.rejected_updates = self.clamped_values = 0
+        self.stats = LearnerStats()
         self.sample_steps, self._since_update = 0, 0
         self._batch: int | None = None
         self.output_sum: np.ndarray | None = None
+
+    @classmethod
+    def from_bundle(cls, path: str | os.PathLike, *, lr: float | None = None, update: str | int | None = None,
+                    extract_to: str | os.PathLike | None = None, **options: Any) -> "OrtLearner":
+        """The learner of a learning bundle (``stoprt export CKPT --to onnx-learn``), checked: the
+        manifest and files against their checksums, the graphs' inputs against the bundle's input
+        spec. ``lr``/``update``: default the bundle's; ``options``: threads, provider, strict."""
+        from .bundle import BundleError, verify_bundle
+        root, manifest = verify_bundle(path, extract_to)
+        learning = manifest.get("learning")
+        if learning is None:
+            raise BundleError(f"{path} carries no learning graphs: write it with `stoprt export CHECKPOINT "
+                              f"--to onnx-learn {path}`")
+        try:
+            with np.load(root / learning["params"], allow_pickle=False) as npz:
+                params = {key: npz[key] for key in npz.files}
+        except Exception as err:  # zip/npy errors; the checksum matched, so it was written so
+            raise BundleError(f"{root}: {learning['params']} is not readable: {err}") from err
+        learner = cls(root / learning["learn_graph"], root / learning["update_graph"], params,
+                      lr=learning["optimizer"]["lr"] if lr is None else lr,
+                      update=learning["update"] if update is None else update, **options)
+        shape = (manifest.get("input_spec") or {}).get("shape")
+        if shape is not None and list(shape) != list(learner.sig.input_shape):
+            raise LearnGraphError(f"{root}: {learning['learn_graph']} takes input {learner.sig.input_shape}; "
+                                  f"the bundle's input spec says {list(shape)}")
+        missing = sorted(set(learner.sig.weights) - set(params) - set(learner.sig.buffers))
+        if missing:
+            raise BundleError(f"{root}: {learning['params']} lacks parameter(s) {missing[:3]} of the learning graph")
+        learner.manifest = manifest
+        return learner
 
     # ---- parameters ---------------------------------------------------------------------------
     def set_parameters(self, state_dict: Mapping[str, Any]) -> None:
@@ -100,18 +169,56 @@ class OrtLearner:
         """The accumulated gradients since the last update, by state_dict key (copies)."""
         if self._batch is None:
             return {}
-        by_name = {name: g.copy() for (name, _), g in zip(self.sig.grads, self._grads[self._k])}
+        by_name = {name: g.copy() for (name, _), g in zip(self.sig.grads, self._grads[self._g])}
         return {key: by_name["grad." + name[len("param."):]] for key, name in self.sig.weights.items()
                 if name in self.sig.learned}
 
+    @property
+    def updates(self) -> int:
+        return self.stats.updates
+
+    @property
+    def rejected_updates(self) -> int:
+        return self.stats.rejected_updates
+
+    @property
+    def clamped_values(self) -> int:
+        return self.stats.clamped_values
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What learning has changed, as arrays by graph input name (copies): ``params`` and the
+        optimizer's state. Meant for sample boundaries, where state, traces and accumulators are zero."""
+        return {"params": {n: a.copy() for n, a in self.params.items()},
+                "optimizer": {n: a.copy() for n, a in self.momentum.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s values in place (the bound buffers keep their memory)."""
+        for what, mine in (("params", self.params), ("optimizer", self.momentum)):
+            theirs = state.get(what) or {}
+            if set(theirs) != set(mine):
+                raise ValueError(f"the checkpoint's {what} ({len(theirs)} arrays) do not fit these graphs' "
+                                 f"({len(mine)}): it was written for another model or optimizer")
+            for name, value in theirs.items():
+                value = np.asarray(value)
+                if value.shape != mine[name].shape:
+                    raise ValueError(f"the checkpoint's {name} has shape {value.shape}; the graph expects "
+                                     f"{mine[name].shape}")
+                np.copyto(mine[name], value)
+
     # ---- steps --------------------------------------------------------------------------------
-    def step(self, x: Any, target: Any) -> np.ndarray:
-        """One labelled step: ``x`` ``[B, *input_shape]``, ``target`` ``[B]`` class indices; returns
-        the step's output ``[B, K]``."""
-        x, target = _as_numpy(x, np.float32), _as_numpy(target, np.int64)
+    def step(self, x: Any, target: Any = None) -> np.ndarray:
+        """One step: ``x`` ``[B, *input_shape]``, ``target`` ``[B]`` class indices (None: an unlabelled
+        step, which only predicts: its gradients are dropped); returns the step's output ``[B, K]``."""
+        learn = target is not None
+        x = _as_numpy(x, np.float32)
+        target = _as_numpy(target, np.int64) if learn else np.zeros(x.shape[:1], np.int64)
         if tuple(x.shape[1:]) != tuple(self.sig.input_shape) or target.shape != x.shape[:1]:
             raise ValueError(f"input {x.shape} / target {target.shape} do not fit the learning graph: expected "
                              f"[B, {', '.join(map(str, self.sig.input_shape))}] and [B]")
+        if target.min() < 0 or target.max() >= self.sig.output_shape[-1]:
+            raise ValueError(f"label(s) {sorted(set(target.tolist()))} outside the {self.sig.output_shape[-1]} "
+                             "classes of the network")
         if self.sample_steps == 0:
             if x.shape[0] != self._batch:
                 self._allocate(x.shape[0])
@@ -120,10 +227,14 @@ class OrtLearner:
             raise ValueError(f"batch changed within a sample ({self._batch} then {x.shape[0]})")
         np.copyto(self._x, x)
         np.copyto(self._target, target)
-        self.learn_session.run_with_iobinding(self._bindings[self._k])
+        self.learn_session.run_with_iobinding(self._binding(self._k, self._g if learn else None))
         self._k ^= 1
         self.output_sum += self._y
         self.sample_steps += 1
+        self.stats.steps += 1
+        if not learn:
+            return self._y.copy()
+        self._g ^= 1
         self._since_update += 1
         if self.update == "step" or (isinstance(self.update, int) and self._since_update >= self.update):
             self._apply_update()
@@ -137,6 +248,7 @@ class OrtLearner:
         for buf in self._state[self._k]:
             buf.fill(0.0)
         self.sample_steps = 0
+        self.stats.samples += 1
         return self.output_sum.argmax(1)
 
     # ---- internals ----------------------------------------------------------------------------
@@ -144,7 +256,7 @@ class OrtLearner:
         if not self._since_update:
             return
         self._since_update = 0
-        grads = self._grads[self._k]
+        grads = self._grads[self._g]
         feeds = {"lr": self.lr, **{n: self.params[n] for n, _ in self.usig.learned},
                  **{n: g for (n, _), g in zip(self.sig.grads, grads)},
                  **{n.replace("param.", "momentum.", 1): m for n, m in self.momentum.items()}}
@@ -158,43 +270,51 @@ class OrtLearner:
         for g in grads:
             g.fill(0.0)
         if ok:
-            self.updates += 1
-            self.clamped_values += clamped
+            self.stats.updates += 1
+            self.stats.clamped_values += clamped
         else:
-            self.rejected_updates += 1
+            self.stats.rejected_updates += 1
             log.warning("stoprt: update refused: a gradient or an updated parameter is NaN or Inf; "
                         "parameters keep their last good values")
 
     def _allocate(self, batch: int) -> None:
-        """Two sets of state and accumulator buffers, and one binding per direction."""
-        ort, sig = self._ort, self.sig
-        self._batch, self._k = batch, 0
+        """Two sets of state and of accumulator buffers (and a scratch set for unlabelled steps' gradients)."""
+        sig = self.sig
+        self._batch, self._k, self._g = batch, 0, 0
         self._x = np.zeros((batch, *sig.input_shape), np.float32)
         self._target = np.zeros(batch, np.int64)
         self._y = np.zeros((batch, *sig.output_shape), np.float32)
         shapes = [() if s is None else (batch, *s) for _, s in sig.state]
         self._state = [[np.zeros(s, np.float32) for s in shapes] for _ in range(2)]
-        self._grads = [[np.zeros(s, np.float32) for _, s in sig.grads] for _ in range(2)]
+        self._grads = [[np.zeros(s, np.float32) for _, s in sig.grads] for _ in range(3)]  # [2]: scratch
         self._values: list = []  # the OrtValues wrap the arrays' memory (no copy); kept alive here
+        self._bindings: dict = {}
+
+    def _binding(self, k: int, g: int | None):
+        """The binding that reads state set ``k`` and accumulator set ``g`` and writes sets ``1 - k`` and
+        ``1 - g`` (``g`` None: reads set 0, writes the scratch set). Made once each, on first use."""
+        key = (k, g)
+        if key in self._bindings:
+            return self._bindings[key]
+        ort, sig = self._ort, self.sig
 
         def value(array: np.ndarray):
             self._values.append(ort.OrtValue.ortvalue_from_numpy(array))
             return self._values[-1]
 
-        self._bindings = []
-        for k in (0, 1):  # binding k reads set k and writes set 1 - k
-            io = self.learn_session.io_binding()
-            io.bind_ortvalue_input("x", value(self._x))
-            io.bind_ortvalue_input("target", value(self._target))
-            for (name, _), buf in zip(sig.state, self._state[k]):
-                io.bind_ortvalue_input(name, value(buf))
-            for (name, _), buf in zip(sig.grads, self._grads[k]):
-                io.bind_ortvalue_input(name, value(buf))
-            for name, buf in self.params.items():
-                io.bind_ortvalue_input(name, value(buf))
-            io.bind_ortvalue_output(sig.output_name, value(self._y))
-            for name, buf in zip(sig.state_outputs, self._state[1 - k]):
-                io.bind_ortvalue_output(name, value(buf))
-            for name, buf in zip(sig.grad_outputs, self._grads[1 - k]):
-                io.bind_ortvalue_output(name, value(buf))
-            self._bindings.append(io)
+        io = self.learn_session.io_binding()
+        io.bind_ortvalue_input("x", value(self._x))
+        io.bind_ortvalue_input("target", value(self._target))
+        for (name, _), buf in zip(sig.state, self._state[k]):
+            io.bind_ortvalue_input(name, value(buf))
+        for (name, _), buf in zip(sig.grads, self._grads[0 if g is None else g]):
+            io.bind_ortvalue_input(name, value(buf))
+        for name, buf in self.params.items():
+            io.bind_ortvalue_input(name, value(buf))
+        io.bind_ortvalue_output(sig.output_name, value(self._y))
+        for name, buf in zip(sig.state_outputs, self._state[1 - k]):
+            io.bind_ortvalue_output(name, value(buf))
+        for name, buf in zip(sig.grad_outputs, self._grads[2 if g is None else 1 - g]):
+            io.bind_ortvalue_output(name, value(buf))
+        self._bindings[key] = io
+        return io

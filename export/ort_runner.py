@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .onnx_step import StepGraphError, StepSignature
+from .signatures import StepGraphError, StepSignature
 
 
 def _import_ort():

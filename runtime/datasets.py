@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,13 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import atomic_path
+from .cache import CACHE_VERSION, cache_dir, load_npz, save_npz
 from .emulator import DVSEmulator
 from .events import events_to_frames
 
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
 GESTURE_CLASSES = ("right", "left", "up", "down", "rotate_cw", "rotate_ccw", "expand", "contract")
 _CHUNK = 128  # recordings rendered and emulated together: bounds memory to ~100 MB at 32x32
-_CACHE_VERSION = 2  # bump whenever generation changes, so stale on-disk caches are not reused
 
 
 class EventFrames(torch.utils.data.Dataset):
@@ -121,14 +119,14 @@ def digit_images() -> tuple[np.ndarray, np.ndarray]:
     Kept as a small ``.npz`` in the cache folder: scikit-learn (about 2 s to import) is loaded only the
     first time, so streams and training start without it.
     """
-    path = _cache_dir() / "sklearn-digits-v1.npz"
-    stored = _load_npz(path)
+    path = cache_dir() / "sklearn-digits-v1.npz"
+    stored = load_npz(path)
     if stored is not None and {"images", "labels"} <= stored.keys():
         return stored["images"], stored["labels"]
     from sklearn.datasets import load_digits
     digits = load_digits()
     images, labels = digits.images.astype(np.uint8), digits.target.astype(np.int64)
-    _save_npz(path, images=images, labels=labels)
+    save_npz(path, images=images, labels=labels)
     return images, labels
 
 
@@ -353,7 +351,7 @@ def _cached_frames(
     name: str, T: int, size: int, seed: int, disk_cache: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(frames [n, T, 2, size, size] integer counts, labels [n] int64)``, from disk when cached there."""
-    path = _cache_dir() / f"{name}-v{_CACHE_VERSION}-T{T}-s{size}-seed{seed}.pt"
+    path = cache_dir() / f"{name}-v{CACHE_VERSION}-T{T}-s{size}-seed{seed}.pt"
     if disk_cache and path.is_file():
         try:
             stored = torch.load(path, weights_only=True)
@@ -385,28 +383,6 @@ def _count_dtype(largest: int) -> torch.dtype:
         if largest <= torch.iinfo(dtype).max:
             return dtype
     return torch.int32
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("STOPRT_CACHE_DIR") or Path.home() / ".cache" / "stoprt")
-
-
-def _load_npz(path: Path) -> dict[str, np.ndarray] | None:
-    """The arrays of a cached ``.npz``, or None when it is absent or unreadable."""
-    try:
-        with np.load(path) as stored:
-            return {k: stored[k] for k in stored.files}
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
-        return None
-
-
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """Write a cache ``.npz`` atomically; a read-only or full disk only costs the cache."""
-    try:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file: np.savez would append .npz to a path
-            np.savez(f, **arrays)
-    except OSError:
-        pass
 
 
 def _atomic_save(obj: dict, path: Path) -> None:

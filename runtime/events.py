@@ -8,7 +8,6 @@ polarity ``p`` (uint8, 1 = ON / brighter, 0 = OFF / darker).
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 EVENT_DTYPE = np.dtype([("t", "<i8"), ("x", "<u2"), ("y", "<u2"), ("p", "u1")])
 
@@ -100,4 +99,5 @@ def events_to_frames(
     ys = ev["y"].astype(np.int64) * out_h // height
     flat = ((bins * 2 + ev["p"]) * out_h + ys) * out_w + xs
     counts = np.bincount(flat, minlength=T * 2 * out_h * out_w).astype(np.float32)
+    import torch  # here only: the event readers and binner run without torch (the edge install)
     return torch.from_numpy(counts.reshape(T, 2, out_h, out_w))

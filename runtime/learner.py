@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import layers as L
+from .learner_stats import LearnerStats
 
 log = logging.getLogger("stoprt")
 
@@ -82,21 +82,6 @@ def _out_of_range(target: Tensor, classes: int) -> bool:
         labels = target.reshape(-1).tolist()
         return bool(labels) and (min(labels) < 0 or max(labels) >= classes)
     return bool(((target < 0) | (target >= classes)).any())
-
-
-@dataclass
-class LearnerStats:
-    """Counters a learner keeps; ``rejected_updates`` counts updates refused for NaN/Inf."""
-
-    steps: int = 0
-    samples: int = 0
-    updates: int = 0
-    rejected_updates: int = 0
-    clamped_values: int = 0
-    last_loss: float = float("nan")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 class Learner:

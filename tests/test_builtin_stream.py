@@ -64,7 +64,7 @@ def test_loop_keeps_time_increasing(cache):
 def test_recordings_come_from_the_cache_the_second_time(cache, monkeypatch):
     first = BuiltinStream("digits", n_samples=3)
     assert any(cache.glob("stream-digits-*.npz"))
-    monkeypatch.setattr(builtin, "emulated_digits", lambda **kw: pytest.fail("rendered again"))
+    monkeypatch.setattr(datasets, "emulated_digits", lambda **kw: pytest.fail("rendered again"))
     second = BuiltinStream("digits", n_samples=3)
     assert np.array_equal(np.concatenate(list(first)), np.concatenate(list(second)))
 

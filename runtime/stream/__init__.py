@@ -10,15 +10,25 @@
 Sources (:mod:`.sources`, :mod:`.udp`, :mod:`.cameras`) yield EVENT_DTYPE packets; :class:`Binner`
 (:mod:`.binning`) turns packets into time steps holding at most one partial step; :class:`StreamPipeline`
 (:mod:`.pipeline`) runs source and binner in a producer thread behind a bounded queue. Image and video
-input use the encodings of :mod:`.encodings` instead of a binner.
+input use the encodings of :mod:`.encodings` instead of a binner. Everything here but the encodings
+imports without torch.
 """
 
 from .binning import Binner, Step
 from .cameras import CameraError, DVProcessingSource, MissingExtraError, NeuromorphicDriversSource
-from .encodings import FrameDifference, direct, frame_difference, rate
 from .pipeline import StreamPipeline
 from .sources import EventSource, FileSource
 from .udp import UDPSender, UDPSource
+
+_ENCODINGS = ("FrameDifference", "direct", "frame_difference", "rate")  # torch: loaded on first use
+
+
+def __getattr__(name: str):
+    if name not in _ENCODINGS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from . import encodings
+    return getattr(encodings, name)
+
 
 __all__ = ["Binner", "Step", "EventSource", "FileSource", "UDPSource", "UDPSender", "DVProcessingSource",
            "NeuromorphicDriversSource", "MissingExtraError", "CameraError", "StreamPipeline", "direct", "rate",

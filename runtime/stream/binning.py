@@ -25,6 +25,9 @@ A recording held whole in memory and cut into T equal bins is
 
 Timestamps filtered out by steps 2-4 still advance time. Empty steps share one zero element (an
 expanded, read-only view: ``.clone()`` before writing into it).
+
+Frames are torch tensors, or float32 numpy arrays with ``frames="numpy"``: the ONNX Runtime learner
+takes those, and then torch is never imported (the edge install has none).
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..events import _pair
 from .sources import as_packet
@@ -49,7 +51,7 @@ class Step:
     ``polarity="sum"``), covering ``[t_start, t_end)`` microseconds, built from ``n_events`` events;
     ``index`` counts the steps of the stream from 0."""
 
-    frame: torch.Tensor
+    frame: Any  # torch.Tensor, or np.ndarray (frames="numpy")
     t_start: int
     t_end: int
     n_events: int
@@ -68,15 +70,16 @@ class Binner:
         hot_pixels: ``None``, a boolean mask ``[H, W]`` (True = drop), or ``"auto"``.
         roi: ``(x0, y0, w, h)`` inside the sensor, or ``None``.
         t_start: origin of the time grid (default: the first event); earlier events count as backwards.
-        dtype, device: of the frames.
+        dtype, device: of the frames (torch).
+        frames: ``"torch"`` (tensors) or ``"numpy"`` (float32 arrays; ``dtype``/``device`` do not apply).
     """
 
     def __init__(self, sensor_size: tuple[int, int], out_size: int | tuple[int, int] | None = None,
                  mode: str = "time", dt_us: int = 1000, events_per_step: int = 1000, polarity: str = "split",
                  denoise_us: int | None = None, hot_pixels: Any = None, roi: tuple[int, int, int, int] | None = None,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", t_start: int | None = None,
+                 dtype: Any = None, device: Any = "cpu", t_start: int | None = None,
                  hot_window_us: int = 1_000_000, hot_factor: float = 20.0, hot_min_events: int = 20,
-                 max_gap_steps: int = 100_000) -> None:
+                 max_gap_steps: int = 100_000, frames: str = "torch") -> None:
         if sensor_size is None:
             raise ValueError("the sensor size is unknown (the source does not state it): pass sensor_size=(W, H)")
         self.sensor_size = _pair(sensor_size, "sensor_size")
@@ -101,11 +104,21 @@ class Binner:
             raise ValueError(f"hot_pixels must be None, a [H, W] mask or 'auto', got {hot_pixels!r}")
         self._fixed_hot = None if hot_pixels is None or self.hot_auto else self._check_mask(hot_pixels)
         self.hot_window_us, self.hot_factor, self.hot_min_events = int(hot_window_us), float(hot_factor), hot_min_events
-        self.dtype, self.device = dtype, torch.device(device)
+        if frames not in ("torch", "numpy"):
+            raise ValueError(f"frames must be 'torch' or 'numpy', got {frames!r}")
+        self.frames = frames
+        if frames == "torch":
+            import torch  # only for tensor frames
+            self.dtype, self.device = dtype or torch.float32, torch.device(device)
+            self._to_frame = lambda a: torch.from_numpy(a).to(self.device, self.dtype)
+        else:
+            self.dtype, self.device = np.float32, None
+            self._to_frame = lambda a: a  # the float32 accumulator itself
         self.t_start = None if t_start is None else int(t_start)
         channels = 2 if polarity == "split" else 1
         self.frame_shape = (channels, self.out_size[1], self.out_size[0])
-        self._zero = torch.zeros(1, dtype=dtype, device=self.device)
+        self._zero = (np.zeros(1, np.float32) if frames == "numpy" else
+                      torch.zeros(1, dtype=self.dtype, device=self.device))
         self._hot_mask = self._fixed_hot.copy() if self._fixed_hot is not None else (
             np.zeros(w * h, bool) if self.hot_auto else None)
         self._counts = dict.fromkeys(("events_in", "events_binned", "out_of_bounds", "bad_polarity", "backwards",
@@ -122,7 +135,7 @@ class Binner:
         return x0, y0, w, h
 
     def _check_mask(self, mask: Any) -> np.ndarray:
-        arr = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+        arr = mask.detach().cpu().numpy() if hasattr(mask, "detach") else np.asarray(mask)  # a tensor, or array-like
         w, h = self.sensor_size
         if arr.shape != (h, w):
             raise ValueError(f"hot_pixels mask must have shape (H, W) = ({h}, {w}), got {arr.shape}")
@@ -358,10 +371,11 @@ class Binner:
 
     def _emit(self, t_start: int, t_end: int) -> Step:
         if self._n:
-            frame = torch.from_numpy(self._acc.reshape(self.frame_shape)).to(self.device, self.dtype)
+            frame = self._to_frame(self._acc.reshape(self.frame_shape))  # the step owns the buffer
             self._acc = self._blank  # replaced (not written) by the next events: see _accumulate
         else:
-            frame = self._zero.expand(self.frame_shape)
+            frame = (np.broadcast_to(self._zero, self.frame_shape) if self.frames == "numpy" else
+                     self._zero.expand(self.frame_shape))
             self._counts["empty_steps"] += 1
         step = Step(frame, t_start, t_end, self._n, self._index)
         self._counts["steps"] += 1

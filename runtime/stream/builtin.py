@@ -20,7 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..datasets import _CACHE_VERSION, _cache_dir, _load_npz, _save_npz, emulated_digits, synthetic_gestures
+from ..cache import CACHE_VERSION, cache_dir, load_npz, save_npz
 from ..events import EVENT_DTYPE
 from .session import LabelTrack
 from .sources import EventSource
@@ -32,17 +32,24 @@ def recordings(name: str, n_samples: int, sensor_size: tuple[int, int], duration
                cache: bool = True) -> tuple[list[np.ndarray], np.ndarray]:
     """``(events per recording, labels [n])`` of a built-in generator, from the cache when there."""
     w, h = sensor_size
-    path = _cache_dir() / f"stream-{name}-v{_CACHE_VERSION}-n{n_samples}-{w}x{h}-d{duration_us}-seed{seed}.npz"
-    stored = _load_npz(path) if cache else None
+    path = cache_dir() / f"stream-{name}-v{CACHE_VERSION}-n{n_samples}-{w}x{h}-d{duration_us}-seed{seed}.npz"
+    stored = load_npz(path) if cache else None
     if stored is not None and {"events", "bounds", "labels"} <= stored.keys():
         events, bounds, labels = stored["events"], stored["bounds"], stored["labels"]
         if events.dtype == EVENT_DTYPE and len(bounds) == len(labels) + 1:
             return [events[a:b] for a, b in zip(bounds[:-1], bounds[1:])], labels
-    generate = emulated_digits if name == "digits" else synthetic_gestures
+    try:
+        from .. import datasets  # rendering takes torch; a cached stream plays without it
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] != "torch":
+            raise
+        raise ImportError(f"builtin:{name} renders its recordings with torch the first time (pip install "
+                          f"stoprt[torch]); they are then cached in {cache_dir()} and play without it") from err
+    generate = datasets.emulated_digits if name == "digits" else datasets.synthetic_gestures
     events, labels = generate(n_samples=n_samples, sensor_size=sensor_size, duration_us=duration_us, seed=seed)
     labels = np.asarray(labels, dtype=np.int64)
     if cache:
-        _save_npz(path, events=np.concatenate(events) if events else np.zeros(0, EVENT_DTYPE),
+        save_npz(path, events=np.concatenate(events) if events else np.zeros(0, EVENT_DTYPE),
                   bounds=np.cumsum([0] + [len(e) for e in events]), labels=labels)
     return events, labels
 

@@ -19,6 +19,11 @@ neither learned nor counted, and the checkpoint is the state at its start (the l
 updates at sample ends, so the parameters are still that state), so a resume learns that sample
 once, whole. :meth:`StreamSession.resume` loads a checkpoint; the caller should start the source at
 its stream time (``stats.t_us``), and steps up to that time are skipped anyway.
+
+Torch is not needed: a session without a torch network (``net=None``) runs a learner or runner whose
+values are numpy arrays (the ONNX Runtime learner of the edge install, fed numpy frames by the binner)
+and writes its checkpoints as ``session.npz`` (:func:`~stoprt.runtime.checkpoint.save_array_checkpoint`:
+the learner's ``state_dict()`` of arrays, the counters and the stream time, digests checked on load).
 """
 
 from __future__ import annotations
@@ -30,15 +35,15 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-import torch
-from torch import Tensor, nn
+import numpy as np
 
-from .. import layers as L
-from ..checkpoint import load_checkpoint, save_checkpoint
-from ..stop import STOP
+from ..checkpoint import load_array_checkpoint, load_checkpoint, save_array_checkpoint, save_checkpoint
 from .runner import StepRunner
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -164,20 +169,31 @@ class _Sample:
     start_us: int
     end_us: int = 0
     steps: int = 0
-    output_sum: Tensor | None = None
-    target: Tensor | None = None   # the segment's label as a [1] tensor, made once per sample
-    frames: list[Tensor] | None = field(default_factory=list)  # None: too long to keep for replay
+    output_sum: Any = None         # [1, K] tensor or array
+    target: Any = None             # the segment's label as a [1] tensor or array, made once per sample
+    frames: list | None = field(default_factory=list)  # None: too long to keep for replay
+
+
+def _label(label: int, like: Any) -> Any:
+    """``[label]`` as the learner takes it: an int64 array beside numpy frames, else a tensor on the frame's device."""
+    if isinstance(like, np.ndarray):
+        return np.array([label], np.int64)
+    import torch  # a tensor frame: torch is loaded
+    return torch.tensor([label], device=like.device)
 
 
 class StreamSession:
     """Runs ``net`` on a stream of steps, predicting continuously and learning in place.
 
     Args:
-        net: a stoprt network; one step's input is ``[1, *input_shape]``.
-        learner: a STOP learner over ``net`` to learn in place, or None to only predict.
+        net: a stoprt network; one step's input is ``[1, *input_shape]``. None: the learner or runner
+            holds the model (no torch; checkpoints as ``session.npz``).
+        learner: a STOP learner over ``net`` to learn in place (or, with ``net=None``, a learner with
+            the same ``step``/``end_sample``/``stats`` and a ``state_dict()`` of arrays, such as
+            :class:`stoprt.export.ort_learner.OrtLearner`), or None to only predict.
         window: steps per sample when there are no labels (the readout window).
         labels: labelled segments; samples then follow them.
-        checkpoint_dir: where ``session.pt`` is written (atomically).
+        checkpoint_dir: where ``session.pt`` (``session.npz`` with ``net=None``) is written (atomically).
         checkpoint_every: samples between checkpoints (0: only on signals and at the end).
         late_label_steps: keep up to this many input steps of the last sample for a late label.
         meta: extra JSON-able facts stored in checkpoints (model description, input spec).
@@ -186,17 +202,23 @@ class StreamSession:
         on_prediction: called with a :class:`WindowPrediction` each time a sample closes.
     """
 
-    def __init__(self, net: nn.Module, learner: STOP | None = None, window: int = 10,
+    def __init__(self, net: nn.Module | None, learner: Any = None, window: int = 10,
                  labels: LabelTrack | None = None, checkpoint_dir: str | Path | None = None,
                  checkpoint_every: int = 0, late_label_steps: int = 0, meta: dict | None = None,
                  runner: StepRunner | None = None, on_prediction: Callable[[WindowPrediction], None] | None = None) -> None:
         if window < 1:
             raise ValueError(f"window must be at least 1 step, got {window}")
         if runner is not None and learner is not None:
-            raise ValueError("a session learns with a torch learner or runs another backend, not both")
+            raise ValueError("a session learns with a learner or runs another backend, not both")
+        if net is None and learner is None and runner is None:
+            raise ValueError("a session without a torch network needs a learner or a runner")
         self.net, self.learner, self.window, self.runner = net, learner, window, runner
+        self.arrays = net is None  # numpy values throughout: no torch, array checkpoints
+        if net is not None and learner is None and runner is None:
+            import torch
+            self._no_grad = torch.no_grad
         self.labels = labels
-        self.checkpoint_path = Path(checkpoint_dir) / "session.pt" if checkpoint_dir else None
+        self.checkpoint_path = self.checkpoint_file(checkpoint_dir, self.arrays) if checkpoint_dir else None
         self.checkpoint_every, self.late_label_steps = checkpoint_every, late_label_steps
         self.meta = meta or {}
         self.on_prediction = on_prediction
@@ -207,8 +229,13 @@ class StreamSession:
         self._resume_after_us = -1
         self._at_sample_start: dict | None = None  # counters and RNG at the start of the sample in progress
 
+    @staticmethod
+    def checkpoint_file(directory: str | Path, arrays: bool) -> Path:
+        """The checkpoint of a session in ``directory``: ``session.npz`` for an array session, else ``session.pt``."""
+        return Path(directory) / ("session.npz" if arrays else "session.pt")
+
     # ---- one step -------------------------------------------------------------------------------
-    def process(self, frame: Tensor, t_start: int, t_end: int) -> int:
+    def process(self, frame: Any, t_start: int, t_end: int) -> int:
         """Run one time step; returns the running prediction of the current sample."""
         if t_end <= self._resume_after_us:
             self.stats.skipped_steps += 1
@@ -220,16 +247,16 @@ class StreamSession:
             self._at_sample_start = self._counters() if self.checkpoint_path else None
             self._sample = _Sample(segment, t_start)
         sample = self._sample
-        x = frame.unsqueeze(0)
+        x = frame[None]  # [1, *input_shape], a view (tensor or array)
         if segment is not None and sample.target is None:
-            sample.target = torch.tensor([segment.label], device=x.device)
+            sample.target = _label(segment.label, x)
         target = sample.target
         if self.learner is not None:
             out = self.learner.step(x, target)
         elif self.runner is not None:
-            out = torch.as_tensor(self.runner.step(x))
+            out = self.runner.step(x)
         else:
-            with torch.no_grad():
+            with self._no_grad():
                 out = self.net(x)
         if self.late_label_steps and segment is None and sample.frames is not None:
             if len(sample.frames) < self.late_label_steps:
@@ -241,7 +268,7 @@ class StreamSession:
         sample.output_sum = out if sample.output_sum is None else sample.output_sum + out
         self.stats.steps += 1
         self.stats.t_us = t_end
-        return int(sample.output_sum.argmax(1))
+        return int(sample.output_sum.argmax(1)[0])
 
     def _boundary(self, segment: Segment | None) -> bool:
         if self.labels is not None:
@@ -250,13 +277,14 @@ class StreamSession:
 
     def _close_sample(self) -> None:
         sample, self._sample = self._sample, None
-        prediction = int(sample.output_sum.argmax(1))
+        prediction = int(sample.output_sum.argmax(1)[0])
         if self.learner is not None:
             self.learner.end_sample()
             self.stats.updates = self.learner.stats.updates
         elif self.runner is not None:
             self.runner.reset()
         else:
+            from .. import layers as L  # a torch network
             L.reset_state(self.net)
         self.stats.samples += 1
         self.stats.last_prediction = prediction
@@ -287,9 +315,9 @@ class StreamSession:
         if self._sample is not None:
             # The replay needs the network to itself: finish the sample in progress first.
             self._close_sample()
-        target = torch.tensor([label], device=last.frames[0].device)
+        target = _label(label, last.frames[0])
         for frame in last.frames:
-            self.learner.step(frame.unsqueeze(0), target)
+            self.learner.step(frame[None], target)
         self.learner.end_sample()
         self._last_unlabelled = None
         self.stats.replayed_samples += 1
@@ -340,15 +368,23 @@ class StreamSession:
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _counters(self) -> dict:
-        return {"session": asdict(self.stats), "rng_state": torch.get_rng_state(),
-                "learner_stats": self.learner.stats.as_dict() if self.learner else None}
+        counters = {"session": asdict(self.stats),
+                    "learner_stats": self.learner.stats.as_dict() if self.learner else None}
+        if not self.arrays:  # the dropout masks of a torch network (an array learner draws nothing)
+            import torch
+            counters["rng_state"] = torch.get_rng_state()
+        return counters
 
     def save(self) -> Path:
-        """Write ``session.pt`` atomically, as of the last sample boundary (see the module docstring)."""
+        """Write the checkpoint atomically, as of the last sample boundary (see the module docstring)."""
         if self.checkpoint_path is None:
             raise ValueError("this session has no checkpoint_dir")
         at_start = self._at_sample_start if self._sample is not None and self._updates_only_at_sample_end() else None
         counters = at_start or self._counters()
+        if self.arrays:
+            return save_array_checkpoint(self.checkpoint_path, {
+                "kind": "stream-session", "learner_state": self.learner.state_dict() if self.learner else None,
+                **counters, "meta": self.meta, "saved_at": time.time()})
         return save_checkpoint(self.checkpoint_path, {
             "kind": "stream-session", "model_state": self.net.state_dict(),
             "optimizer_state": self.learner.optimizer.state_dict() if self.learner else None,
@@ -357,19 +393,30 @@ class StreamSession:
     def resume(self, path: str | Path | None = None, data: dict | None = None) -> dict:
         """Load a session checkpoint (or its loaded ``data``) into this session; later steps up to its
         time are skipped."""
-        data = data if data is not None else load_checkpoint(path or self.checkpoint_path)
+        where = path or self.checkpoint_path
+        if data is None:
+            data = load_array_checkpoint(where) if self.arrays else load_checkpoint(where)
         if data.get("kind") != "stream-session":
-            raise ValueError(f"{path or self.checkpoint_path} is not a stream-session checkpoint")
-        try:
-            self.net.load_state_dict(data["model_state"])
-        except RuntimeError as err:
-            raise ValueError(f"the checkpoint does not fit this model: {str(err).splitlines()[0]}") from err
-        if self.learner is not None and data["optimizer_state"] is not None:
-            self.learner.optimizer.load_state_dict(data["optimizer_state"])
-            for k, v in (data["learner_stats"] or {}).items():
+            raise ValueError(f"{where} is not a stream-session checkpoint")
+        if self.arrays:
+            if (data.get("learner_state") is None) != (self.learner is None):
+                raise ValueError(f"{where} was written by a session that {'did not learn' if self.learner else 'learned'}")
+            if self.learner is not None:
+                self.learner.load_state_dict(data["learner_state"])
+        else:
+            try:
+                self.net.load_state_dict(data["model_state"])
+            except RuntimeError as err:
+                raise ValueError(f"the checkpoint does not fit this model: {str(err).splitlines()[0]}") from err
+            if self.learner is not None and data["optimizer_state"] is not None:
+                self.learner.optimizer.load_state_dict(data["optimizer_state"])
+        if self.learner is not None:
+            for k, v in (data.get("learner_stats") or {}).items():
                 setattr(self.learner.stats, k, v)
         for k, v in data["session"].items():
             setattr(self.stats, k, v)
-        torch.set_rng_state(data["rng_state"])  # the same dropout masks as an uninterrupted run
+        if not self.arrays:
+            import torch
+            torch.set_rng_state(data["rng_state"])  # the same dropout masks as an uninterrupted run
         self._resume_after_us = self.stats.t_us
         return data

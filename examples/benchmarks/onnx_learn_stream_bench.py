@@ -1,0 +1,79 @@
+"""Torch-free learning stream: `stoprt stream --backend onnxruntime --learn` with the demo MLP, 1 thread.
+
+Issue 13's targets: RSS at most 150 MiB and at least 3,000 steps/s. The learning bundle of the demo
+MLP (``mlp``, 16x16 input, hidden 256) is exported once (with torch, in this process); the built-in
+digits are rendered into the cache once; then the stream runs in a fresh subprocess in which
+``import torch`` fails (a meta-path blocker), and its ``--json`` summary (steps/s of the process, peak
+RSS) is read. The same stream with the torch backend (STOP in torch, 1 thread) runs beside it for
+the ratio. Results: ``OUT/onnx_learn_stream.json``.
+
+    python examples/benchmarks/onnx_learn_stream_bench.py --out docs/results/onnx-learn --samples 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+BLOCKED = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+sys.meta_path.insert(0, Block())
+from stoprt.cli import main
+code = main(sys.argv[1:])
+assert "torch" not in sys.modules
+sys.exit(code)
+"""
+
+
+def _run(argv: list[str], blocked: bool) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "s.json"
+        cmd = [sys.executable, "-c", BLOCKED] if blocked else [sys.executable, "-m", "stoprt.cli"]
+        subprocess.run(cmd + argv + ["--json", str(out), "--quiet", "--threads", "1"], check=True,
+                       capture_output=True, text=True)
+        return json.loads(out.read_text())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/onnx-learn")
+    p.add_argument("--samples", type=int, default=400, help="built-in digits streamed (about 10.7 steps each)")
+    args = p.parse_args()
+    import torch
+
+    from stoprt.export.bundle import write_bundle
+    from stoprt.export.learning import LearningOptions
+    from stoprt.runtime.models import build_model
+    from stoprt.runtime.stream.builtin import BuiltinStream
+
+    torch.manual_seed(0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    BuiltinStream("digits", n_samples=args.samples)  # renders into the cache (torch), once
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(tmp) / "bundle"
+        write_bundle(bundle, build_model("mlp", size=16), {"dt_us": 30_000}, learning=LearningOptions(lr=0.01))
+        stream = ["stream", "--source", f"builtin:digits:{args.samples}", "--model", str(bundle), "--learn"]
+        ort = _run(stream + ["--backend", "onnxruntime"], blocked=True)
+        eager = _run(stream, blocked=False)
+    keys = ("steps", "updates", "steps_per_s", "peak_rss_mib", "accuracy")
+    result = {"model": "mlp (2x16x16 -> 256 -> 10), SGD lr 0.01 momentum 0.9, update per sample",
+              "samples": args.samples, "threads": 1,
+              "onnxruntime_torch_free": {k: ort[k] for k in keys},
+              "torch_stop_adam": {k: eager[k] for k in keys},
+              "targets": {"peak_rss_mib_max": 150, "steps_per_s_min": 3000},
+              "met": {"rss": ort["peak_rss_mib"] <= 150, "steps_per_s": ort["steps_per_s"] >= 3000}}
+    (out / "onnx_learn_stream.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
