@@ -21,6 +21,7 @@ import argparse
 from pathlib import Path
 
 from ..cli_args import nonnegative_float, positive_float, positive_int, update_schedule
+from ..export.signatures import OPTIMIZERS
 
 TARGETS = ("onnx", "tensorrt", "nir", "bundle", "onnx-learn")
 SUFFIXES = {"onnx": ".onnx", "tensorrt": ".engine", "nir": ".nir", "bundle": "", "onnx-learn": ""}
@@ -46,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--refit", action="store_true", help="TensorRT: build a refittable engine")
     p.add_argument("--archive", action="store_true", help="bundle: write one .tar file instead of a directory")
     p.add_argument("--no-onnx", action="store_true", help="bundle: model file only, no step graph")
-    p.add_argument("--optimizer", choices=("sgd", "adam"), default=None, help="onnx-learn: the update graph's optimizer "
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="onnx-learn: the update graph's optimizer "
                    "(default sgd)")
     p.add_argument("--lr", type=positive_float, default=None, help="onnx-learn: default learning rate (default 0.05)")
     p.add_argument("--momentum", type=nonnegative_float, default=None, help="onnx-learn: SGD momentum (default 0.9)")

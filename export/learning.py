@@ -31,10 +31,9 @@ from torch import nn
 from ..runtime import layers as L
 from .onnx_learn import export_learn_step
 from .onnx_update import export_update
-from .signatures import LearnGraphError
+from .signatures import OPTIMIZERS
 
 LEARN_FILE, UPDATE_FILE, PARAMS_FILE = "learn_step.onnx", "update.onnx", "params.npz"
-OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass(frozen=True)
@@ -62,16 +61,13 @@ class LearningOptions:
 def write_learning_files(net: nn.Module, folder: Path, options: LearningOptions, input_spec: dict,
                          opset: int) -> dict:
     """Write the three files into ``folder`` (a bundle's staging folder); returns the manifest entry."""
-    if options.optimizer != "sgd":
-        # The update graph is SGD's for now; Adam's comes with export_update's optimizer argument.
-        raise LearnGraphError(f"the {options.optimizer} update graph is not available in this stoprt; "
-                              "use --optimizer sgd")
     net = copy.deepcopy(net)
     L.freeze_batchnorm(net)  # as STOP keeps it: BatchNorm learns nothing on the device
     sig = export_learn_step(net, folder / LEARN_FILE, loss=options.loss, opset=opset, input_spec=input_spec)
     shapes = dict(sig.params)
     usig = export_update(net, [[n, shapes[n]] for n in sig.learned], folder / UPDATE_FILE,
-                         momentum=options.momentum, weight_decay=options.weight_decay, opset=opset)
+                         optimizer=options.optimizer, momentum=options.momentum,
+                         weight_decay=options.weight_decay, opset=opset)
     params = {key: p.detach().float().cpu().numpy() for key, p in net.named_parameters()
               if key in sig.weights}
     buffer = io.BytesIO()
@@ -79,5 +75,6 @@ def write_learning_files(net: nn.Module, folder: Path, options: LearningOptions,
     (folder / PARAMS_FILE).write_bytes(buffer.getbuffer())
     return {"learn_graph": LEARN_FILE, "update_graph": UPDATE_FILE, "params": PARAMS_FILE,
             "optimizer": {"name": options.optimizer, "lr": options.lr, "momentum": usig.momentum,
-                          "weight_decay": usig.weight_decay},
+                          "weight_decay": usig.weight_decay,
+                          **({"betas": usig.betas, "eps": usig.eps} if options.optimizer == "adam" else {})},
             **{k: v for k, v in asdict(options).items() if k in ("loss", "update")}}

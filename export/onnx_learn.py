@@ -36,7 +36,7 @@ from ..runtime import layers as L
 from ..runtime.learner import LOSS_GRADS
 from ..runtime.static import Program, Unsupported, compile_net
 from ..runtime.wiring import WiringError, wire
-from .onnx_lowering import LoweringError, lower
+from .onnx_lowering import LoweringError, lowered
 from .onnx_step import (_TRACE_BATCH, DEFAULT_OPSET, OPSETS, _input_shape, _quiet_exporter, _summary, _weight_names,
                         write_graph)
 from .signatures import LEARN_FORMAT, LEARN_VERSION, LearnGraphError, LearnSignature  # noqa: F401 (re-exported)
@@ -97,8 +97,10 @@ class LearnStep(nn.Module):
     def parameters_list(self) -> list[Tensor]:
         return [self.originals[n].detach() for n in self.param_names]
 
-    def _program(self, x: Tensor, params: list[Tensor]) -> tuple[Program, list[Tensor]]:
-        """A fresh program over ``params`` (clones of the inputs; the learned ones with zero ``.grad``)."""
+    def _program(self, x: Tensor, params: list[Tensor], dry_run: bool = True) -> tuple[Program, list[Tensor]]:
+        """A fresh program over ``params`` (clones of the inputs; the learned ones with zero ``.grad``).
+        Without ``dry_run`` its construction skips the learning step on zeros (a second step in the
+        traced graph, dead after the reset, that only made the trace slower)."""
         grads = []
         for name, value in zip(self.param_names, params):
             t = value.clone()
@@ -109,7 +111,7 @@ class LearnStep(nn.Module):
             for m, attr in self.slots[name]:
                 m._parameters[attr] = t  # a plain tensor stands in for the Parameter during the trace
         # No accumulators for the program to zero: the caller loads them (its dry run's sums are overwritten).
-        return Program(self.net, self.loss_grad, x, []), grads
+        return (Program if dry_run else _AllocatingProgram)(self.net, self.loss_grad, x, []), grads
 
     def _state_names(self, program: Program) -> list[str]:
         """``state.<layer path>.<name>`` of each buffer, by the name the op publishes it under."""
@@ -124,8 +126,9 @@ class LearnStep(nn.Module):
     def forward(self, x: Tensor, target: Tensor, *flat: Tensor) -> tuple[Tensor, ...]:
         n_s, n_g = len(self.state_names), len(self.learned)
         state, grads_in, params = flat[:n_s], flat[n_s:n_s + n_g], flat[n_s + n_g:]
-        with torch.no_grad(), self._bound():
-            program, grads = self._program(x, list(params))
+        # lowered(): the backward kernels ONNX lacks, traced as forward ops (onnx_lowering)
+        with torch.no_grad(), self._bound(), lowered():
+            program, grads = self._program(x, list(params), dry_run=False)
             buffers = [t for op in program.ops for t in op.state()]
             for buf, value in zip(buffers, state):
                 buf.copy_(value)
@@ -133,6 +136,20 @@ class LearnStep(nn.Module):
                 g.copy_(value)
             y = program.learn(x, target)
             return (y.clone(), *[b.clone() for b in buffers], *[g.clone() for g in grads])
+
+
+class _AllocatingProgram(Program):
+    """A :class:`Program` whose construction runs only the forward on zeros: the ops allocate their
+    buffers there; the backward allocates nothing (it adds into the given ``.grad``)."""
+
+    ready = False
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.ready = True
+
+    def learn(self, x: Tensor, target: Tensor) -> Tensor:
+        return super().learn(x, target) if self.ready else x
 
 
 def export_learn_step(net: nn.Module, path: str | os.PathLike, *, loss: str = "ce", input_shape=None,
@@ -174,8 +191,8 @@ def export_learn_step(net: nn.Module, path: str | os.PathLike, *, loss: str = "c
                          learned=[f"param.{n}" for n in fn.learned])
     args = (x, target, *state, *accs, *params)
     with _quiet_exporter():
-        try:  # the backward kernels ONNX lacks are lowered to forward ops first (onnx_lowering)
-            traced = lower(torch.export.export(fn, args, dynamic_shapes=dynamic, strict=False))
+        try:
+            traced = torch.export.export(fn, args, dynamic_shapes=dynamic, strict=False)
         except LoweringError as err:
             raise LearnGraphError(f"cannot export the learning step: {err}") from err
         except Exception as err:  # torch.export raises many types; keep its own summary

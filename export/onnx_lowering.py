@@ -11,7 +11,9 @@ forward ops that ONNX has (``static-step.md``, "ONNX learning graph"):
 * average pooling: the output gradient spread evenly over each window (a transposed convolution
   with a constant kernel, one channel at a time).
 
-:func:`lower` applies them to an exported program. Configurations they do not cover raise
+:func:`lowered` puts them in place of the kernels while ``torch.export`` traces the step (a torch
+function mode: the traced graph holds the forward ops from the start, with no second trace to
+decompose it). Configurations they do not cover raise
 :class:`~stoprt.export.onnx_learn.LearnGraphError` naming the layer setting. ``tests/test_onnx_learn``
 checks each against the ATen kernel.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 aten = torch.ops.aten
 
@@ -81,11 +84,15 @@ def adaptive_avg_pool_backward(grad_y, x):
     return avg_pool_backward(grad_y, x, k, k, [0, 0], False, True, None)
 
 
-LOWERINGS = {aten.convolution_backward.default: conv_backward,
-             aten.avg_pool2d_backward.default: avg_pool_backward,
-             aten._adaptive_avg_pool2d_backward.default: adaptive_avg_pool_backward}
+LOWERINGS = {aten.convolution_backward: conv_backward,
+             aten.avg_pool2d_backward: avg_pool_backward,
+             aten._adaptive_avg_pool2d_backward: adaptive_avg_pool_backward}
 
 
-def lower(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """``program`` with the backward kernels above replaced by their forward-op forms."""
-    return program.run_decompositions(dict(LOWERINGS))
+class lowered(TorchFunctionMode):
+    """Within this context a call of a kernel in :data:`LOWERINGS` (by packet or overload) runs its
+    forward-op form instead."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        form = LOWERINGS.get(getattr(func, "overloadpacket", func))
+        return (form or func)(*args, **(kwargs or {}))

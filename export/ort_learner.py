@@ -65,7 +65,7 @@ class OrtLearner:
     Args:
         learn_graph, update_graph: the two ONNX files.
         parameters: the network's state_dict (its parameters' starting values).
-        lr: SGD's learning rate (an input of the update graph).
+        lr: the learning rate (an input of the update graph; SGD or Adam, as the graph was exported).
         update: ``"sample"`` (at :meth:`end_sample`), ``"step"`` or every N labelled steps, as STOP.
         threads: intra-op threads (1: a small step gains nothing from more).
         provider, strict: the execution provider asked for (see :func:`choose_providers`).
@@ -105,7 +105,8 @@ class OrtLearner:
                                       f"metadata says {want} (without batch): the graph was altered")
         self.params = {n: np.zeros(s, np.float32) for n, s in sig.params}
         self.set_parameters(parameters)
-        self.momentum = {n: np.zeros(s, np.float32) for n, s in self.usig.learned} if self.usig.momentum else {}
+        # the optimizer's state (SGD momentum; Adam's moments and step count), zeros as torch starts
+        self.optimizer_state = {n: np.zeros(s, np.float32) for n, s in self.usig.state}
         self.stats = LearnerStats()
         self.sample_steps, self._since_update = 0, 0
         self._batch: int | None = None
@@ -190,11 +191,11 @@ class OrtLearner:
         """What learning has changed, as arrays by graph input name (copies): ``params`` and the
         optimizer's state. Meant for sample boundaries, where state, traces and accumulators are zero."""
         return {"params": {n: a.copy() for n, a in self.params.items()},
-                "optimizer": {n: a.copy() for n, a in self.momentum.items()}}
+                "optimizer": {n: a.copy() for n, a in self.optimizer_state.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s values in place (the bound buffers keep their memory)."""
-        for what, mine in (("params", self.params), ("optimizer", self.momentum)):
+        for what, mine in (("params", self.params), ("optimizer", self.optimizer_state)):
             theirs = state.get(what) or {}
             if set(theirs) != set(mine):
                 raise ValueError(f"the checkpoint's {what} ({len(theirs)} arrays) do not fit these graphs' "
@@ -259,14 +260,14 @@ class OrtLearner:
         grads = self._grads[self._g]
         feeds = {"lr": self.lr, **{n: self.params[n] for n, _ in self.usig.learned},
                  **{n: g for (n, _), g in zip(self.sig.grads, grads)},
-                 **{n.replace("param.", "momentum.", 1): m for n, m in self.momentum.items()}}
+                 **self.optimizer_state}
         out = self.update_session.run(None, feeds)
         n = len(self.usig.learned)
         ok, clamped = bool(out[-2]), int(out[-1])
         for (name, _), value in zip(self.usig.learned, out[:n]):
             np.copyto(self.params[name], value)
-        for name, value in zip(self.momentum, out[n:-2]):
-            np.copyto(self.momentum[name], value)
+        for name, value in zip(self.optimizer_state, out[n:-2]):
+            np.copyto(self.optimizer_state[name], value)
         for g in grads:
             g.fill(0.0)
         if ok:

@@ -124,12 +124,16 @@ class LearnSignature(StepSignature):
 
 UPDATE_FORMAT = "stoprt-update"
 UPDATE_VERSION = 1
+OPTIMIZERS = ("sgd", "adam")
+ADAM_STEP = "adam.step"
+UPDATE_OPSETS = tuple(sorted({17, *OPSETS}))
 
 
 @dataclass
 class UpdateSignature(GraphMetadata):
     """``learned``: ``[name, shape]`` of each learned parameter (its learning-graph input name);
-    ``clamps``: name -> ``[lo, hi]`` (None: unbounded) for leaks and thresholds."""
+    ``clamps``: name -> ``[lo, hi]`` (None: unbounded) for leaks and thresholds; the optimizer and
+    its hyperparameters (``betas``/``eps``: Adam's)."""
 
     FORMAT, VERSION, ERROR = UPDATE_FORMAT, UPDATE_VERSION, LearnGraphError
     KIND = "update graph"
@@ -140,6 +144,17 @@ class UpdateSignature(GraphMetadata):
     optimizer: str = "sgd"
     momentum: float = 0.0
     weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
     opset: int = DEFAULT_OPSET
+
+    @property
+    def state(self) -> list[list]:
+        """``[name, shape]`` of each optimizer-state input, in graph order (output: ``new_`` + name)."""
+        def per_param(prefix: str) -> list[list]:
+            return [[n.replace("param.", prefix + ".", 1), list(s)] for n, s in self.learned]
+        if self.optimizer == "adam":
+            return per_param("exp_avg") + per_param("exp_avg_sq") + [[ADAM_STEP, []]]
+        return per_param("momentum") if self.momentum else []
 
 
