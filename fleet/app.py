@@ -4,8 +4,9 @@ Both run on Flower's deployment engine: the SuperLink starts ``server_app`` when
 the app (:mod:`.launch` writes its ``pyproject.toml``), each SuperNode starts ``client_app`` for each
 message. Run config (``[tool.flwr.app.config]``, overridable with ``flwr run --run-config``):
 ``rounds``, ``min-nodes`` (reports needed to aggregate a round), ``node-wait`` (seconds to wait for
-``min-nodes`` nodes before a round), ``round-timeout`` (seconds a round waits for replies: a dead
-node does not stall it), ``ack-timeout`` (seconds a board's agent waits for its session), ``prox-mu``
+``min-nodes`` nodes before a round), ``round-timeout`` (seconds a round waits for replies at most: a
+dead node does not stall it), ``straggler-wait`` (seconds a round still waits for the others once
+``min-nodes`` replied), ``ack-timeout`` (seconds a board's agent waits for its session), ``prox-mu``
 (FedProx-style damping, 0: plain FedAvg), ``model``/``size``/``classes``/``seed`` (the network, built
 as ``stoprt stream`` builds it) and ``status-dir`` (``status.json`` and ``global.pt``). Node config
 (``flower-supernode --node-config``): ``checkpoint`` (the board's ``stoprt stream --checkpoint`` folder)
@@ -32,7 +33,6 @@ import numpy as np
 from . import import_flwr
 from .aggregate import Report, check_report, fedavg
 from .config import FleetConfig
-from .status import FleetStatus
 
 import_flwr()
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
@@ -52,30 +52,6 @@ def _nbytes(record: ArrayRecord) -> int:
     return sum(len(a.data) for a in record.values())
 
 
-def initial_model(cfg: FleetConfig):
-    """``(global parameters, bounds)`` of a fresh network, built as ``stoprt stream`` builds it."""
-    import torch
-
-    from ..export.loading import load_network
-    from ..runtime import layers as L
-    from ..runtime.stream.merge import fleet_parameters, parameter_bounds
-    torch.manual_seed(cfg.seed)
-    net = load_network(cfg.model, {"in_channels": 2, "size": cfg.size, "classes": cfg.classes}).net
-    shape = tuple(getattr(net, "input_shape", None) or (2, cfg.size, cfg.size))
-    with torch.no_grad():
-        net(torch.zeros(1, *shape))  # lazily shaped thresholds take their shapes here
-    L.reset_state(net)
-    return {k: v.detach().numpy().copy() for k, v in fleet_parameters(net).items()}, parameter_bounds(net)
-
-
-def save_global(folder: Path, rnd: int, params: dict[str, np.ndarray], cfg: FleetConfig) -> None:
-    import torch
-
-    from ..runtime.checkpoint import save_checkpoint
-    save_checkpoint(folder / "global.pt", {"kind": "fleet-global", "round": rnd, "config": asdict(cfg),
-                                           "params": {k: torch.from_numpy(np.array(v)) for k, v in params.items()}})
-
-
 def _wait_for_nodes(grid: Grid, count: int, seconds: float) -> list[int]:
     deadline = time.monotonic() + seconds
     while True:
@@ -85,9 +61,12 @@ def _wait_for_nodes(grid: Grid, count: int, seconds: float) -> list[int]:
         time.sleep(0.5)
 
 
-def _send_and_collect(grid: Grid, messages: list[Message], timeout: float, poll_s: float = 0.5) -> list[Message]:
-    """Push, then pull the replies until all came or ``timeout`` passed (Grid.send_and_receive polls
-    every 3 s, which would add up to 3 s to every round)."""
+def _send_and_collect(grid: Grid, messages: list[Message], timeout: float, quorum: int, straggler_s: float,
+                      poll_s: float = 0.5) -> list[Message]:
+    """Push, then pull the replies until all came, ``timeout`` passed, or ``straggler_s`` passed since
+    the ``quorum``-th reply (a dead node stays listed by the SuperLink until its heartbeat expires, a
+    minute or so: without this every round until then would last ``timeout``). Grid.send_and_receive
+    polls every 3 s, which would add up to 3 s to every round."""
     pending = set(grid.push_messages(messages)) if messages else set()
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
@@ -95,6 +74,8 @@ def _send_and_collect(grid: Grid, messages: list[Message], timeout: float, poll_
         got = list(grid.pull_messages(pending))
         replies += got
         pending -= {m.metadata.reply_to_message_id for m in got}
+        if got and len(replies) >= quorum:
+            deadline = min(deadline, time.monotonic() + straggler_s)
         if pending:
             time.sleep(poll_s)
     return replies
@@ -138,7 +119,7 @@ def run_round(grid: Grid, cfg: FleetConfig, rnd: int, params: dict[str, np.ndarr
     messages = [Message(RecordDict({"global": record, "config": ConfigRecord({"round": rnd, "ack-timeout": cfg.ack_timeout})}),
                         dst_node_id=n, message_type=MessageType.TRAIN, ttl=max(cfg.round_timeout, 1.0) + 30.0)
                 for n in nodes]
-    replies = _send_and_collect(grid, messages, cfg.round_timeout)
+    replies = _send_and_collect(grid, messages, cfg.round_timeout, cfg.min_nodes, cfg.straggler_wait)
     per_node: dict[str, dict] = {}
     for reply in replies:
         name, entry = _read_reply(reply, params)
@@ -146,7 +127,7 @@ def run_round(grid: Grid, cfg: FleetConfig, rnd: int, params: dict[str, np.ndarr
     answered = {e["node_id"] for e in per_node.values()}
     for n in nodes:
         if n not in answered:
-            per_node[str(n)] = {"node_id": n, "status": f"no reply within {cfg.round_timeout:g} s", "sent": sent,
+            per_node[str(n)] = {"node_id": n, "status": "no reply in time", "sent": sent,
                                 "received": 0, "labelled": 0}
     reports = [e.pop("report") for e in per_node.values() if "report" in e]
     new = fedavg(params, reports, bounds, cfg.prox_mu) if len(reports) >= cfg.min_nodes else None
@@ -164,6 +145,8 @@ def run_round(grid: Grid, cfg: FleetConfig, rnd: int, params: dict[str, np.ndarr
 
 @server_app.main()
 def server_main(grid: Grid, context: Context) -> None:
+    from .model import initial_model, save_global  # torch and the model zoo: the server only
+    from .status import FleetStatus
     cfg = FleetConfig.from_run_config(dict(context.run_config))
     folder = Path(cfg.status_dir)
     params, bounds = initial_model(cfg)

@@ -10,7 +10,8 @@ class FleetConfig:
     rounds: int = 3
     min_nodes: int = 2
     node_wait: float = 60.0
-    round_timeout: float = 30.0
+    round_timeout: float = 60.0
+    straggler_wait: float = 15.0
     ack_timeout: float = 10.0
     prox_mu: float = 0.0
     model: str = "mlp"

@@ -88,3 +88,16 @@ def evaluate(net: nn.Module, steps, track: LabelTrack) -> float:
         session.finish()
     net.train(was_training)
     return float(session.stats.accuracy or 0.0)
+
+
+def learn_alone(net: nn.Module, steps, track: LabelTrack, labelled: int, lr: float) -> nn.Module:
+    """``net`` after learning, as ``stoprt stream --learn`` does (STOP, Adam at ``lr``, an update per
+    sample), from the first ``labelled`` labelled samples of ``steps``: the local-only baseline."""
+    from ..runtime.stop import STOP
+    learner = STOP(net, torch.optim.Adam(net.parameters(), lr=lr), update="sample")
+    session = StreamSession(net, learner, labels=LabelTrack(track.segments))
+    for step in steps:
+        session.process(step.frame, step.t_start, step.t_end)
+        if session.stats.labelled_samples >= labelled:
+            break
+    return net
