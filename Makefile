@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU wheel these development machines keep on disk; override on other machines.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= torch,edge,test,plot,aedat,nir,snntorch
+EXTRAS ?= torch,edge,test,plot,aedat,nir,snntorch,fleet
 
 .PHONY: demo test bench bench-peers bench-step install clean
 

@@ -1,4 +1,4 @@
-"""The ``stoprt`` command line: demo, train, stream, export, import, info, profile, plan.
+"""The ``stoprt`` command line: demo, train, stream, export, import, info, profile, plan, fleet.
 
 The subcommands live in :mod:`stoprt.commands` (one module per command or group); this module builds
 the parser from them and maps failures to exit codes. Each subcommand imports what it needs when it
@@ -37,7 +37,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .commands import demo, device, export, import_, stream, train
+    from .commands import demo, device, export, fleet, import_, stream, train
 
     parser = Parser(prog="stoprt", description="On-device learning runtime for spiking neural networks (STOP: "
                     "weights, thresholds and leaks, bounded memory).", epilog=EXIT_CODES,
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log warnings and details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    for command in (demo, train, stream, device, export, import_):
+    for command in (demo, train, stream, device, export, import_, fleet):
         command.register(sub)
     return parser
 

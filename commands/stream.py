@@ -212,6 +212,9 @@ def run_stream(args: argparse.Namespace) -> int:
     if args.backend != "torch" and not args.learn:
         from ..export.runners import make_runner  # the step graph of a bundle; TensorRT keeps its engine
         runner = make_runner(args.backend, args.model, workdir=args.checkpoint)  # in --checkpoint DIR or the bundle
+    if args.fleet and not (args.learn and args.checkpoint) or args.fleet and ort_learn:
+        raise ValueError("--fleet needs --learn in torch and --checkpoint DIR (the agent exchanges parameters "
+                         "through DIR)")
     if args.learn and not ort_learn:
         import torch
 
@@ -233,8 +236,13 @@ def run_stream(args: argparse.Namespace) -> int:
                 print("\r\033[K", end="", file=sys.stderr)  # the prediction replaces the status line
             print(describe(p), flush=True)
 
+    merge = None
+    if args.fleet:
+        from ..runtime.stream.merge import FleetMerge
+        merge = FleetMerge(args.checkpoint, saved)
     session = StreamSession(net, learner, runner=runner, window=args.window, labels=labels,
                             on_prediction=on_prediction,
+                            on_sample_end=merge,
                             checkpoint_dir=args.checkpoint,
                             checkpoint_every=args.checkpoint_every, late_label_steps=args.late_label_steps,
                             meta={**meta, "input_shape": list(input_shape), "dt_us": args.dt_us,
@@ -316,6 +324,8 @@ def register(sub) -> None:
     p.add_argument("--checkpoint-every", type=nonnegative_int, default=50,
                    help="samples between checkpoints (0: only on SIGINT/SIGTERM and at the end)")
     p.add_argument("--resume", action="store_true", help="continue from DIR/session.pt")
+    p.add_argument("--fleet", action="store_true", help="take merged fleet parameters from DIR/merge.pt at "
+                   "sample boundaries (written by `stoprt fleet node`; see stoprt.runtime.stream.merge)")
     p.add_argument("--force", action="store_true", help="resume even if the source or settings differ")
     p.add_argument("--max-steps", type=positive_int, default=None)
     p.add_argument("--realtime", action="store_true", help="pace a recording by its timestamps")

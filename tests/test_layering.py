@@ -1,9 +1,9 @@
-"""The package layers import only downward: commands -> devices -> export -> runtime.
+"""The package layers import only downward: commands -> fleet -> devices -> export -> runtime.
 
 Every module under runtime/, export/, devices/ and commands/ is parsed (not imported, so optional
 backends do not matter) and each import, relative ones resolved, is checked against the layer order:
-runtime imports no stoprt.export/devices/commands/cli; export none of devices/commands/cli; devices
-none of commands/cli. The command layer (and the top-level ``cli``) may import anything below it.
+runtime imports no stoprt.export/devices/fleet/commands/cli; export none of devices/fleet/commands/cli;
+devices none of fleet/commands/cli; fleet none of commands/cli. The command layer (and the top-level ``cli``) may import anything below it.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TOP = ("stoprt.cli", "stoprt.cli_args", "stoprt.commands")
-FORBIDDEN = {"runtime": ("stoprt.export", "stoprt.devices", *TOP),
-             "export": ("stoprt.devices", *TOP),
-             "devices": TOP,
+FORBIDDEN = {"runtime": ("stoprt.export", "stoprt.devices", "stoprt.fleet", *TOP),
+             "export": ("stoprt.devices", "stoprt.fleet", *TOP),
+             "devices": ("stoprt.fleet", *TOP),
+             "fleet": TOP,
              "commands": ()}
 
 

@@ -200,12 +200,16 @@ class StreamSession:
         runner: for inference without learning, another backend (a :class:`StepRunner`: ``step(x) ->
             output`` and ``reset()``, from :func:`stoprt.export.runners.make_runner`) used instead of ``net``.
         on_prediction: called with a :class:`WindowPrediction` each time a sample closes.
+        on_sample_end: called with the session at each sample boundary, before the periodic
+            checkpoint (e.g. :class:`~stoprt.runtime.stream.merge.FleetMerge`, which may change the
+            parameters there); it must not block.
     """
 
     def __init__(self, net: nn.Module | None, learner: Any = None, window: int = 10,
                  labels: LabelTrack | None = None, checkpoint_dir: str | Path | None = None,
                  checkpoint_every: int = 0, late_label_steps: int = 0, meta: dict | None = None,
-                 runner: StepRunner | None = None, on_prediction: Callable[[WindowPrediction], None] | None = None) -> None:
+                 runner: StepRunner | None = None, on_prediction: Callable[[WindowPrediction], None] | None = None,
+                 on_sample_end: Callable[["StreamSession"], None] | None = None) -> None:
         if window < 1:
             raise ValueError(f"window must be at least 1 step, got {window}")
         if runner is not None and learner is not None:
@@ -222,6 +226,7 @@ class StreamSession:
         self.checkpoint_every, self.late_label_steps = checkpoint_every, late_label_steps
         self.meta = meta or {}
         self.on_prediction = on_prediction
+        self.on_sample_end = on_sample_end
         self.stats = SessionStats()
         self._sample: _Sample | None = None
         self._last_unlabelled: _Sample | None = None
@@ -300,6 +305,8 @@ class StreamSession:
                 float(sample.output_sum[0, prediction])))
         if self.labels is not None:
             self.labels.prune(sample.start_us)
+        if self.on_sample_end is not None:
+            self.on_sample_end(self)
         if self.checkpoint_path and self.checkpoint_every and self.stats.samples % self.checkpoint_every == 0:
             self.save()
 

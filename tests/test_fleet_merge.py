@@ -1,0 +1,145 @@
+"""Fleet learning in-process: aggregation, refusal of bad reports, the session's merge hook, the agent."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from stoprt.fleet.aggregate import Report, check_report, fedavg
+from stoprt.runtime import models
+from stoprt.runtime.stream.merge import (ACK_FILE, MERGE_FILE, ROUND_KEY, FleetMerge, fleet_parameters,
+                                         parameter_bounds, write_arrays)
+from stoprt.runtime.stream.session import LabelTrack, SessionStats, StreamSession
+
+
+def _net():
+    torch.manual_seed(0)
+    net = models.build_model("mlp", in_channels=2, size=4, classes=3, hidden=(5,))
+    with torch.no_grad():
+        net(torch.zeros(1, 2, 4, 4))
+    return net
+
+
+def _params(net, add=0.0):
+    return {k: v.detach().numpy().copy() + np.float32(add) for k, v in fleet_parameters(net).items()}
+
+
+def test_bounds_come_from_the_neurons():
+    net = _net()
+    bounds = parameter_bounds(net)
+    lif = net[2]
+    assert bounds["2.threshold"] == (lif.threshold_floor, float("inf"))
+    assert bounds["2.leak"] == tuple(lif.leak_range)
+
+
+def test_fedavg_weights_by_labelled_samples_and_damps():
+    ref = {"w": np.zeros(3, np.float32)}
+    reports = [Report("a", {"w": np.full(3, 1.0, np.float32)}, 1), Report("b", {"w": np.full(3, 4.0, np.float32)}, 3)]
+    assert np.allclose(fedavg(ref, reports, {})["w"], 3.25)
+    assert np.allclose(fedavg(ref, reports, {}, prox_mu=1.0)["w"], 3.25 / 2)
+    assert fedavg(ref, [Report("a", ref, 0)], {}) is None  # no labelled sample: the global stays
+
+
+def test_fedavg_keeps_thresholds_and_leaks_in_range():
+    net = _net()
+    bounds = parameter_bounds(net)
+    ref = _params(net)
+    low = {k: np.full_like(v, -5.0) for k, v in ref.items()}
+    out = fedavg(ref, [Report("a", low, 2)], bounds)
+    assert np.all(out["2.threshold"] == np.float32(bounds["2.threshold"][0]))
+    assert np.all(out["2.leak"] == np.float32(bounds["2.leak"][0]))
+    assert np.all(out["1.weight"] == -5.0)
+    assert out["2.leak"].shape == ref["2.leak"].shape == ()
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda p: p.update({"1.weight": p["1.weight"][:, :3]}), "'1.weight' has shape"),
+    (lambda p: p["1.bias"].__setitem__(0, np.nan), "'1.bias' holds 1 NaN/Inf"),
+    (lambda p: p.pop("3.bias"), "missing ['3.bias']"),
+    (lambda p: p.update({"1.bias": p["1.bias"].astype(np.int32)}), "dtype int32"),
+])
+def test_bad_reports_are_refused_with_the_reason(change, needle):
+    ref = _params(_net())
+    bad = {k: v.copy() for k, v in ref.items()}
+    change(bad)
+    assert needle in check_report(bad, 5, ref)
+    assert check_report(ref, 5, ref) is None
+    assert "count" in check_report(ref, -1, ref)
+
+
+def _session(tmp_path):
+    net = _net()
+    return StreamSession(net, None, labels=LabelTrack(), checkpoint_dir=tmp_path)
+
+
+def test_merge_replaces_first_then_adds_the_local_delta(tmp_path):
+    session = _session(tmp_path)
+    hook = FleetMerge(tmp_path)
+    g1 = _params(session.net, 0.5)
+    write_arrays(tmp_path / MERGE_FILE, {**g1, ROUND_KEY: np.array(1)})
+    session.stats = SessionStats(labelled_samples=10, correct=4)
+    hook(session)
+    now = _params(session.net)
+    assert np.allclose(now["1.weight"], g1["1.weight"])  # a session that never merged takes the global model
+    assert json.loads((tmp_path / ACK_FILE).read_text()) == {"round": 1, "ok": True, "samples": 0, "labelled": 0}
+    with torch.no_grad():  # local learning after the merge
+        session.net[1].weight += 0.25
+    session.stats = SessionStats(labelled_samples=16, correct=7)
+    g2 = _params(session.net, 0.0)
+    g2["1.weight"] = g1["1.weight"] - 1.0
+    g2["2.threshold"] = np.full_like(g2["2.threshold"], -3.0)  # below the floor: clamped by the neuron
+    write_arrays(tmp_path / MERGE_FILE, {**g2, ROUND_KEY: np.array(2)})
+    hook(session)
+    now = _params(session.net)
+    assert np.allclose(now["1.weight"], g1["1.weight"] - 1.0 + 0.25)  # global + what was learned since round 1
+    assert np.all(now["2.threshold"] >= session.net[2].threshold_floor)
+    state = torch.load(tmp_path / "session.pt", weights_only=True)["meta"]["fleet"]
+    assert (state["round"], state["delta_labelled"], state["delta_correct"]) == (2, 6, 3)
+    # a restarted session resumes the base from its checkpoint and does not apply round 2 again
+    again = _session(tmp_path)
+    saved = again.resume(tmp_path / "session.pt")
+    hook2 = FleetMerge(tmp_path, saved)
+    hook2(again)
+    assert hook2.applied == 0 and np.allclose(_params(again.net)["1.weight"], now["1.weight"])
+
+
+def test_merge_of_another_network_is_refused_and_learning_goes_on(tmp_path):
+    session = _session(tmp_path)
+    before = _params(session.net)
+    wrong = {**before, "1.weight": np.zeros((2, 2), np.float32)}
+    write_arrays(tmp_path / MERGE_FILE, {**wrong, ROUND_KEY: np.array(1)})
+    FleetMerge(tmp_path)(session)
+    ack = json.loads((tmp_path / ACK_FILE).read_text())
+    assert ack["ok"] is False and "'1.weight'" in ack["error"]
+    assert np.array_equal(_params(session.net)["1.weight"], before["1.weight"])
+    (tmp_path / MERGE_FILE).write_bytes(b"PK\x03\x04 damaged")
+    FleetMerge(tmp_path)(session)
+    assert "damaged" in json.loads((tmp_path / ACK_FILE).read_text())["error"]
+
+
+def test_agent_exchange_with_a_session_taking_the_round(tmp_path):
+    from stoprt.fleet.agent import exchange
+    session = _session(tmp_path)
+    hook = FleetMerge(tmp_path)
+    g = _params(session.net, 1.0)
+    stop = threading.Event()
+
+    def boundaries():  # the stream's sample boundaries, in another thread
+        while not stop.is_set():
+            hook(session)
+            stop.wait(0.01)
+
+    thread = threading.Thread(target=boundaries)
+    thread.start()
+    try:
+        report = exchange(tmp_path, 1, g, timeout_s=10)
+    finally:
+        stop.set()
+        thread.join()
+    assert report.params is not None and np.allclose(report.params["1.weight"], g["1.weight"])
+    idle = exchange(tmp_path, 2, g, timeout_s=0.2)  # no session running: an empty report, never a hang
+    assert idle.params is None and "did not take round 2" in idle.note
