@@ -242,9 +242,16 @@ class StreamSession:
     # ---- one step -------------------------------------------------------------------------------
     def process(self, frame: Any, t_start: int, t_end: int) -> int:
         """Run one time step; returns the running prediction of the current sample."""
+        if not self._advance(frame, t_start, t_end):
+            return -1
+        return int(self._sample.output_sum.argmax(1)[0])
+
+    def _advance(self, frame: Any, t_start: int, t_end: int) -> bool:
+        """:meth:`process` without the running prediction (a host read per step; :meth:`run` needs
+        none). False for a step skipped after a resume."""
         if t_end <= self._resume_after_us:
             self.stats.skipped_steps += 1
-            return -1
+            return False
         segment = self.labels.at(t_start) if self.labels is not None else None
         if self._sample is not None and self._boundary(segment):
             self._close_sample()
@@ -270,10 +277,13 @@ class StreamSession:
                 sample.frames = None  # longer than the replay bound: a late label will not apply
         sample.steps += 1
         sample.end_us = t_end
-        sample.output_sum = out if sample.output_sum is None else sample.output_sum + out
+        if sample.output_sum is None:
+            sample.output_sum = out + 0  # a copy (tensor or array), summed in place below: never the caller's
+        else:
+            sample.output_sum += out
         self.stats.steps += 1
         self.stats.t_us = t_end
-        return int(sample.output_sum.argmax(1)[0])
+        return True
 
     def _boundary(self, segment: Segment | None) -> bool:
         if self.labels is not None:
@@ -342,7 +352,7 @@ class StreamSession:
         steps0, ended = self.stats.steps, True
         try:
             for step in steps:
-                self.process(step.frame, step.t_start, step.t_end)
+                self._advance(step.frame, step.t_start, step.t_end)
                 if on_step is not None:
                     on_step(self)
                 if self._stop_requested or (max_steps is not None and self.stats.steps - steps0 >= max_steps):
