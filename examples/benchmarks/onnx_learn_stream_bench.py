@@ -1,11 +1,12 @@
 """Torch-free learning stream: `stoprt stream --backend onnxruntime --learn` with the demo MLP, 1 thread.
 
 Issue 13's targets: RSS at most 150 MiB and at least 3,000 steps/s. The learning bundle of the demo
-MLP (``mlp``, 16x16 input, hidden 256) is exported once (with torch, in this process); the built-in
-digits are rendered into the cache once; then the stream runs in a fresh subprocess in which
+MLP (``mlp``, 16x16 input, hidden 256) is exported and the built-in digits rendered into the cache in
+one subprocess (torch); then the stream runs in a fresh subprocess in which
 ``import torch`` fails (a meta-path blocker), and its ``--json`` summary (steps/s of the process, peak
 RSS) is read. The same stream with the torch backend (STOP in torch, 1 thread) runs beside it for
-the ratio. Results: ``OUT/onnx_learn_stream.json``.
+the ratio. This process never imports torch: a child's peak RSS (``ru_maxrss``) starts from its
+parent's at the fork, so a parent holding torch would inflate it. Results: ``OUT/onnx_learn_stream.json``.
 
     python examples/benchmarks/onnx_learn_stream_bench.py --out docs/results/onnx-learn --samples 400
 """
@@ -31,6 +32,16 @@ code = main(sys.argv[1:])
 assert "torch" not in sys.modules
 sys.exit(code)
 """
+PREPARE = """
+import sys, torch
+from stoprt.export.bundle import write_bundle
+from stoprt.export.learning import LearningOptions
+from stoprt.runtime.models import build_model
+from stoprt.runtime.stream.builtin import BuiltinStream
+torch.manual_seed(0)
+BuiltinStream("digits", n_samples=int(sys.argv[2]))
+write_bundle(sys.argv[1], build_model("mlp", size=16), {"dt_us": 30_000}, learning=LearningOptions(lr=0.01))
+"""
 
 
 def _run(argv: list[str], blocked: bool) -> dict:
@@ -47,20 +58,11 @@ def main() -> None:
     p.add_argument("--out", default="runs/onnx-learn")
     p.add_argument("--samples", type=int, default=400, help="built-in digits streamed (about 10.7 steps each)")
     args = p.parse_args()
-    import torch
-
-    from stoprt.export.bundle import write_bundle
-    from stoprt.export.learning import LearningOptions
-    from stoprt.runtime.models import build_model
-    from stoprt.runtime.stream.builtin import BuiltinStream
-
-    torch.manual_seed(0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    BuiltinStream("digits", n_samples=args.samples)  # renders into the cache (torch), once
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "bundle"
-        write_bundle(bundle, build_model("mlp", size=16), {"dt_us": 30_000}, learning=LearningOptions(lr=0.01))
+        subprocess.run([sys.executable, "-c", PREPARE, str(bundle), str(args.samples)], check=True)
         stream = ["stream", "--source", f"builtin:digits:{args.samples}", "--model", str(bundle), "--learn"]
         ort = _run(stream + ["--backend", "onnxruntime"], blocked=True)
         eager = _run(stream, blocked=False)
