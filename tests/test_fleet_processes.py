@@ -51,7 +51,7 @@ def fleet_run(tmp_path_factory):
     """One fleet run shared by the tests below: ``(work folder, status rounds, picks, pool)``."""
     tmp_path = tmp_path_factory.mktemp("fleet")
     events, labels = shares.digit_pool(DURATION)
-    picks = [shares.share_indices(labels, g, 150, 0.15, seed=i) for i, g in enumerate(GROUPS)]
+    picks = [shares.share_indices(labels, g, 200, 0.15, seed=i) for i, g in enumerate(GROUPS)]
     sources = [shares.write_share(tmp_path, f"share{i}", events, labels, p, GAP) for i, p in enumerate(picks)]
     stream_args = ["--realtime", "--threads", "1", "--checkpoint-every", "0"]
     with LocalFleet(tmp_path, sources, stream_args) as fleet:
