@@ -90,8 +90,9 @@ def test_rounds_survive_a_killed_node_that_restarts(fleet_run):
     assert r1["bytes_sent"] > 0 and all(e["received"] > 0 for e in r3["per_node"].values() if e["status"] == "ok")
 
 
-@pytest.mark.xfail(reason="not met at this test's scale: about 80 labelled samples per board and two "
-                          "aggregations (see the report of issue 14)", strict=False)
+@pytest.mark.xfail(reason="marginal at this test's scale (50-80 labelled samples per board, two "
+                          "aggregations): held 0.325 vs at best 0.225 alone in one run here, 0.21 vs 0.22 in "
+                          "another, 0.275 vs 0.22 in a third", strict=False)
 def test_global_model_beats_every_board_alone(fleet_run):
     tmp_path, (r1, r2, r3), picks, (events, labels), _ = fleet_run
     # held-out accuracy over all ten classes: the global model against each board alone
