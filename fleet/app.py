@@ -62,12 +62,15 @@ def _wait_for_nodes(grid: Grid, count: int, seconds: float) -> list[int]:
 
 
 def _send_and_collect(grid: Grid, messages: list[Message], timeout: float, quorum: int, straggler_s: float,
-                      poll_s: float = 0.5) -> list[Message]:
+                      poll_s: float = 0.5) -> tuple[list[Message], dict[str, int]]:
     """Push, then pull the replies until all came, ``timeout`` passed, or ``straggler_s`` passed since
     the ``quorum``-th reply (a dead node stays listed by the SuperLink until its heartbeat expires, a
     minute or so: without this every round until then would last ``timeout``). Grid.send_and_receive
-    polls every 3 s, which would add up to 3 s to every round."""
-    pending = set(grid.push_messages(messages)) if messages else set()
+    polls every 3 s, which would add up to 3 s to every round. Also returns message id -> node id
+    (an error reply made by the SuperLink for a dead node does not carry that node as its source)."""
+    ids = list(grid.push_messages(messages)) if messages else []
+    to_node = {i: m.metadata.dst_node_id for i, m in zip(ids, messages)}
+    pending = set(ids)
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
@@ -78,14 +81,13 @@ def _send_and_collect(grid: Grid, messages: list[Message], timeout: float, quoru
             deadline = min(deadline, time.monotonic() + straggler_s)
         if pending:
             time.sleep(poll_s)
-    return replies
+    return replies, to_node
 
 
-def _read_reply(reply: Message, reference: dict[str, np.ndarray]) -> tuple[str, dict]:
+def _read_reply(reply: Message, node_id: int, reference: dict[str, np.ndarray]) -> tuple[str, dict]:
     """``(name, entry)`` for the status; ``entry["report"]`` is a :class:`Report` when it can be aggregated."""
-    node_id = reply.metadata.src_node_id
     if reply.has_error():
-        return str(node_id), {"node_id": node_id, "status": f"error: {reply.error.reason}"}
+        return str(node_id), {"node_id": node_id, "status": f"error: {reply.error.reason}", "received": 0, "labelled": 0}
     content = reply.content
     info = content.config_records.get("info", ConfigRecord())
     name = str(info.get("name") or node_id)
@@ -119,10 +121,11 @@ def run_round(grid: Grid, cfg: FleetConfig, rnd: int, params: dict[str, np.ndarr
     messages = [Message(RecordDict({"global": record, "config": ConfigRecord({"round": rnd, "ack-timeout": cfg.ack_timeout})}),
                         dst_node_id=n, message_type=MessageType.TRAIN, ttl=max(cfg.round_timeout, 1.0) + 30.0)
                 for n in nodes]
-    replies = _send_and_collect(grid, messages, cfg.round_timeout, cfg.min_nodes, cfg.straggler_wait)
+    replies, to_node = _send_and_collect(grid, messages, cfg.round_timeout, cfg.min_nodes, cfg.straggler_wait)
     per_node: dict[str, dict] = {}
     for reply in replies:
-        name, entry = _read_reply(reply, params)
+        node_id = to_node.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        name, entry = _read_reply(reply, node_id, params)
         per_node[name] = {**entry, "sent": sent}
     answered = {e["node_id"] for e in per_node.values()}
     for n in nodes:

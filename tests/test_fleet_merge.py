@@ -143,3 +143,28 @@ def test_agent_exchange_with_a_session_taking_the_round(tmp_path):
     assert report.params is not None and np.allclose(report.params["1.weight"], g["1.weight"])
     idle = exchange(tmp_path, 2, g, timeout_s=0.2)  # no session running: an empty report, never a hang
     assert idle.params is None and "did not take round 2" in idle.note
+
+
+def test_cli_fleet_errors_are_one_line(tmp_path, capsys):
+    from stoprt.cli import main
+    assert main(["stream", "--source", "builtin:digits:2", "--learn", "--fleet", "--quiet"]) == 2
+    assert "--fleet needs --learn and --checkpoint" in capsys.readouterr().err
+    assert main(["fleet", "status", "--dir", str(tmp_path)]) == 2
+    assert "no fleet status" in capsys.readouterr().err
+    assert main(["fleet", "run", "--superlink", "127.0.0.1:1", "--work", str(tmp_path)]) == 2
+    assert "uses TLS: pass --certs" in capsys.readouterr().err
+
+
+def test_certificates_for_tls_and_node_authentication(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+    from stoprt.fleet.certs import make_certificates
+    make_certificates(tmp_path, ["localhost", "10.0.0.5"], ["board1"])
+    cert = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in names.get_values_for_type(x509.DNSName)
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    load_ssh_private_key((tmp_path / "nodes" / "board1").read_bytes(), None)
+    load_ssh_public_key((tmp_path / "nodes" / "board1.pub").read_bytes())
+    assert (tmp_path / "nodes" / "board1").stat().st_mode & 0o077 == 0
