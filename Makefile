@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= torch,edge,test,plot,aedat,nir,snntorch,fleet
 
-.PHONY: demo test bench bench-peers bench-step install clean
+.PHONY: demo test test-slow bench bench-peers bench-step install clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	@if [ ! -x $(PY) ]; then \
@@ -31,7 +31,11 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/stoprt demo --json runs/demo.json
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+# Real processes in real time (a SuperLink, three SuperNodes and their streams): minutes, not seconds.
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
 
 bench: $(VENV)/.installed
 	$(PY) examples/benchmarks/core_bench.py --out runs/bench
