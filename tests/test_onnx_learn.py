@@ -266,3 +266,16 @@ def test_pool_backward_lowering_matches_aten():
     x = torch.randn(2, 3, 8, 8, generator=g)
     want = torch.ops.aten._adaptive_avg_pool2d_backward(gy, x)
     torch.testing.assert_close(adaptive_avg_pool_backward(gy, x), want)
+
+
+def test_tensorrt_before_10_is_refused_with_one_line(monkeypatch, tmp_path):
+    """TensorRT 8.5/8.6 parse ONNX up to opset 17; the graphs are opset 18-20, so 8.x is refused
+    before anything is parsed (a stand-in module: TensorRT cannot be installed here)."""
+    import sys
+    import types
+
+    from stoprt.export.tensorrt import TensorRTError, build_engine
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="8.5.2.2"))
+    with pytest.raises(TensorRTError, match="TensorRT 8.5.2.2 reads ONNX only up to opset 17") as err:
+        build_engine(tmp_path / "step.onnx", tmp_path / "step.engine")
+    assert "\n" not in str(err.value)
