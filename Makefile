@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= test,plot,aedat,nir,snntorch
 
-.PHONY: demo test bench bench-peers bench-step install clean
+.PHONY: demo test bench bench-peers bench-step bench-onnx-learn install clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	@if [ ! -x $(PY) ]; then \
@@ -43,6 +43,9 @@ bench-peers: $(VENV)/.installed
 # STEP_ARGS="--device cuda" on a GPU. Results in docs/results/step/<machine>/.
 bench-step: $(VENV)/.installed
 	$(PY) examples/benchmarks/step_bench.py $(STEP_ARGS)
+
+bench-onnx-learn: $(VENV)/.installed
+	$(PY) examples/benchmarks/onnx_learn_bench.py $(ONNX_LEARN_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

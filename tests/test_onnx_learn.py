@@ -1,8 +1,11 @@
 """STOP's learning step as ONNX graphs (issue 13, first step): export, ORT learner vs eager STOP.
 
-Parity: the same net learns in eager STOP (torch SGD) and in :class:`OrtLearner` (the learning
-graph + the SGD update graph) on the same random event frames and labels; outputs are compared at
-every step, predictions at every sample end, parameters after 200 steps (atol 1e-5).
+Parity: the same net learns in eager STOP (torch SGD or Adam) and in :class:`OrtLearner` (the learning
+graph + the update graph) on the same random event frames and labels; outputs are compared at
+every step, predictions at every sample end, accumulated gradients before every update, parameters
+at the end (atol 1e-5). Runs here are 20-60 steps on small nets, each graph exported once per module;
+the 200-step runs of mlp, dvs_gesture, vgg11 (width 0.25) and resnet18 (width 0.125), per sample and
+per step, are ``examples/benchmarks/onnx_learn_bench.py`` (results in docs/results/onnx-learn/).
 
 Exact threshold ties: a spike is ``U > th``. ONNX Runtime's float32 kernels may sum in another order
 than torch's (Gemm, Conv), so U can differ by a rounding error; where U lies that close to the

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -111,6 +112,15 @@ def timing(name: str, learn, upd, batch: int, reps: int) -> dict:
     return out
 
 
+def _cpu_name() -> str:
+    """``amd-epyc`` from /proc/cpuinfo's first model name (two words), else the machine type."""
+    try:
+        model = next(line for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        return "-".join(model.split(":", 1)[1].split()[:2]).lower()
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
@@ -119,7 +129,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="result folder (default docs/results/onnx-learn/<machine>)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    machine = f"cpu-{platform.processor() or platform.machine()}"
+    machine = f"cpu-{_cpu_name()}-{os.cpu_count()}c"
     results = {"machine": platform.platform(), "cpu": platform.processor(), "threads": 1,
                "note": "shared, loaded machine: compare ratios within one run", "nets": {}}
     with tempfile.TemporaryDirectory() as tmp:
