@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= torch,edge,test,plot,aedat,nir,snntorch,fleet
 
-.PHONY: demo test test-slow bench bench-peers bench-step install clean
+.PHONY: demo test test-slow bench bench-peers bench-step bench-onnx-learn install clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	@if [ ! -x $(PY) ]; then \
@@ -47,6 +47,9 @@ bench-peers: $(VENV)/.installed
 # STEP_ARGS="--device cuda" on a GPU. Results in docs/results/step/<machine>/.
 bench-step: $(VENV)/.installed
 	$(PY) examples/benchmarks/step_bench.py $(STEP_ARGS)
+
+bench-onnx-learn: $(VENV)/.installed
+	$(PY) examples/benchmarks/onnx_learn_bench.py $(ONNX_LEARN_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,8 +1,9 @@
 """TensorRT engines from the ONNX step graph, run with torch CUDA buffers and state ping-pong.
 
-Written for TensorRT 10 (JetPack 6.1+ / 7) and its named-tensor API; it also runs on TensorRT 8.5+
-(JetPack 5.1 / 6.0), where the network needs the explicit-batch flag. TensorRT is imported only
-when used: install JetPack's ``python3-libnvinfer`` (apt; a venv then needs
+Written for TensorRT 10 (JetPack 6.1+ / 7) and its named-tensor API. Older TensorRT is refused with
+one line: 8.5 and 8.6 (JetPack 5.1 / 6.0) parse ONNX up to opset 17 (onnx-tensorrt's operator
+matrix on its 8.5-GA branch), and stoprt's step and learning graphs are opset 18-20. TensorRT is
+imported only when used: install JetPack's ``python3-libnvinfer`` (apt; a venv then needs
 ``--system-site-packages``) or ``pip install tensorrt`` on a desktop GPU.
 
 Building (:func:`build_engine`): ``trt.Builder`` -> network from ``trt.OnnxParser`` -> builder config
@@ -34,6 +35,7 @@ from ..runtime.atomic import write_bytes, write_text
 from .onnx_step import StepSignature, read_signature
 
 SIDECAR_FORMAT = "stoprt-tensorrt-engine"
+MIN_TENSORRT = 10
 
 
 class TensorRTError(RuntimeError):
@@ -68,6 +70,9 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
         refit: build a refittable engine (see :meth:`TrtStepRunner.refit`).
     """
     trt = import_tensorrt()
+    if _major(trt) < MIN_TENSORRT:
+        raise TensorRTError(f"TensorRT {trt.__version__} reads ONNX only up to opset 17 and stoprt's graphs are "
+                            f"opset 18-20: TensorRT {MIN_TENSORRT} or newer is needed (JetPack 6.1+)")
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     sig = read_signature(onnx_path)
     if not 1 <= (opt_batch or max_batch) <= max_batch:
@@ -76,10 +81,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
         raise ValueError(f"workspace_mib must be positive, got {workspace_mib}")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 0
-    if _major(trt) < 10:  # explicit batch is the only mode from TensorRT 10 on (the flag is deprecated)
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
+    network = builder.create_network(0)  # explicit batch: the only mode from TensorRT 10 on
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(min(parser.num_errors, 5)))

@@ -1,8 +1,11 @@
 """STOP's learning step as ONNX graphs (issue 13, first step): export, ORT learner vs eager STOP.
 
-Parity: the same net learns in eager STOP (torch SGD) and in :class:`OrtLearner` (the learning
-graph + the SGD update graph) on the same random event frames and labels; outputs are compared at
-every step, predictions at every sample end, parameters after 200 steps (atol 1e-5).
+Parity: the same net learns in eager STOP (torch SGD or Adam) and in :class:`OrtLearner` (the learning
+graph + the update graph) on the same random event frames and labels; outputs are compared at
+every step, predictions at every sample end, accumulated gradients before every update, parameters
+at the end (atol 1e-5). Runs here are 20-60 steps on small nets, each graph exported once per module;
+the 200-step runs of mlp, dvs_gesture, vgg11 (width 0.25) and resnet18 (width 0.125), per sample and
+per step, are ``examples/benchmarks/onnx_learn_bench.py`` (results in docs/results/onnx-learn/).
 
 Exact threshold ties: a spike is ``U > th``. ONNX Runtime's float32 kernels may sum in another order
 than torch's (Gemm, Conv), so U can differ by a rounding error; where U lies that close to the
@@ -17,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from stoprt.export.onnx_learn import LearnGraphError, export_learn_step, graph_ops
+from stoprt.export.onnx_learn import LearnGraphError, export_learn_step
 from stoprt.export.onnx_lowering import adaptive_avg_pool_backward, avg_pool_backward, conv_backward
 from stoprt.export.onnx_update import export_update
 from stoprt.export.ort_learner import OrtLearner
@@ -67,36 +70,89 @@ def _spike_difference(net, ort) -> tuple[str, float] | None:
     return None
 
 
-# Ops of TensorRT's ONNX parser (onnx-tensorrt, docs/operators.md, "Operator Support Matrix"): the
-# subset the learning and update graphs may use. Checked against the matrix of the onnx-tensorrt
-# snapshot that could be read here (it names TensorRT 8.4; TensorRT 10 supports a superset of these
-# op types). Only op types are checked, not per-op restrictions (e.g. 8.4 wants Conv/ConvTranspose
-# weights as initializers; here they are graph inputs): building an engine on a device is the real test.
-TENSORRT_OPS = {
-    "Abs", "Add", "And", "AveragePool", "Cast", "Clip", "Concat", "Constant", "ConstantOfShape", "Conv",
-    "ConvTranspose", "Div", "Equal", "Exp", "Expand", "Gather", "GatherElements", "Gemm", "Greater",
-    "Identity", "LessOrEqual", "LogSoftmax", "MatMul", "MaxPool", "Mul", "Neg", "Not", "Pad", "Pow", "ReduceMax",
-    "ReduceMin", "ReduceSum", "Reshape", "ScatterElements", "Shape", "Slice", "Softmax", "Squeeze", "Sub",
-    "Transpose", "Unsqueeze", "Where",
+# TensorRT 10's ONNX parser: every op marked supported ("Y") in onnx-tensorrt's docs/operators.md on
+# its 10.1-GA branch, commit 96e781103cfc4adf4a6bb557e94bac8e693f6f4c (the newest 10.x snapshot
+# that could be read here). Per-op restrictions checked below: the Reduce*/Slice/Squeeze/Unsqueeze/
+# Pad axes must be initializers or constants. Building an engine on a device is the real test.
+TENSORRT10_OPS = {
+    "Abs", "Acos", "Acosh", "Add", "And", "ArgMax", "ArgMin", "Asin", "Asinh", "Atan", "Atanh", "AveragePool",
+    "BatchNormalization", "Cast", "CastLike", "Ceil", "Celu", "Clip", "Concat", "Constant", "ConstantOfShape",
+    "Conv", "ConvTranspose", "Cos", "Cosh", "CumSum", "DeformConv", "DepthToSpace", "DequantizeLinear", "Div",
+    "Dropout", "Einsum", "Elu", "Equal", "Erf", "Exp", "Expand", "EyeLike", "Flatten", "Floor", "Gather",
+    "GatherElements", "GatherND", "Gelu", "Gemm", "GlobalAveragePool", "GlobalLpPool", "GlobalMaxPool",
+    "Greater", "GreaterOrEqual", "GridSample", "GroupNormalization", "GRU", "HardSigmoid", "HardSwish",
+    "Hardmax", "Identity", "If", "ImageScaler", "InstanceNormalization", "IsInf", "IsNaN", "LayerNormalization",
+    "LeakyRelu", "Less", "LessOrEqual", "Log", "LogSoftmax", "Loop", "LRN", "LSTM", "LpNormalization", "LpPool",
+    "MatMul", "Max", "MaxPool", "Mean", "MeanVarianceNormalization", "Min", "Mish", "Mod", "Mul", "Neg",
+    "NonMaxSuppression", "NonZero", "Not", "OneHot", "Or", "Pad", "ParametricSoftplus", "Pow", "PRelu",
+    "QuantizeLinear", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Range",
+    "Reciprocal", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
+    "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare", "Relu", "Reshape", "Resize", "ReverseSequence",
+    "RNN", "RoiAlign", "Round", "ScaledTanh", "Scan", "Scatter", "ScatterElements", "ScatterND", "Selu", "Shape",
+    "Shrink", "Sigmoid", "Sign", "Sin", "Sinh", "Size", "Slice", "Softmax", "Softplus", "Softsign",
+    "SpaceToDepth", "Split", "Sqrt", "Squeeze", "Sub", "Sum", "Tan", "Tanh", "ThresholdedRelu", "Tile", "TopK",
+    "Transpose", "Trilu", "Unsqueeze", "Upsample", "Where", "Xor",
 }
+AXES_INPUT = {"ReduceL1": 1, "ReduceL2": 1, "ReduceMax": 1, "ReduceMean": 1, "ReduceMin": 1, "ReduceProd": 1,
+              "ReduceSum": 1, "ReduceSumSquare": 1, "Squeeze": 1, "Unsqueeze": 1, "Slice": 3, "Pad": 3}
 
 
-def _graphs(net, tmp_path, loss: str):
-    sig = export_learn_step(net, tmp_path / "learn.onnx", loss=loss)
-    learned = [[n, dict(sig.params)[n]] for n in sig.learned]
-    export_update(net, learned, tmp_path / "update.onnx", momentum=MOMENTUM, weight_decay=DECAY)
-    return tmp_path / "learn.onnx", tmp_path / "update.onnx"
+def _check_tensorrt_ops(path) -> None:
+    import onnx
+    graph = onnx.load(str(path)).graph
+    used = {n.op_type for n in graph.node}
+    assert used <= TENSORRT10_OPS, f"{path.name}: ops outside TensorRT 10's list: {sorted(used - TENSORRT10_OPS)}"
+    constant = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    for n in graph.node:
+        k = AXES_INPUT.get(n.op_type)
+        if k is not None and len(n.input) > k and n.input[k]:
+            assert n.input[k] in constant, f"{path.name}: {n.op_type} {n.name} takes computed axes"
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory):
+    """``graphs(key, net, loss, optimizer)`` -> (learning graph, update graph): each learning graph is
+    exported once per module (torch.export costs seconds per net), each checked against TensorRT 10's
+    operator list where it is made."""
+    root, made = tmp_path_factory.mktemp("graphs"), {}
+
+    def get(key: str, net, loss: str = "ce", optimizer: str = "sgd"):
+        if (key, loss) not in made:
+            path = root / f"{key}-{loss}.onnx"
+            made[key, loss] = (path, export_learn_step(net, path, loss=loss))
+        learn, sig = made[key, loss]
+        upd = root / f"{key}-{loss}-{optimizer}.onnx"
+        if not upd.exists():
+            learned = [[n, dict(sig.params)[n]] for n in sig.learned]
+            kw = {"momentum": MOMENTUM} if optimizer == "sgd" else {}
+            export_update(net, learned, upd, optimizer=optimizer, weight_decay=DECAY, **kw)
+        _check_tensorrt_ops(learn)
+        _check_tensorrt_ops(upd)
+        return learn, upd
+    return get
 
 
 # Per-step updates use a smaller rate: at lr 0.05, momentum 0.9 the mse run is chaotic (eager STOP
 # against itself with one threshold moved by 1e-7 differs by 1e-3 after 140 steps), so no two
-# float32 implementations could agree to 1e-5 there.
-@pytest.mark.parametrize("name,loss,update,lr", [("mlp", "ce", "sample", LR), ("mlp", "mse", "step", 0.01),
-                                                 ("dvs_gesture", "ce", "sample", LR)])
-def test_ort_learner_matches_eager_stop(tmp_path, name, loss, update, lr):
-    _parity(_net(name), tmp_path, loss, update, lr, steps=200)
+# float32 implementations could agree to 1e-5 there. The 200-step runs at the issue's widths, for
+# vgg11 and resnet18 too, are examples/benchmarks/onnx_learn_parity.py; these are shorter.
+@pytest.mark.parametrize("name,loss,update,lr,optimizer,steps", [
+    ("mlp", "ce", "sample", LR, "sgd", 60), ("mlp", "mse", "step", 0.01, "sgd", 60),
+    ("mlp", "ce", "step", 1e-3, "adam", 60), ("dvs_gesture", "ce", "sample", LR, "sgd", 30)])
+def test_ort_learner_matches_eager_stop(graphs, name, loss, update, lr, optimizer, steps):
+    net = _net(name)
+    _parity(net, *graphs(name, net, loss, optimizer), loss, update, lr, steps=steps, optimizer=optimizer,
+            min_spiking=min(5, steps // 10))
 
 
+def test_one_graph_learns_at_batch_1_and_16(graphs):
+    """The batch axis is dynamic: the same two graphs, a sample at batch 1 then one at 16."""
+    import onnx
+    net = _net("mlp")
+    learn, upd = graphs("mlp", net, "ce", "sgd")
+    x = onnx.load(str(learn)).graph.input[0]
+    assert x.type.tensor_type.shape.dim[0].dim_param  # symbolic, not a number
+    _parity(net, learn, upd, "ce", "sample", LR, steps=20, batches=(1, 16), min_spiking=1)
 def _mixed_net(kind: str) -> torch.nn.Module:
     """Small nets over the layer kinds and options the learning graph covers, beyond the two models."""
     torch.manual_seed(5)
@@ -122,23 +178,26 @@ def _mixed_net(kind: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("kind", ["conv_groups_maxpool_readout", "adaptive_pool_surrogates"])
-def test_layer_kinds_match_eager_stop(tmp_path, kind):
+def test_layer_kinds_match_eager_stop(graphs, kind):
     # a readout's large gradients amplify float32 rounding in the parameters faster: 30 steps here,
     # and the accumulated gradients themselves are compared before every update
-    _parity(_mixed_net(kind), tmp_path, "ce", "sample", LR, steps=30, min_spiking=0)
+    net = _mixed_net(kind)
+    _parity(net, *graphs(kind, net), "ce", "sample", LR, steps=30, min_spiking=0)
 
 
-def _parity(net, tmp_path, loss: str, update, lr: float, steps: int, min_spiking: int = 5) -> None:
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=DECAY)
+def _parity(net, learn, upd, loss: str, update, lr: float, steps: int, min_spiking: int = 5,
+            optimizer: str = "sgd", batches: tuple[int, ...] = (3,)) -> None:
+    if optimizer == "adam":
+        opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=DECAY)
+    else:
+        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=DECAY)
     stop = STOP(net, opt, loss=loss, update=update, compile="eager")
-    learn, upd = _graphs(net, tmp_path, loss)
-    used = graph_ops(learn) | graph_ops(upd)  # every exported graph, checked where it is made
-    assert used <= TENSORRT_OPS, f"ops outside TensorRT's ONNX operator list: {sorted(used - TENSORRT_OPS)}"
     ort = OrtLearner(learn, upd, net.state_dict(), lr=lr, update=update)
     rng = np.random.default_rng(2)
-    T, B = 10, 3
+    T = 10
     mismatched = spiking = 0
     for t in range(steps):
+        B = batches[(t // T) % len(batches)]
         x = (rng.random((B, *net.input_shape)) < 0.3).astype(np.float32) * 2.0
         y = rng.integers(0, 10, B)
         out_e = stop.step(torch.from_numpy(x), torch.from_numpy(y)).numpy()
@@ -168,11 +227,10 @@ def _parity(net, tmp_path, loss: str, update, lr: float, steps: int, min_spiking
             np.testing.assert_allclose(got[key], p.numpy(), rtol=0, atol=1e-5, err_msg=key)
 
 
-def test_update_guard_refuses_non_finite_gradients(tmp_path):
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_update_guard_refuses_non_finite_gradients(graphs, optimizer):
     net = _net("mlp")
-    STOP(net, torch.optim.SGD(net.parameters(), lr=LR), compile="eager")
-    learn, upd = _graphs(net, tmp_path, "ce")
-    ort = OrtLearner(learn, upd, net.state_dict(), lr=LR, update="sample")
+    ort = OrtLearner(*graphs("mlp", net, "ce", optimizer), net.state_dict(), lr=LR, update="sample")
     before = ort.parameters()
     x = np.full((2, *net.input_shape), np.nan, np.float32)
     ort.step(x, np.array([0, 1]))
@@ -180,6 +238,8 @@ def test_update_guard_refuses_non_finite_gradients(tmp_path):
     assert (ort.updates, ort.rejected_updates) == (0, 1)
     for key, value in ort.parameters().items():
         np.testing.assert_array_equal(value, before[key])
+    for name, value in ort.optimizer_state.items():  # Adam's step count and moments stay at zero
+        assert not value.any(), name
 
 
 def test_unsupported_layer_is_named(tmp_path):
@@ -209,3 +269,16 @@ def test_pool_backward_lowering_matches_aten():
     x = torch.randn(2, 3, 8, 8, generator=g)
     want = torch.ops.aten._adaptive_avg_pool2d_backward(gy, x)
     torch.testing.assert_close(adaptive_avg_pool_backward(gy, x), want)
+
+
+def test_tensorrt_before_10_is_refused_with_one_line(monkeypatch, tmp_path):
+    """TensorRT 8.5/8.6 parse ONNX up to opset 17; the graphs are opset 18-20, so 8.x is refused
+    before anything is parsed (a stand-in module: TensorRT cannot be installed here)."""
+    import sys
+    import types
+
+    from stoprt.export.tensorrt import TensorRTError, build_engine
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="8.5.2.2"))
+    with pytest.raises(TensorRTError, match="TensorRT 8.5.2.2 reads ONNX only up to opset 17") as err:
+        build_engine(tmp_path / "step.onnx", tmp_path / "step.engine")
+    assert "\n" not in str(err.value)
