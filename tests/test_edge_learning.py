@@ -205,3 +205,22 @@ def test_tampered_session_checkpoint_is_refused(data, tmp_path):
     blob[start + 400] ^= 0x01
     path.write_bytes(bytes(blob))
     _one_error_line(_stream(data, "--checkpoint", tmp_path, "--resume"), "session.npz")
+
+
+def test_adam_learning_bundle_carries_adam_and_learns(tmp_path: Path) -> None:
+    """`--optimizer adam` reaches the update graph: Adam's state in the learner, and an update moves it."""
+    from stoprt.export.ort_learner import OrtLearner
+    torch.manual_seed(0)
+    net = build_model("mlp", size=8, classes=CLASSES, hidden=(16,))
+    save_model(tmp_path / "model.stoprt", net, {"dt_us": 10_000})
+    assert main(["export", str(tmp_path / "model.stoprt"), "--to", "onnx-learn", str(tmp_path / "bundle"),
+                 "--optimizer", "adam", "--lr", "0.01", "--no-onnx"]) == 0
+    learner = OrtLearner.from_bundle(tmp_path / "bundle")
+    assert learner.usig.optimizer == "adam" and "adam.step" in learner.optimizer_state
+    before = {n: a.copy() for n, a in learner.params.items()}
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        learner.step(rng.random((1, 2, 8, 8), dtype=np.float32), np.array([1]))
+    learner.end_sample()
+    assert learner.updates == 1 and float(learner.optimizer_state["adam.step"]) == 1.0
+    assert any(not np.array_equal(before[n], a) for n, a in learner.params.items())
