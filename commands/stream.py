@@ -36,6 +36,7 @@ from urllib.parse import parse_qs, urlparse
 import psutil
 
 from ..cli_args import nonnegative_int, positive_float, positive_int, torch_device, update_schedule, warn
+from ..runtime.usage import seconds_since_process_start
 
 
 def open_source(spec: str, packet_us: int, realtime: bool, seed: int = 0, format: str | None = None,
@@ -213,8 +214,8 @@ def run_stream(args: argparse.Namespace) -> int:
         from ..export.runners import make_runner  # the step graph of a bundle; TensorRT keeps its engine
         runner = make_runner(args.backend, args.model, workdir=args.checkpoint)  # in --checkpoint DIR or the bundle
     if args.fleet and not (args.learn and args.checkpoint) or args.fleet and ort_learn:
-        raise ValueError("--fleet needs --learn in torch and --checkpoint DIR (the agent exchanges parameters "
-                         "through DIR)")
+        raise ValueError("--fleet needs --learn and --checkpoint DIR (the agent exchanges parameters through "
+                         "DIR), with torch learning (not --backend onnxruntime)")
     if args.learn and not ort_learn:
         import torch
 
@@ -259,7 +260,7 @@ def run_stream(args: argparse.Namespace) -> int:
 
     def on_step(sess) -> None:
         if not first:  # when the first step was done: the start-up a user waits for
-            first.append(time.time())
+            first.append(seconds_since_process_start())
         if args.quiet:
             return
         now = time.perf_counter()
@@ -287,7 +288,7 @@ def run_stream(args: argparse.Namespace) -> int:
                "steps": stats.steps, "samples": stats.samples, "labelled_samples": stats.labelled_samples,
                "accuracy": stats.accuracy, "updates": stats.updates, "interrupted": session.interrupted,
                "seconds": seconds, "steps_per_s": (stats.steps - steps0) / seconds if seconds > 0 else 0.0,
-               "cpu_s": cpu_s, "first_step_s": first[0] - psutil.Process().create_time() if first else None,
+               "cpu_s": cpu_s, "first_step_s": first[0] if first else None,
                "pipeline": pipeline.stats, "peak_rss_mib": peak_rss_mib(),
                "checkpoint": str(session.checkpoint_path) if session.checkpoint_path else None,
                "warnings": problems, "predictions": log.summary()}
