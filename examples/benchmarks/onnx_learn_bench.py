@@ -66,7 +66,7 @@ def parity(name: str, learn, upd, update: str, steps: int) -> dict:
                 update=update, compile="eager")
     ort = OrtLearner(learn, upd, net.state_dict(), lr=LR, update=update)
     rng = np.random.default_rng(2)
-    differ = ties = 0
+    differ = ties = spikes_differ = 0
     for t in range(steps):
         x, y = frames(rng, net.input_shape, 3)
         out_e = stop.step(torch.from_numpy(x), torch.from_numpy(y)).numpy()
@@ -74,9 +74,11 @@ def parity(name: str, learn, upd, update: str, steps: int) -> dict:
         differ += int(not np.allclose(out_e, out_o, rtol=1e-5, atol=1e-5))
         state = ort.state()
         for path, m in net.named_modules():
-            if isinstance(m, L.LIF) and not np.array_equal(m.s.numpy(), state[f"state.{path}.s"]):
-                gap = (m.u - m.threshold).abs().numpy()[m.s.numpy() != state[f"state.{path}.s"]]
+            s_e = m.s.detach().numpy() if isinstance(m, L.LIF) else None
+            if s_e is not None and not np.array_equal(s_e, state[f"state.{path}.s"]):
+                gap = (m.u - m.threshold).detach().abs().numpy()[s_e != state[f"state.{path}.s"]]
                 ties += int(gap.max() < 1e-5)
+                spikes_differ += 1
                 break
         if (t + 1) % T == 0:
             stop.end_sample()
@@ -84,7 +86,7 @@ def parity(name: str, learn, upd, update: str, steps: int) -> dict:
     got = ort.parameters()
     diff = max(float(np.abs(got[k] - p.numpy()).max()) for k, p in net.state_dict().items() if k in got)
     return {"update": update, "steps": steps, "max_param_diff": diff, "steps_outputs_differ": differ,
-            "threshold_ties": ties, "updates": ort.updates}
+            "threshold_ties": ties, "steps_spikes_differ": spikes_differ, "updates": ort.updates}
 
 
 def step_time(step, batch: int, shape, reps: int) -> float:
