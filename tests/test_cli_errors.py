@@ -152,11 +152,24 @@ def test_main_maps_errors_in_one_place(monkeypatch, capsys):
         main(["info"])
 
 
-@pytest.mark.parametrize("command,delay", [(["train", *TINY], 1.0), (["stream", "--source", "builtin:digits:50"], 1.5)])
-def test_ctrl_c_during_startup_is_one_line_and_exit_130(command, delay):
+def _wait_while_importing_torch(pid: int, timeout: float = 60.0) -> None:
+    """Return once torch's shared library is mapped into the process: torch is being imported, so the
+    command is still starting up and no step has run (a fixed sleep raced a fast machine's startup)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/maps") as maps:
+            if "libtorch" in maps.read():
+                return
+        time.sleep(0.005)
+    raise AssertionError(f"torch was not imported by process {pid} within {timeout} s")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/maps")
+@pytest.mark.parametrize("command", [["train", *TINY], ["stream", "--source", "builtin:digits:50"]])
+def test_ctrl_c_during_startup_is_one_line_and_exit_130(command):
     proc = subprocess.Popen([sys.executable, "-m", "stoprt.cli", *command], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    time.sleep(delay)  # torch and the data are still being imported / made: no step has run
+    _wait_while_importing_torch(proc.pid)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
