@@ -154,6 +154,7 @@ def test_main_maps_errors_in_one_place(monkeypatch, capsys):
 # inside an import, whatever the machine's speed (a sleep before an outside kill raced fast start-ups).
 SIGINT_AT_TORCH_IMPORT = """
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal; a background job inherits SIG_IGN
 class InterruptAtTorch:
     def find_spec(self, name, path=None, target=None):
         if name == "torch":
