@@ -194,9 +194,7 @@ def _residual_net() -> torch.nn.Module:
     down = L.Residual(L.Sequential(L.Conv2d(4, 8, 3, stride=2, padding=1, bias=False), L.BatchNorm2d(8),
                                    L.LIF(threshold="channel"), L.Conv2d(8, 8, 3, padding=1, bias=False)),
                       L.Conv2d(4, 8, 1, stride=2, bias=False))
-    same = L.Residual(L.Sequential(L.BatchNorm2d(8), lead, L.Conv2d(8, 8, 3, padding=1, bias=False),
-                                   L.BatchNorm2d(8), L.LIF(threshold="channel"),
-                                   L.Conv2d(8, 8, 3, padding=1, bias=False)))
+    same = L.Residual(L.Sequential(L.BatchNorm2d(8), lead, L.Conv2d(8, 8, 3, padding=1, bias=False)))
     net = L.Sequential(L.Conv2d(2, 4, 3, padding=1, bias=False), L.BatchNorm2d(4), L.LIF(threshold="channel"),
                        down, same, L.BatchNorm2d(8), L.LIF(threshold="channel", share_leak_with=lead),
                        L.AdaptiveAvgPool2d(1), L.Flatten(), L.Linear(8, 10), L.LIF(), input_shape=(2, 8, 8))
