@@ -5,7 +5,8 @@ The static program's backward (through :mod:`stoprt.runtime.functional`) calls
 translate and torch does not decompose. Each is the adjoint of a linear op, written here with
 forward ops that ONNX has (``static-step.md``, "ONNX learning graph"):
 
-* conv input gradient: the transposed convolution of the output gradient with W;
+* conv input gradient: the transposed convolution of the output gradient with W, its
+  ``output_padding`` sized to give back the whole input;
 * conv weight gradient: a convolution of the input (STOP's input trace) with the output gradient,
   batch and channel axes swapped (groups folded into the channel axis);
 * average pooling: the output gradient spread evenly over each window (a transposed convolution
