@@ -5,7 +5,8 @@ The static program's backward (through :mod:`stoprt.runtime.functional`) calls
 translate and torch does not decompose. Each is the adjoint of a linear op, written here with
 forward ops that ONNX has (``static-step.md``, "ONNX learning graph"):
 
-* conv input gradient: the transposed convolution of the output gradient with W;
+* conv input gradient: the transposed convolution of the output gradient with W, its
+  ``output_padding`` sized to give back the whole input;
 * conv weight gradient: a convolution of the input (STOP's input trace) with the output gradient,
   batch and channel axes swapped (groups folded into the channel axis);
 * average pooling: the output gradient spread evenly over each window (a transposed convolution
@@ -32,12 +33,15 @@ class LoweringError(ValueError):
     """A backward kernel configuration without a forward-op form here."""
 
 
-def _fit(y: Tensor, h: int, w: int) -> Tensor:
-    """Pad (zeros: inputs no window reached get no gradient) or crop ``y``'s last two axes to h, w."""
-    dh, dw = h - y.shape[-2], w - y.shape[-1]
-    if dh < 0 or dw < 0:
-        y = y[..., :h, :w]
-    return F.pad(y, [0, max(dw, 0), 0, max(dh, 0)]) if dh > 0 or dw > 0 else y
+def _transposed(grad_y: Tensor, weight: Tensor, x_size, stride, padding, dilation, groups: int) -> Tensor:
+    """The adjoint of a convolution (or of a pool written as one) onto an input of spatial size
+    ``x_size``: a transposed convolution whose ``output_padding`` restores the rows and columns the
+    forward's floor division left over. Those can lie inside a window (stride 2, padding 1 on an even
+    input: the last row is read by the last window), so they must be computed, not padded with zeros."""
+    k = weight.shape[-2:]
+    extra = [x_size[i] - ((grad_y.shape[-2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (k[i] - 1) + 1)
+             for i in range(2)]
+    return F.conv_transpose2d(grad_y, weight, None, stride, padding, extra, groups, dilation)
 
 
 def conv_backward(grad_y, x, weight, bias_sizes, stride, padding, dilation, transposed, output_padding,
@@ -48,8 +52,7 @@ def conv_backward(grad_y, x, weight, bias_sizes, stride, padding, dilation, tran
     kh, kw = weight.shape[-2:]
     grad_x = grad_w = None
     if mask[0]:
-        full = F.conv_transpose2d(grad_y, weight, None, stride, padding, 0, groups, dilation)
-        grad_x = _fit(full, x.shape[-2], x.shape[-1])
+        grad_x = _transposed(grad_y, weight, x.shape[-2:], stride, padding, dilation, groups)
     if mask[1]:
         b, g = x.shape[0], groups
         # [B, G*Ci, H, W] -> [Ci, G*B, H, W]; [B, G*Co, Ho, Wo] -> [G*Co, B, Ho, Wo]
@@ -71,8 +74,7 @@ def avg_pool_backward(grad_y, x, kernel_size, stride, padding, ceil_mode, count_
     s = (list(stride) if len(stride) == 2 else [stride[0]] * 2) if len(stride) else k
     b, c = grad_y.shape[:2]
     ones = grad_y.new_full((1, 1, *k), 1.0 / (k[0] * k[1]))
-    full = F.conv_transpose2d(grad_y.reshape(b * c, 1, *grad_y.shape[2:]), ones, None, s, pad)
-    return _fit(full, x.shape[-2], x.shape[-1]).reshape(x.shape)
+    return _transposed(grad_y.reshape(b * c, 1, *grad_y.shape[2:]), ones, x.shape[-2:], s, pad, [1, 1], 1).reshape(x.shape)
 
 
 def adaptive_avg_pool_backward(grad_y, x):

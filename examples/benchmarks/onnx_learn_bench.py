@@ -7,7 +7,9 @@ event frames): export the learning and update graphs (SGD, momentum, weight deca
   same random frames and labels for ``--steps`` steps, updating per sample and per step; reported:
   the largest parameter difference, steps whose outputs differ, and threshold ties (a LIF layer whose
   spikes differ where eager's |U - th| is below 1e-5: float32 summation order, see
-  ``tests/test_onnx_learn.py``);
+  ``tests/test_onnx_learn.py``); and the same run of eager STOP against itself with one threshold moved
+  by one float32 ulp (``eager_vs_eager_1ulp``): how far a rounding-level difference grows in this run,
+  the bar no two float32 implementations (ORT's kernels sum in another order than torch's) can beat;
 * **time per learning step** at batch 1 and 16, 1 thread: ORT (IO-bound graph), torch eager STOP and
   the static torch step (``compile="static"``), each timed in the same process, so ratios compare.
 
@@ -60,33 +62,64 @@ def frames(rng, shape, batch):
     return (rng.random((batch, *shape)) < 0.3).astype(np.float32) * 2.0, rng.integers(0, 10, batch)
 
 
+def _nudged(net: torch.nn.Module) -> torch.nn.Module:
+    """``net`` with one threshold of its first LIF moved up by one float32 ulp."""
+    lif = next(m for m in net.modules() if isinstance(m, L.LIF))
+    with torch.no_grad():
+        th = lif.threshold.view(-1)
+        th[0] = torch.nextafter(th[0], torch.tensor(float("inf")))
+    return net
+
+
+def _spike_gap(net: torch.nn.Module, spikes: dict[str, np.ndarray]) -> float | None:
+    """None when every LIF of ``net`` (eager) spiked as ``spikes`` (by layer path); else the largest
+    |U - th| of eager at the differing neurons of the first layer that differs."""
+    for path, m in net.named_modules():
+        if isinstance(m, L.LIF):
+            s_e = m.s.detach().numpy()
+            if not np.array_equal(s_e, spikes[path]):
+                return float((m.u - m.threshold).detach().abs().numpy()[s_e != spikes[path]].max())
+    return None
+
+
 def parity(name: str, learn, upd, update: str, steps: int) -> dict:
-    net = build(name)
-    stop = STOP(net, torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=DECAY),
-                update=update, compile="eager")
+    """ORT against eager STOP; and, as the run's own float32 sensitivity, eager STOP against itself
+    with one threshold moved by one ulp (a difference the size of one rounding error)."""
+    net, twin = build(name), _nudged(build(name))
+    stop, stop_twin = (STOP(n, torch.optim.SGD(n.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=DECAY),
+                            update=update, compile="eager") for n in (net, twin))
     ort = OrtLearner(learn, upd, net.state_dict(), lr=LR, update=update)
+    lifs = [path for path, m in net.named_modules() if isinstance(m, L.LIF)]
     rng = np.random.default_rng(2)
-    differ = ties = spikes_differ = 0
+    differ = ties = spikes_differ = twin_differ = 0
+    first = first_twin = None
     for t in range(steps):
         x, y = frames(rng, net.input_shape, 3)
         out_e = stop.step(torch.from_numpy(x), torch.from_numpy(y)).numpy()
         out_o = ort.step(x, y)
+        stop_twin.step(torch.from_numpy(x), torch.from_numpy(y))
         differ += int(not np.allclose(out_e, out_o, rtol=1e-5, atol=1e-5))
         state = ort.state()
-        for path, m in net.named_modules():
-            s_e = m.s.detach().numpy() if isinstance(m, L.LIF) else None
-            if s_e is not None and not np.array_equal(s_e, state[f"state.{path}.s"]):
-                gap = (m.u - m.threshold).detach().abs().numpy()[s_e != state[f"state.{path}.s"]]
-                ties += int(gap.max() < 1e-5)
-                spikes_differ += 1
-                break
+        gap = _spike_gap(net, {path: state[f"state.{path}.s"] for path in lifs})
+        if gap is not None:
+            ties += int(gap < 1e-5)
+            spikes_differ += 1
+            first = t if first is None else first
+        modules = dict(twin.named_modules())
+        if _spike_gap(net, {path: modules[path].s.detach().numpy() for path in lifs}) is not None:
+            twin_differ += 1
+            first_twin = t if first_twin is None else first_twin
         if (t + 1) % T == 0:
-            stop.end_sample()
-            ort.end_sample()
-    got = ort.parameters()
+            for learner in (stop, ort, stop_twin):
+                learner.end_sample()
+    got, theirs = ort.parameters(), twin.state_dict()
     diff = max(float(np.abs(got[k] - p.numpy()).max()) for k, p in net.state_dict().items() if k in got)
+    twin_diff = max(float((theirs[k] - p).abs().max()) for k, p in net.state_dict().items() if k in got)
     return {"update": update, "steps": steps, "max_param_diff": diff, "steps_outputs_differ": differ,
-            "threshold_ties": ties, "steps_spikes_differ": spikes_differ, "updates": ort.updates}
+            "threshold_ties": ties, "steps_spikes_differ": spikes_differ, "first_step_spikes_differ": first,
+            "updates": ort.updates,
+            "eager_vs_eager_1ulp": {"max_param_diff": twin_diff, "steps_spikes_differ": twin_differ,
+                                    "first_step_spikes_differ": first_twin}}
 
 
 def step_time(step, batch: int, shape, reps: int) -> float:
