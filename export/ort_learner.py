@@ -4,7 +4,8 @@
 and :func:`~stoprt.export.onnx_update.export_update` with the step / end_sample / update schedule of
 :class:`~stoprt.runtime.stop.STOP`. State, traces and gradient accumulators live in two sets of
 buffers that swap roles every step (ping-pong, as :class:`~.ort_runner.OrtStepRunner`): each set is
-bound once with IO binding, so a step copies ``x`` and ``target`` in and runs. Parameters and the
+bound once with IO binding, so a step copies ``x`` and ``target`` in and runs (after an update the
+accumulators restart from a third set, of zeros, that is never written). Parameters and the
 optimizer's state swap the same way at each update: the update graph (bound once too) reads one set
 and writes the other, so an update copies nothing between Python and ONNX Runtime either.
 
@@ -31,6 +32,7 @@ from .ort_runner import _import_ort
 from .signatures import LearnGraphError, LearnSignature, UpdateSignature
 
 log = logging.getLogger("stoprt")
+ZEROS = 2  # the accumulator set of zeros: read after an update, never written
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
@@ -256,13 +258,17 @@ class OrtLearner:
         if learn:
             self._set_target(target)
         np.copyto(self._x, x)
-        self.learn_session.run_with_iobinding(self._binding(self._k, self._g if learn else None, self._p))
+        # the accumulators: read set _g and write the other one; an unlabelled step reads zeros and writes
+        # the set that the next labelled step overwrites (its gradients are dropped)
+        g = self._g
+        out = 0 if g == ZEROS else 1 - g
+        self.learn_session.run_with_iobinding(self._binding(self._k, g if learn else ZEROS, out, self._p))
         self._k ^= 1
         self.output_sum += self._y
         self.sample_steps += 1
         self.stats.steps += 1
         if learn:
-            self._g ^= 1
+            self._g = out
             self._since_update += 1
             if self.update == "step" or (isinstance(self.update, int) and self._since_update >= self.update):
                 self._apply_update()
@@ -299,8 +305,7 @@ class OrtLearner:
         self._since_update = 0
         self.update_session.run_with_iobinding(self._update_binding(self._g, self._p))
         self._p ^= 1
-        for g in self._grads[self._g]:
-            g.fill(0.0)
+        self._g = ZEROS  # the next step accumulates onto zeros: nothing to clear
         if self._ok:
             self.stats.updates += 1
             self.stats.clamped_values += int(self._clamped)
@@ -310,15 +315,15 @@ class OrtLearner:
                         "parameters keep their last good values")
 
     def _allocate(self, batch: int) -> None:
-        """Two sets of state and of accumulator buffers (and a scratch set for unlabelled steps' gradients)."""
+        """Two sets of state buffers; two sets of accumulator buffers and one of zeros (:data:`ZEROS`)."""
         sig = self.sig
-        self._batch, self._k, self._g = batch, 0, 0
+        self._batch, self._k, self._g = batch, 0, ZEROS
         self._x = np.zeros((batch, *sig.input_shape), np.float32)
         self._target = np.zeros(batch, np.int64)
         self._y = np.zeros((batch, *sig.output_shape), np.float32)
         shapes = [() if s is None else (batch, *s) for _, s in sig.state]
         self._state = [[np.zeros(s, np.float32) for s in shapes] for _ in range(2)]
-        self._grads = [[np.zeros(s, np.float32) for _, s in sig.grads] for _ in range(3)]  # [2]: scratch
+        self._grads = [[np.zeros(s, np.float32) for _, s in sig.grads] for _ in range(3)]  # [ZEROS]: read only
         self._values: list = []  # the OrtValues wrap the arrays' memory (no copy); kept alive here
         self._bindings: dict = {}
         self._update_bindings: dict = {}
@@ -328,11 +333,10 @@ class OrtLearner:
         self._values.append(self._ort.OrtValue.ortvalue_from_numpy(array))
         return self._values[-1]
 
-    def _binding(self, k: int, g: int | None, p: int):
+    def _binding(self, k: int, g: int, out: int, p: int):
         """The learning step's binding that reads state set ``k``, accumulator set ``g`` and parameter
-        set ``p``, and writes state set ``1 - k`` and accumulator set ``1 - g`` (``g`` None: reads set
-        0, writes the scratch set). Made once each, on first use."""
-        key = (k, g, p)
+        set ``p``, and writes state set ``1 - k`` and accumulator set ``out``. Made once each, on first use."""
+        key = (k, g, out, p)
         if key in self._bindings:
             return self._bindings[key]
         sig, value = self.sig, self._value
@@ -341,14 +345,14 @@ class OrtLearner:
         io.bind_ortvalue_input("target", value(self._target))
         for (name, _), buf in zip(sig.state, self._state[k]):
             io.bind_ortvalue_input(name, value(buf))
-        for (name, _), buf in zip(sig.grads, self._grads[0 if g is None else g]):
+        for (name, _), buf in zip(sig.grads, self._grads[g]):
             io.bind_ortvalue_input(name, value(buf))
         for name, buf in self._params[p].items():
             io.bind_ortvalue_input(name, value(buf))
         io.bind_ortvalue_output(sig.output_name, value(self._y))
         for name, buf in zip(sig.state_outputs, self._state[1 - k]):
             io.bind_ortvalue_output(name, value(buf))
-        for name, buf in zip(sig.grad_outputs, self._grads[2 if g is None else 1 - g]):
+        for name, buf in zip(sig.grad_outputs, self._grads[out]):
             io.bind_ortvalue_output(name, value(buf))
         self._bindings[key] = io
         return io
