@@ -26,6 +26,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..runtime.learner_stats import LearnerStats
+from .graph_learner import GraphLearner
+from .graph_learner import as_numpy as _as_numpy
 from .ort_runner import _import_ort
 from .signatures import LearnGraphError, LearnSignature, UpdateSignature
 
@@ -53,13 +55,7 @@ def choose_providers(ort, provider: str, strict: bool = False) -> list[str]:
     return [PROVIDERS["cpu"]]
 
 
-def _as_numpy(value: Any, dtype) -> np.ndarray:
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
-    return np.array(value, dtype=dtype, order="C")  # (ascontiguousarray would make a 0-d array 1-d)
-
-
-class OrtLearner:
+class OrtLearner(GraphLearner):
     """STOP on ONNX Runtime (see the module doc).
 
     Args:
@@ -112,36 +108,6 @@ class OrtLearner:
         self._batch: int | None = None
         self.output_sum: np.ndarray | None = None
 
-    @classmethod
-    def from_bundle(cls, path: str | os.PathLike, *, lr: float | None = None, update: str | int | None = None,
-                    extract_to: str | os.PathLike | None = None, **options: Any) -> "OrtLearner":
-        """The learner of a learning bundle (``stoprt export CKPT --to onnx-learn``), checked: the
-        manifest and files against their checksums, the graphs' inputs against the bundle's input
-        spec. ``lr``/``update``: default the bundle's; ``options``: threads, provider, strict."""
-        from .bundle import BundleError, verify_bundle
-        root, manifest = verify_bundle(path, extract_to)
-        learning = manifest.get("learning")
-        if learning is None:
-            raise BundleError(f"{path} carries no learning graphs: write it with `stoprt export CHECKPOINT "
-                              f"--to onnx-learn {path}`")
-        try:
-            with np.load(root / learning["params"], allow_pickle=False) as npz:
-                params = {key: npz[key] for key in npz.files}
-        except Exception as err:  # zip/npy errors; the checksum matched, so it was written so
-            raise BundleError(f"{root}: {learning['params']} is not readable: {err}") from err
-        learner = cls(root / learning["learn_graph"], root / learning["update_graph"], params,
-                      lr=learning["optimizer"]["lr"] if lr is None else lr,
-                      update=learning["update"] if update is None else update, **options)
-        shape = (manifest.get("input_spec") or {}).get("shape")
-        if shape is not None and list(shape) != list(learner.sig.input_shape):
-            raise LearnGraphError(f"{root}: {learning['learn_graph']} takes input {learner.sig.input_shape}; "
-                                  f"the bundle's input spec says {list(shape)}")
-        missing = sorted(set(learner.sig.weights) - set(params) - set(learner.sig.buffers))
-        if missing:
-            raise BundleError(f"{root}: {learning['params']} lacks parameter(s) {missing[:3]} of the learning graph")
-        learner.manifest = manifest
-        return learner
-
     # ---- parameters ---------------------------------------------------------------------------
     def set_parameters(self, state_dict: Mapping[str, Any]) -> None:
         """Load parameter values (a state_dict or part of one; BatchNorm statistics are baked in)."""
@@ -173,18 +139,6 @@ class OrtLearner:
         by_name = {name: g.copy() for (name, _), g in zip(self.sig.grads, self._grads[self._g])}
         return {key: by_name["grad." + name[len("param."):]] for key, name in self.sig.weights.items()
                 if name in self.sig.learned}
-
-    @property
-    def updates(self) -> int:
-        return self.stats.updates
-
-    @property
-    def rejected_updates(self) -> int:
-        return self.stats.rejected_updates
-
-    @property
-    def clamped_values(self) -> int:
-        return self.stats.clamped_values
 
     # ---- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
