@@ -69,9 +69,9 @@ def torch_dtype_name(trt_dtype: Any) -> str:
 
 def engine_io_problem(inputs: list[str], outputs: list[str], engine_io: Mapping[str, bool]) -> str | None:
     """What is wrong with an engine's tensors (``name -> is an input``) against the graph's expected
-    inputs and outputs, or None."""
+    inputs and outputs, or None. An input may be missing: TensorRT drops inputs the graph never reads."""
     expected = {**{n: True for n in inputs}, **{n: False for n in outputs}}
-    differ = sorted(set(expected) ^ set(engine_io))
+    differ = sorted((set(engine_io) - set(expected)) | (set(outputs) - set(engine_io)))
     if differ:
         return f"its tensors differ from the graph's stoprt metadata in {differ[:4]}"
     swapped = sorted(n for n, is_input in engine_io.items() if expected[n] != is_input)
@@ -113,8 +113,10 @@ class TrtLearner(GraphLearner):
         self.logger = trt.Logger(trt.Logger.WARNING)
         cache = Path(cache_dir) if cache_dir is not None else learn_graph.parent
         self._learned = frozenset(sig.learned)
-        self.learn_runtime, self.learn_engine = self._engine(learn_graph, cache, *learn_step_io(sig, 0, 0))
-        self.update_runtime, self.update_engine = self._engine(update_graph, cache, *update_io(sig, usig, 0, 0))
+        self._io_names: dict[str, set[str]] = {}  # "learn" / "update" -> the engine's tensors
+        self.learn_runtime, self.learn_engine = self._engine("learn", learn_graph, cache, *learn_step_io(sig, 0, 0))
+        self.update_runtime, self.update_engine = self._engine("update", update_graph, cache,
+                                                               *update_io(sig, usig, 0, 0))
         self.learn_context = self.learn_engine.create_execution_context()
         self.update_context = self.update_engine.create_execution_context()
         self._buffers: dict[Slot, Any] = {}
@@ -133,7 +135,7 @@ class TrtLearner(GraphLearner):
         for name, shape in usig.state:
             for s in (0, 1):
                 self._buffers[Slot("optimizer", s, name=name)] = zeros(shape)
-        self._set_shapes(self.update_context, update_io(sig, usig, 0, 0)[0])
+        self._set_shapes("update", update_io(sig, usig, 0, 0)[0])
         self.set_parameters(parameters)
 
     @classmethod
@@ -147,7 +149,7 @@ class TrtLearner(GraphLearner):
         return super().from_bundle(path, cache_dir=cache_dir, **options)
 
     # ---- engines ----------------------------------------------------------------------------------
-    def _engine(self, graph: Path, cache: Path, inputs: list, outputs: list):
+    def _engine(self, which: str, graph: Path, cache: Path, inputs: list, outputs: list):
         """``(runtime, engine)`` of ``graph``: the cached engine, else one built now and cached."""
         from .bundle import _sha256
         trt = self._trt
@@ -174,6 +176,7 @@ class TrtLearner(GraphLearner):
         problem = engine_io_problem([n for n, _ in inputs], [n for n, _ in outputs], engine_io)
         if problem:
             raise TensorRTError(f"the engine of {graph} ({path.name}) does not fit the graph: {problem}")
+        self._io_names[which] = set(engine_io)
         return loaded
 
     def _dtype(self, engine, name: str):
@@ -182,18 +185,24 @@ class TrtLearner(GraphLearner):
     def _zeros(self, shape, dtype=None):
         return self._torch.zeros(tuple(shape), dtype=dtype or self._torch.float32, device=self.device)
 
-    def _set_shapes(self, context, inputs: list[tuple[str, Slot]]) -> None:
+    def _set_shapes(self, which: str, inputs: list[tuple[str, Slot]]) -> None:
+        context = self.learn_context if which == "learn" else self.update_context
         for name, slot in inputs:
+            if name not in self._io_names[which]:
+                continue
             if not context.set_input_shape(name, tuple(self._buffers[slot].shape)):
                 raise ValueError(f"{name} of shape {tuple(self._buffers[slot].shape)} is outside the engine's "
                                  f"optimization profile (batch 1 to {self.max_batch}: see max_batch)")
 
-    def _execute(self, context, key: tuple, io) -> None:
-        """Run ``context`` with the tensors of ``io()`` (``(inputs, outputs)``) at their buffers."""
+    def _execute(self, key: tuple, io) -> None:
+        """Run the engine ``key[0]`` (``learn`` / ``update``) with the tensors of ``io()`` (``(inputs,
+        outputs)``) at their buffers; the addresses for ``key`` (the buffer sets) are kept."""
+        context = self.learn_context if key[0] == "learn" else self.update_context
         addresses = self._addresses.get(key)
         if addresses is None:
             inputs, outputs = io()
-            addresses = [(name, self._buffers[slot].data_ptr()) for name, slot in inputs + outputs]
+            names = self._io_names[key[0]]
+            addresses = [(name, self._buffers[slot].data_ptr()) for name, slot in inputs + outputs if name in names]
             self._addresses[key] = addresses
         for name, address in addresses:
             context.set_tensor_address(name, address)
@@ -213,14 +222,14 @@ class TrtLearner(GraphLearner):
                 self._buffers[Slot("state", s, i)] = zeros(() if shape is None else (batch, *shape))
         self._addresses = {k: v for k, v in self._addresses.items() if k[0] != "learn"}  # new batch buffers
         self._batch, self._k = batch, 0
-        self._set_shapes(self.learn_context, learn_step_io(sig, 0, 0, 0, self._learned)[0])
+        self._set_shapes("learn", learn_step_io(sig, 0, 0, 0, self._learned)[0])
 
     def _run_step(self, x: np.ndarray, target: np.ndarray, learn: bool) -> np.ndarray:
         torch = self._torch
         self._buffers[Slot("x")].copy_(torch.from_numpy(x))
         self._buffers[Slot("target")].copy_(torch.from_numpy(target))
         k, g, u = self._k, self._g if learn else None, self._u
-        self._execute(self.learn_context, ("learn", k, g, u),
+        self._execute(("learn", k, g, u),
                       lambda: learn_step_io(self.sig, k, g, u, self._learned))
         self._k ^= 1
         if learn:
@@ -229,7 +238,7 @@ class TrtLearner(GraphLearner):
 
     def _run_update(self) -> tuple[bool, int]:
         g, u = self._g, self._u
-        self._execute(self.update_context, ("update", g, u), lambda: update_io(self.sig, self.usig, g, u))
+        self._execute(("update", g, u), lambda: update_io(self.sig, self.usig, g, u))
         for i in range(len(self.sig.grads)):
             self._buffers[Slot("grads", g, i)].zero_()
         self._u ^= 1
@@ -248,7 +257,7 @@ class TrtLearner(GraphLearner):
         return self._buffers[self._slot(group, name)].cpu().numpy()
 
     def _write(self, group: str, name: str, value: np.ndarray) -> None:
-        self._buffers[self._slot(group, name)].copy_(self._torch.from_numpy(np.ascontiguousarray(value)))
+        self._buffers[self._slot(group, name)].copy_(self._torch.as_tensor(value))
 
     def _state_arrays(self) -> dict[str, np.ndarray]:
         return {name: self._buffers[Slot("state", self._k, i)].cpu().numpy() for i, (name, _) in enumerate(self.sig.state)}
