@@ -6,7 +6,8 @@ matrix on its 8.5-GA branch), and stoprt's step and learning graphs are opset 18
 imported only when used: install JetPack's ``python3-libnvinfer`` (apt; a venv then needs
 ``--system-site-packages``) or ``pip install tensorrt`` on a desktop GPU.
 
-Building (:func:`build_engine`): ``trt.Builder`` -> network from ``trt.OnnxParser`` -> builder config
+Building (:func:`build_engine`; :func:`serialize_engine` is its builder, which the TensorRT
+learner, :mod:`.trt_learner`, uses for the learning graphs too): ``trt.Builder`` -> network from ``trt.OnnxParser`` -> builder config
 with a workspace limit (small on a 4 GB board), one optimization profile for the dynamic batch,
 FP16 where the TensorRT version has ``BuilderFlag.FP16`` (TensorRT 11 removed it), optionally
 ``REFIT``; the serialized engine is written atomically with a JSON sidecar (``<engine>.json``)
