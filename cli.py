@@ -67,6 +67,9 @@ def _user_error(err: BaseException) -> bool:
 
 
 def _one_line(err: BaseException) -> str:
+    if isinstance(err, ImportError) and err.name == "torch":  # the edge install: ONNX Runtime, no torch
+        return ("this needs PyTorch, which is not installed: pip install 'stoprt[torch]' (on a Jetson, "
+                "NVIDIA's torch wheel for its JetPack), or stream a learning bundle with --backend onnxruntime")
     text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
     text = " ".join(str(text).split()) or type(err).__name__
     return text if isinstance(err, (ValueError, ImportError, KeyError)) else f"{type(err).__name__}: {text}"

@@ -224,3 +224,8 @@ def test_adam_learning_bundle_carries_adam_and_learns(tmp_path: Path) -> None:
     learner.end_sample()
     assert learner.updates == 1 and float(learner.optimizer_state["adam.step"]) == 1.0
     assert any(not np.array_equal(before[n], a) for n, a in learner.params.items())
+
+
+def test_torch_backend_on_the_edge_install_says_what_to_install(data):
+    run = _stoprt_blocked("stream", "--source", data["rec"], "--dt-us", "10000", "--quiet")
+    _one_error_line(run, "pip install 'stoprt[torch]'", "--backend onnxruntime")

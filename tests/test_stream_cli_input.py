@@ -177,4 +177,6 @@ def test_summary_peak_rss_is_the_process_peak(tmp_path: Path) -> None:
     cmd = [*PROCESS, "--source", "builtin:digits:40", "--quiet", "--json", str(out)]
     peak = float(subprocess.run([sys.executable, "-c", parent, *cmd], capture_output=True, text=True,
                                 check=True, timeout=300).stdout.splitlines()[-1])
-    assert json.loads(out.read_text())["peak_rss_mib"] == pytest.approx(peak, abs=0.01)
+    summary_peak = json.loads(out.read_text())["peak_rss_mib"]
+    # The summary is read before the process ends: teardown may still touch a few pages after it.
+    assert peak - 1.0 <= summary_peak <= peak
