@@ -109,6 +109,8 @@ class TrtLearner(GraphLearner):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self._trt, self._torch, self.device = trt, torch, torch.device(device)
+        if self.device.index is not None:  # TensorRT builds and runs on the current CUDA device
+            torch.cuda.set_device(self.device)
         self.max_batch, self.workspace_mib = int(max_batch), int(workspace_mib)
         self.logger = trt.Logger(trt.Logger.WARNING)
         cache = Path(cache_dir) if cache_dir is not None else learn_graph.parent
