@@ -2,11 +2,9 @@
 
 :class:`OrtLearner` runs the graphs written by :func:`~stoprt.export.onnx_learn.export_learn_step`
 and :func:`~stoprt.export.onnx_update.export_update` with the step / end_sample / update schedule of
-:class:`~stoprt.runtime.stop.STOP` (:class:`~.graph_learner.GraphLearner`, shared with the TensorRT
-learner: this module supplies how ONNX Runtime runs the graphs). State, traces and gradient accumulators live in two sets of
+:class:`~stoprt.runtime.stop.STOP`. State, traces and gradient accumulators live in two sets of
 buffers that swap roles every step (ping-pong, as :class:`~.ort_runner.OrtStepRunner`): each set is
-bound once with IO binding (:func:`~.graph_learner.learn_step_io` says which buffer each graph
-tensor is bound to), so a step copies ``x`` and ``target`` in and runs. Parameters are bound
+bound once with IO binding, so a step copies ``x`` and ``target`` in and runs. Parameters are bound
 buffers too; an update (one run of the update graph) writes the new values into them in place.
 
 Buffers are numpy arrays that the OrtValues wrap (host memory). The CPU execution provider is the
@@ -27,7 +25,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .graph_learner import GraphLearner, Slot, check_update_schedule, learn_step_io
+from ..runtime.learner_stats import LearnerStats
+from .graph_learner import GraphLearner
+from .graph_learner import as_numpy as _as_numpy
 from .ort_runner import _import_ort
 from .signatures import LearnGraphError, LearnSignature, UpdateSignature
 
@@ -70,9 +70,10 @@ class OrtLearner(GraphLearner):
     def __init__(self, learn_graph: str | os.PathLike, update_graph: str | os.PathLike,
                  parameters: Mapping[str, Any], lr: float, update: str | int = "sample", threads: int = 1,
                  provider: str = "cpu", strict: bool = False) -> None:
-        check_update_schedule(update)  # before the sessions are made
+        if update not in ("sample", "step") and not (isinstance(update, int) and update >= 1):
+            raise ValueError(f"update must be 'sample', 'step' or an int >= 1, got {update!r}")
         ort = _import_ort()
-        self._ort = ort
+        self._ort, self.update, self.lr = ort, update, np.asarray(lr, np.float32)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -83,9 +84,10 @@ class OrtLearner(GraphLearner):
                                                 str(learn_graph))
         self.usig = UpdateSignature.from_metadata(self.update_session.get_modelmeta().custom_metadata_map,
                                                   str(update_graph))
-        self._setup(self.sig, self.usig, lr, update, str(learn_graph))
+        if [n for n, _ in self.usig.learned] != self.sig.learned:
+            raise LearnGraphError(f"{update_graph} updates other parameters than {learn_graph} learns")
         sig = self.sig
-        expected = [name for name, _ in learn_step_io(sig, 0, 0)[0]]
+        expected = ["x", "target", *[n for n, _ in sig.state], *[n for n, _ in sig.grads], *[n for n, _ in sig.params]]
         got = [i.name for i in self.learn_session.get_inputs()]
         if got != expected:
             raise LearnGraphError(f"{learn_graph}: the graph's inputs do not match its stoprt metadata")
@@ -101,48 +103,134 @@ class OrtLearner(GraphLearner):
         self.set_parameters(parameters)
         # the optimizer's state (SGD momentum; Adam's moments and step count), zeros as torch starts
         self.optimizer_state = {n: np.zeros(s, np.float32) for n, s in self.usig.state}
+        self.stats = LearnerStats()
+        self.sample_steps, self._since_update = 0, 0
+        self._batch: int | None = None
+        self.output_sum: np.ndarray | None = None
 
-    # ---- GraphLearner's hooks: numpy buffers that the OrtValues wrap, written in place ---------
-    def _read(self, group: str, name: str) -> np.ndarray:
-        return (self.params if group == "params" else self.optimizer_state)[name].copy()
+    # ---- parameters ---------------------------------------------------------------------------
+    def set_parameters(self, state_dict: Mapping[str, Any]) -> None:
+        """Load parameter values (a state_dict or part of one; BatchNorm statistics are baked in)."""
+        for key, value in state_dict.items():
+            if key in self.sig.buffers:
+                continue
+            if key not in self.sig.weights:
+                raise ValueError(f"parameter {key!r} is not an input of the learning graph")
+            target = self.params[self.sig.weights[key]]
+            data = _as_numpy(value, np.float32)
+            if data.shape != target.shape:
+                raise ValueError(f"parameter {key!r} has shape {data.shape}; the graph expects {target.shape}")
+            np.copyto(target, data)  # in place: the bound OrtValues wrap these arrays
 
-    def _write(self, group: str, name: str, value: np.ndarray) -> None:
-        np.copyto((self.params if group == "params" else self.optimizer_state)[name], value)
+    def parameters(self) -> dict[str, np.ndarray]:
+        """The current parameter values by state_dict key (copies)."""
+        return {key: self.params[name].copy() for key, name in self.sig.weights.items()}
 
-    def _state_arrays(self) -> dict[str, np.ndarray]:
+    def state(self) -> dict[str, np.ndarray]:
+        """State and traces after the last step (zeros after a sample's end), by graph input name."""
+        if self._batch is None:
+            return {}
         return {name: buf.copy() for (name, _), buf in zip(self.sig.state, self._state[self._k])}
 
-    def _grad_arrays(self) -> dict[str, np.ndarray]:
-        return {name: g.copy() for (name, _), g in zip(self.sig.grads, self._grads[self._g])}
+    def gradients(self) -> dict[str, np.ndarray]:
+        """The accumulated gradients since the last update, by state_dict key (copies)."""
+        if self._batch is None:
+            return {}
+        by_name = {name: g.copy() for (name, _), g in zip(self.sig.grads, self._grads[self._g])}
+        return {key: by_name["grad." + name[len("param."):]] for key, name in self.sig.weights.items()
+                if name in self.sig.learned}
 
-    def _run_step(self, x: np.ndarray, target: np.ndarray, learn: bool) -> np.ndarray:
+    # ---- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What learning has changed, as arrays by graph input name (copies): ``params`` and the
+        optimizer's state. Meant for sample boundaries, where state, traces and accumulators are zero."""
+        return {"params": {n: a.copy() for n, a in self.params.items()},
+                "optimizer": {n: a.copy() for n, a in self.optimizer_state.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s values in place (the bound buffers keep their memory)."""
+        for what, mine in (("params", self.params), ("optimizer", self.optimizer_state)):
+            theirs = state.get(what) or {}
+            if set(theirs) != set(mine):
+                raise ValueError(f"the checkpoint's {what} ({len(theirs)} arrays) do not fit these graphs' "
+                                 f"({len(mine)}): it was written for another model or optimizer")
+            for name, value in theirs.items():
+                value = np.asarray(value)
+                if value.shape != mine[name].shape:
+                    raise ValueError(f"the checkpoint's {name} has shape {value.shape}; the graph expects "
+                                     f"{mine[name].shape}")
+                np.copyto(mine[name], value)
+
+    # ---- steps --------------------------------------------------------------------------------
+    def step(self, x: Any, target: Any = None) -> np.ndarray:
+        """One step: ``x`` ``[B, *input_shape]``, ``target`` ``[B]`` class indices (None: an unlabelled
+        step, which only predicts: its gradients are dropped); returns the step's output ``[B, K]``."""
+        learn = target is not None
+        x = _as_numpy(x, np.float32)
+        target = _as_numpy(target, np.int64) if learn else np.zeros(x.shape[:1], np.int64)
+        if tuple(x.shape[1:]) != tuple(self.sig.input_shape) or target.shape != x.shape[:1]:
+            raise ValueError(f"input {x.shape} / target {target.shape} do not fit the learning graph: expected "
+                             f"[B, {', '.join(map(str, self.sig.input_shape))}] and [B]")
+        if target.min() < 0 or target.max() >= self.sig.output_shape[-1]:
+            raise ValueError(f"label(s) {sorted(set(target.tolist()))} outside the {self.sig.output_shape[-1]} "
+                             "classes of the network")
+        if self.sample_steps == 0:
+            if x.shape[0] != self._batch:
+                self._allocate(x.shape[0])
+            self.output_sum = np.zeros((x.shape[0], *self.sig.output_shape), np.float32)
+        elif x.shape[0] != self._batch:
+            raise ValueError(f"batch changed within a sample ({self._batch} then {x.shape[0]})")
         np.copyto(self._x, x)
         np.copyto(self._target, target)
         self.learn_session.run_with_iobinding(self._binding(self._k, self._g if learn else None))
         self._k ^= 1
-        if learn:
-            self._g ^= 1
+        self.output_sum += self._y
+        self.sample_steps += 1
+        self.stats.steps += 1
+        if not learn:
+            return self._y.copy()
+        self._g ^= 1
+        self._since_update += 1
+        if self.update == "step" or (isinstance(self.update, int) and self._since_update >= self.update):
+            self._apply_update()
         return self._y.copy()
 
-    def _zero_state(self) -> None:
+    def end_sample(self) -> np.ndarray | None:
+        """Apply pending gradients, forget state and traces; the prediction ``[B]`` (None if no step)."""
+        if self.sample_steps == 0:
+            return None
+        self._apply_update()
         for buf in self._state[self._k]:
             buf.fill(0.0)
+        self.sample_steps = 0
+        self.stats.samples += 1
+        return self.output_sum.argmax(1)
 
     # ---- internals ----------------------------------------------------------------------------
-    def _run_update(self) -> tuple[bool, int]:
+    def _apply_update(self) -> None:
+        if not self._since_update:
+            return
+        self._since_update = 0
         grads = self._grads[self._g]
         feeds = {"lr": self.lr, **{n: self.params[n] for n, _ in self.usig.learned},
                  **{n: g for (n, _), g in zip(self.sig.grads, grads)},
                  **self.optimizer_state}
         out = self.update_session.run(None, feeds)
         n = len(self.usig.learned)
+        ok, clamped = bool(out[-2]), int(out[-1])
         for (name, _), value in zip(self.usig.learned, out[:n]):
             np.copyto(self.params[name], value)
         for name, value in zip(self.optimizer_state, out[n:-2]):
             np.copyto(self.optimizer_state[name], value)
         for g in grads:
             g.fill(0.0)
-        return bool(out[-2]), int(out[-1])
+        if ok:
+            self.stats.updates += 1
+            self.stats.clamped_values += clamped
+        else:
+            self.stats.rejected_updates += 1
+            log.warning("stoprt: update refused: a gradient or an updated parameter is NaN or Inf; "
+                        "parameters keep their last good values")
 
     def _allocate(self, batch: int) -> None:
         """Two sets of state and of accumulator buffers (and a scratch set for unlabelled steps' gradients)."""
@@ -158,28 +246,30 @@ class OrtLearner(GraphLearner):
         self._bindings: dict = {}
 
     def _binding(self, k: int, g: int | None):
-        """The binding of the learning step that reads state set ``k`` and accumulator set ``g`` (see
-        :func:`~.graph_learner.learn_step_io`; parameters are updated in place: one set). Made once
-        each, on first use."""
+        """The binding that reads state set ``k`` and accumulator set ``g`` and writes sets ``1 - k`` and
+        ``1 - g`` (``g`` None: reads set 0, writes the scratch set). Made once each, on first use."""
         key = (k, g)
         if key in self._bindings:
             return self._bindings[key]
-        ort = self._ort
+        ort, sig = self._ort, self.sig
+
+        def value(array: np.ndarray):
+            self._values.append(ort.OrtValue.ortvalue_from_numpy(array))
+            return self._values[-1]
+
         io = self.learn_session.io_binding()
-        inputs, outputs = learn_step_io(self.sig, k, g)
-        for bind, tensors in ((io.bind_ortvalue_input, inputs), (io.bind_ortvalue_output, outputs)):
-            for name, slot in tensors:
-                # the OrtValues wrap the arrays' memory (no copy); kept alive here
-                self._values.append(ort.OrtValue.ortvalue_from_numpy(self._array(slot)))
-                bind(name, self._values[-1])
+        io.bind_ortvalue_input("x", value(self._x))
+        io.bind_ortvalue_input("target", value(self._target))
+        for (name, _), buf in zip(sig.state, self._state[k]):
+            io.bind_ortvalue_input(name, value(buf))
+        for (name, _), buf in zip(sig.grads, self._grads[0 if g is None else g]):
+            io.bind_ortvalue_input(name, value(buf))
+        for name, buf in self.params.items():
+            io.bind_ortvalue_input(name, value(buf))
+        io.bind_ortvalue_output(sig.output_name, value(self._y))
+        for name, buf in zip(sig.state_outputs, self._state[1 - k]):
+            io.bind_ortvalue_output(name, value(buf))
+        for name, buf in zip(sig.grad_outputs, self._grads[2 if g is None else 1 - g]):
+            io.bind_ortvalue_output(name, value(buf))
         self._bindings[key] = io
         return io
-
-    def _array(self, slot: Slot) -> np.ndarray:
-        if slot.group == "state":
-            return self._state[slot.set][slot.index]
-        if slot.group == "grads":
-            return self._grads[slot.set][slot.index]
-        if slot.group == "params":
-            return self.params[slot.name]
-        return {"x": self._x, "target": self._target, "y": self._y}[slot.group]
