@@ -4,8 +4,9 @@
 and :func:`~stoprt.export.onnx_update.export_update` with the step / end_sample / update schedule of
 :class:`~stoprt.runtime.stop.STOP`. State, traces and gradient accumulators live in two sets of
 buffers that swap roles every step (ping-pong, as :class:`~.ort_runner.OrtStepRunner`): each set is
-bound once with IO binding, so a step copies ``x`` and ``target`` in and runs. Parameters are bound
-buffers too; an update (one run of the update graph) writes the new values into them in place.
+bound once with IO binding, so a step copies ``x`` and ``target`` in and runs. Parameters and the
+optimizer's state swap the same way at each update: the update graph (bound once too) reads one set
+and writes the other, so an update copies nothing between Python and ONNX Runtime either.
 
 Buffers are numpy arrays that the OrtValues wrap (host memory). The CPU execution provider is the
 default; ``provider="cuda"`` or ``"tensorrt"`` asks for that provider (ONNX Runtime then copies the
@@ -73,7 +74,8 @@ class OrtLearner(GraphLearner):
         if update not in ("sample", "step") and not (isinstance(update, int) and update >= 1):
             raise ValueError(f"update must be 'sample', 'step' or an int >= 1, got {update!r}")
         ort = _import_ort()
-        self._ort, self.update, self.lr = ort, update, np.asarray(lr, np.float32)
+        self._ort, self.update = ort, update
+        self._lr = np.array(lr, np.float32)  # bound into the update graph: set through ``lr``
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -99,16 +101,41 @@ class OrtLearner(GraphLearner):
             if len(dims) != len(want) or any(isinstance(d, int) and d != w for d, w in zip(dims, want)):
                 raise LearnGraphError(f"{learn_graph}: input {info.name} has shape {info.shape}, its stoprt "
                                       f"metadata says {want} (without batch): the graph was altered")
-        self.params = {n: np.zeros(s, np.float32) for n, s in sig.params}
+        self._input_shape, self._classes = tuple(sig.input_shape), sig.output_shape[-1]
+        # Two sets of parameters and of optimizer state (SGD momentum; Adam's moments and step count,
+        # zeros as torch starts): an update reads set ``_p`` and writes set ``1 - _p``. Parameters the
+        # update does not write (frozen) are one array shared by both sets.
+        learned = set(sig.learned)
+        first = {n: np.zeros(s, np.float32) for n, s in sig.params}
+        self._params = [first, {n: np.zeros(s, np.float32) if n in learned else first[n] for n, s in sig.params}]
+        self._optimizer = [{n: np.zeros(s, np.float32) for n, s in self.usig.state} for _ in range(2)]
+        self._p = 0
         self.set_parameters(parameters)
-        # the optimizer's state (SGD momentum; Adam's moments and step count), zeros as torch starts
-        self.optimizer_state = {n: np.zeros(s, np.float32) for n, s in self.usig.state}
+        self._ok, self._clamped = np.zeros((), np.bool_), np.zeros((), np.float32)  # the update's verdict
         self.stats = LearnerStats()
         self.sample_steps, self._since_update = 0, 0
         self._batch: int | None = None
         self.output_sum: np.ndarray | None = None
 
     # ---- parameters ---------------------------------------------------------------------------
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        """The current parameter buffers by graph input name (the bound arrays: write in place)."""
+        return self._params[self._p]
+
+    @property
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """The current optimizer state buffers by graph input name (the bound arrays)."""
+        return self._optimizer[self._p]
+
+    @property
+    def lr(self) -> np.ndarray:
+        return self._lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        np.copyto(self._lr, np.float32(value))  # in place: the update graph's bound input
+
     def set_parameters(self, state_dict: Mapping[str, Any]) -> None:
         """Load parameter values (a state_dict or part of one; BatchNorm statistics are baked in)."""
         for key, value in state_dict.items():
@@ -166,33 +193,33 @@ class OrtLearner(GraphLearner):
         """One step: ``x`` ``[B, *input_shape]``, ``target`` ``[B]`` class indices (None: an unlabelled
         step, which only predicts: its gradients are dropped); returns the step's output ``[B, K]``."""
         learn = target is not None
-        x = _as_numpy(x, np.float32)
-        target = _as_numpy(target, np.int64) if learn else np.zeros(x.shape[:1], np.int64)
-        if tuple(x.shape[1:]) != tuple(self.sig.input_shape) or target.shape != x.shape[:1]:
-            raise ValueError(f"input {x.shape} / target {target.shape} do not fit the learning graph: expected "
-                             f"[B, {', '.join(map(str, self.sig.input_shape))}] and [B]")
-        if target.min() < 0 or target.max() >= self.sig.output_shape[-1]:
-            raise ValueError(f"label(s) {sorted(set(target.tolist()))} outside the {self.sig.output_shape[-1]} "
-                             "classes of the network")
+        if not isinstance(x, np.ndarray):
+            x = _as_numpy(x, np.float32)
+        if learn and not isinstance(target, np.ndarray):
+            target = _as_numpy(target, np.int64)
+        batch = x.shape[0] if x.ndim else 0
+        if x.shape[1:] != self._input_shape or (learn and target.shape != (batch,)):
+            raise ValueError(f"input {x.shape} / target {None if target is None else target.shape} do not fit the "
+                             f"learning graph: expected [B, {', '.join(map(str, self._input_shape))}] and [B]")
         if self.sample_steps == 0:
-            if x.shape[0] != self._batch:
-                self._allocate(x.shape[0])
-            self.output_sum = np.zeros((x.shape[0], *self.sig.output_shape), np.float32)
-        elif x.shape[0] != self._batch:
-            raise ValueError(f"batch changed within a sample ({self._batch} then {x.shape[0]})")
+            if batch != self._batch:
+                self._allocate(batch)
+            self.output_sum = np.zeros((batch, *self.sig.output_shape), np.float32)
+        elif batch != self._batch:
+            raise ValueError(f"batch changed within a sample ({self._batch} then {batch})")
+        if learn:
+            self._set_target(target)
         np.copyto(self._x, x)
-        np.copyto(self._target, target)
-        self.learn_session.run_with_iobinding(self._binding(self._k, self._g if learn else None))
+        self.learn_session.run_with_iobinding(self._binding(self._k, self._g if learn else None, self._p))
         self._k ^= 1
         self.output_sum += self._y
         self.sample_steps += 1
         self.stats.steps += 1
-        if not learn:
-            return self._y.copy()
-        self._g ^= 1
-        self._since_update += 1
-        if self.update == "step" or (isinstance(self.update, int) and self._since_update >= self.update):
-            self._apply_update()
+        if learn:
+            self._g ^= 1
+            self._since_update += 1
+            if self.update == "step" or (isinstance(self.update, int) and self._since_update >= self.update):
+                self._apply_update()
         return self._y.copy()
 
     def end_sample(self) -> np.ndarray | None:
@@ -207,26 +234,30 @@ class OrtLearner(GraphLearner):
         return self.output_sum.argmax(1)
 
     # ---- internals ----------------------------------------------------------------------------
+    def _set_target(self, target: np.ndarray) -> None:
+        """Copy the labels into the bound target buffer, checked against the network's classes (an
+        unlabelled step reads the buffer too, so it never keeps a bad label)."""
+        t = self._target
+        np.copyto(t, target, casting="unsafe")  # as np.array(target, np.int64) would convert
+        labels = t.tolist()  # a few labels: Python's min/max beat numpy's reductions per step
+        if min(labels) < 0 or max(labels) >= self._classes:
+            t.fill(0)
+            raise ValueError(f"label(s) {sorted(set(np.asarray(target).tolist()))} outside the {self._classes} "
+                             "classes of the network")
+
     def _apply_update(self) -> None:
+        """One run of the update graph: reads the accumulators and parameter/optimizer set ``_p``,
+        writes set ``1 - _p`` (the kept values where an update is refused), then the sets swap."""
         if not self._since_update:
             return
         self._since_update = 0
-        grads = self._grads[self._g]
-        feeds = {"lr": self.lr, **{n: self.params[n] for n, _ in self.usig.learned},
-                 **{n: g for (n, _), g in zip(self.sig.grads, grads)},
-                 **self.optimizer_state}
-        out = self.update_session.run(None, feeds)
-        n = len(self.usig.learned)
-        ok, clamped = bool(out[-2]), int(out[-1])
-        for (name, _), value in zip(self.usig.learned, out[:n]):
-            np.copyto(self.params[name], value)
-        for name, value in zip(self.optimizer_state, out[n:-2]):
-            np.copyto(self.optimizer_state[name], value)
-        for g in grads:
+        self.update_session.run_with_iobinding(self._update_binding(self._g, self._p))
+        self._p ^= 1
+        for g in self._grads[self._g]:
             g.fill(0.0)
-        if ok:
+        if self._ok:
             self.stats.updates += 1
-            self.stats.clamped_values += clamped
+            self.stats.clamped_values += int(self._clamped)
         else:
             self.stats.rejected_updates += 1
             log.warning("stoprt: update refused: a gradient or an updated parameter is NaN or Inf; "
@@ -244,19 +275,21 @@ class OrtLearner(GraphLearner):
         self._grads = [[np.zeros(s, np.float32) for _, s in sig.grads] for _ in range(3)]  # [2]: scratch
         self._values: list = []  # the OrtValues wrap the arrays' memory (no copy); kept alive here
         self._bindings: dict = {}
+        self._update_bindings: dict = {}
 
-    def _binding(self, k: int, g: int | None):
-        """The binding that reads state set ``k`` and accumulator set ``g`` and writes sets ``1 - k`` and
-        ``1 - g`` (``g`` None: reads set 0, writes the scratch set). Made once each, on first use."""
-        key = (k, g)
+    def _value(self, array: np.ndarray):
+        """An OrtValue over ``array``'s memory, kept alive as long as the bindings that use it."""
+        self._values.append(self._ort.OrtValue.ortvalue_from_numpy(array))
+        return self._values[-1]
+
+    def _binding(self, k: int, g: int | None, p: int):
+        """The learning step's binding that reads state set ``k``, accumulator set ``g`` and parameter
+        set ``p``, and writes state set ``1 - k`` and accumulator set ``1 - g`` (``g`` None: reads set
+        0, writes the scratch set). Made once each, on first use."""
+        key = (k, g, p)
         if key in self._bindings:
             return self._bindings[key]
-        ort, sig = self._ort, self.sig
-
-        def value(array: np.ndarray):
-            self._values.append(ort.OrtValue.ortvalue_from_numpy(array))
-            return self._values[-1]
-
+        sig, value = self.sig, self._value
         io = self.learn_session.io_binding()
         io.bind_ortvalue_input("x", value(self._x))
         io.bind_ortvalue_input("target", value(self._target))
@@ -264,7 +297,7 @@ class OrtLearner(GraphLearner):
             io.bind_ortvalue_input(name, value(buf))
         for (name, _), buf in zip(sig.grads, self._grads[0 if g is None else g]):
             io.bind_ortvalue_input(name, value(buf))
-        for name, buf in self.params.items():
+        for name, buf in self._params[p].items():
             io.bind_ortvalue_input(name, value(buf))
         io.bind_ortvalue_output(sig.output_name, value(self._y))
         for name, buf in zip(sig.state_outputs, self._state[1 - k]):
@@ -272,4 +305,27 @@ class OrtLearner(GraphLearner):
         for name, buf in zip(sig.grad_outputs, self._grads[2 if g is None else 1 - g]):
             io.bind_ortvalue_output(name, value(buf))
         self._bindings[key] = io
+        return io
+
+    def _update_binding(self, g: int, p: int):
+        """The update graph's binding that reads accumulator set ``g`` and parameter/optimizer set
+        ``p`` and writes parameter/optimizer set ``1 - p``. Made once each, on first use."""
+        key = (g, p)
+        if key in self._update_bindings:
+            return self._update_bindings[key]
+        value, learned = self._value, [n for n, _ in self.usig.learned]
+        io = self.update_session.io_binding()
+        io.bind_ortvalue_input("lr", value(self._lr))
+        for name in learned:
+            io.bind_ortvalue_input(name, value(self._params[p][name]))
+        for (name, _), buf in zip(self.sig.grads, self._grads[g]):
+            io.bind_ortvalue_input(name, value(buf))
+        for name, buf in self._optimizer[p].items():
+            io.bind_ortvalue_input(name, value(buf))
+        # outputs in graph order: new parameters, new optimizer state, ok, clamped
+        written = [*(self._params[1 - p][n] for n in learned), *self._optimizer[1 - p].values(),
+                   self._ok, self._clamped]
+        for out, buf in zip(self.update_session.get_outputs(), written, strict=True):
+            io.bind_ortvalue_output(out.name, value(buf))
+        self._update_bindings[key] = io
         return io

@@ -242,6 +242,39 @@ def test_update_guard_refuses_non_finite_gradients(graphs, optimizer):
         assert not value.any(), name
 
 
+def test_learner_state_reloads_exactly_across_the_swapped_update_buffers(graphs):
+    """Updates write the other set of parameter and optimizer buffers: after an odd number of them a
+    state_dict still restores exactly into a fresh learner, and a learning rate set later reaches the
+    bound update graph (lr 0: SGD moves nothing)."""
+    net = _net("mlp")
+    learn, upd = graphs("mlp", net, "ce", "sgd")
+    xs = (np.random.default_rng(0).random((6, 4, 1, *net.input_shape)) < 0.3).astype(np.float32)
+
+    def sample(learner: OrtLearner, i: int) -> None:
+        for x in xs[i]:
+            learner.step(x, np.array([i]))
+        learner.end_sample()
+
+    a = OrtLearner(learn, upd, net.state_dict(), lr=LR)
+    for i in range(3):
+        sample(a, i)
+    b = OrtLearner(learn, upd, net.state_dict(), lr=LR)
+    b.load_state_dict(a.state_dict())
+    for i in range(3, 5):
+        sample(a, i)
+        sample(b, i)
+    assert (a.updates, b.updates) == (5, 2)
+    moved = a.parameters()
+    assert any(not np.array_equal(moved[k], v.numpy()) for k, v in net.state_dict().items() if k in moved)
+    for key, value in b.parameters().items():
+        np.testing.assert_array_equal(value, moved[key], err_msg=key)
+    a.lr = 0.0
+    sample(a, 5)
+    assert a.updates == 6
+    for key, value in a.parameters().items():
+        np.testing.assert_array_equal(value, moved[key], err_msg=key)
+
+
 def test_unsupported_layer_is_named(tmp_path):
     net = L.Sequential(L.Flatten(), L.Linear(8, 4), torch.nn.Tanh(), L.LIF(), input_shape=(2, 2, 2))
     with pytest.raises(LearnGraphError, match="Tanh") as err:

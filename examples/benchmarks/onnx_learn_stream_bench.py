@@ -8,6 +8,11 @@ RSS) is read. The same stream with the torch backend (STOP in torch, 1 thread) r
 the ratio. This process never imports torch: a child's peak RSS (``ru_maxrss``) starts from its
 parent's at the fork, so a parent holding torch would inflate it. Results: ``OUT/onnx_learn_stream.json``.
 
+On a shared machine the wall-clock rate mostly measures the other processes: the torch-free stream
+runs ``--repeats`` times and the median and best rates are kept, with the steps per CPU second of
+the stream loop (its process time, so closer to what the loop costs) and the load average around
+the runs.
+
     python examples/benchmarks/onnx_learn_stream_bench.py --out docs/results/onnx-learn --samples 400
 """
 
@@ -15,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,6 +64,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/onnx-learn")
     p.add_argument("--samples", type=int, default=400, help="built-in digits streamed (about 10.7 steps each)")
+    p.add_argument("--repeats", type=int, default=5, help="runs of the torch-free stream (median and best kept)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,15 +72,23 @@ def main() -> None:
         bundle = Path(tmp) / "bundle"
         subprocess.run([sys.executable, "-c", PREPARE, str(bundle), str(args.samples)], check=True)
         stream = ["stream", "--source", f"builtin:digits:{args.samples}", "--model", str(bundle), "--learn"]
-        ort = _run(stream + ["--backend", "onnxruntime"], blocked=True)
+        load0 = os.getloadavg()[0]
+        runs = [_run(stream + ["--backend", "onnxruntime"], blocked=True) for _ in range(args.repeats)]
         eager = _run(stream, blocked=False)
+        load1 = os.getloadavg()[0]
     keys = ("steps", "updates", "steps_per_s", "peak_rss_mib", "accuracy")
+    rates = [r["steps_per_s"] for r in runs]
+    median = statistics.median(rates)
+    ort = {**{k: runs[0][k] for k in keys}, "steps_per_s": median, "steps_per_s_best": max(rates),
+           "steps_per_s_runs": rates, "steps_per_cpu_s_runs": [r["steps"] / r["cpu_s"] for r in runs],
+           "peak_rss_mib": max(r["peak_rss_mib"] for r in runs)}
     result = {"model": "mlp (2x16x16 -> 256 -> 10), SGD lr 0.01 momentum 0.9, update per sample",
-              "samples": args.samples, "threads": 1,
-              "onnxruntime_torch_free": {k: ort[k] for k in keys},
+              "samples": args.samples, "threads": 1, "load_average_1min": [load0, load1],
+              "onnxruntime_torch_free": ort,
               "torch_stop_adam": {k: eager[k] for k in keys},
               "targets": {"peak_rss_mib_max": 150, "steps_per_s_min": 3000},
-              "met": {"rss": ort["peak_rss_mib"] <= 150, "steps_per_s": ort["steps_per_s"] >= 3000}}
+              "met": {"rss": ort["peak_rss_mib"] <= 150, "steps_per_s": median >= 3000,
+                      "steps_per_s_best_run": max(rates) >= 3000}}
     (out / "onnx_learn_stream.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -61,6 +61,7 @@ class LabelTrack:
 
     def __init__(self, segments: Iterable[Segment] = ()) -> None:
         self.segments: list[Segment] = []
+        self._starts: list[int] = []  # the segments' starts, searched at every step (no key function)
         self._lock = threading.Lock()
         for seg in segments:
             self.add(seg.start_us, seg.end_us, seg.label)
@@ -72,19 +73,22 @@ class LabelTrack:
             raise ValueError(f"labels are class indices >= 0, got {label}")
         seg = Segment(int(start_us), int(end_us), int(label))
         with self._lock:
-            bisect.insort(self.segments, seg, key=lambda s: s.start_us)
+            i = bisect.bisect_right(self._starts, seg.start_us)
+            self._starts.insert(i, seg.start_us)
+            self.segments.insert(i, seg)
         return seg
 
     def at(self, t_us: int) -> Segment | None:
         """The segment containing time ``t_us``, if any."""
         with self._lock:
-            i = bisect.bisect_right(self.segments, t_us, key=lambda s: s.start_us) - 1
+            i = bisect.bisect_right(self._starts, t_us) - 1
             return self.segments[i] if i >= 0 and t_us < self.segments[i].end_us else None
 
     def prune(self, before_us: int) -> None:
         """Forget segments that ended before ``before_us`` (bounded memory on endless streams)."""
         with self._lock:
             self.segments = [s for s in self.segments if s.end_us > before_us]
+            self._starts = [s.start_us for s in self.segments]
 
     @classmethod
     def from_csv(cls, path: str | Path, first_class: int = 1) -> "LabelTrack":
