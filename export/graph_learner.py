@@ -236,13 +236,21 @@ class GraphLearner:
         return y
 
     def _checked_inputs(self, x: Any, target: Any) -> tuple[np.ndarray, np.ndarray]:
-        x = as_numpy(x, np.float32)
-        target = as_numpy(target, np.int64) if target is not None else np.zeros(x.shape[:1], np.int64)
-        if tuple(x.shape[1:]) != tuple(self.sig.input_shape) or target.shape != x.shape[:1]:
+        """``x`` as float32 and ``target`` as integers (zeros for an unlabelled step), checked; a
+        C-ordered float32 frame is used as it is (the engines copy it in), not copied here."""
+        if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous):
+            x = as_numpy(x, np.float32)
+        batch = x.shape[0] if x.ndim else 0
+        if target is None:
+            target = np.zeros(batch, np.int64)
+        elif not (isinstance(target, np.ndarray) and target.dtype.kind in "iu"):
+            target = as_numpy(target, np.int64)
+        if x.shape[1:] != tuple(self.sig.input_shape) or target.shape != (batch,):
             raise ValueError(f"input {x.shape} / target {target.shape} do not fit the learning graph: expected "
                              f"[B, {', '.join(map(str, self.sig.input_shape))}] and [B]")
-        if target.min() < 0 or target.max() >= self.sig.output_shape[-1]:
-            raise ValueError(f"label(s) {sorted(set(target.tolist()))} outside the {self.sig.output_shape[-1]} "
+        labels = target.tolist()  # a few labels: Python's min/max beat numpy's reductions per step
+        if labels and (min(labels) < 0 or max(labels) >= self.sig.output_shape[-1]):
+            raise ValueError(f"label(s) {sorted(set(labels))} outside the {self.sig.output_shape[-1]} "
                              "classes of the network")
         return x, target
 

@@ -25,7 +25,7 @@ import torch
 
 from stoprt.cli import main
 from stoprt.export.bundle import BundleError
-from stoprt.export.graph_learner import SCRATCH, Slot, learn_step_io, update_io
+from stoprt.export.graph_learner import SCRATCH, GraphLearner, Slot, learn_step_io, update_io
 from stoprt.export.model_file import save_model
 from stoprt.export.signatures import LearnSignature, UpdateSignature, read_graph_signature
 from stoprt.export.tensorrt import TensorRTError
@@ -182,6 +182,135 @@ def test_torch_dtype_of_engine_tensors():
     assert torch_dtype_name(types.SimpleNamespace(name="BOOL")) == "bool"
     with pytest.raises(TensorRTError, match="FP8"):
         torch_dtype_name(types.SimpleNamespace(name="FP8"))
+
+
+class PlanLearner(GraphLearner):
+    """GraphLearner's schedule over the buffer plans that TrtLearner binds (sets of state, accumulators,
+    parameters and optimizer state swapped as learn_step_io / update_io say), with the graphs run by
+    plain ONNX Runtime ``session.run`` on numpy buffers: the shared logic, checked without TensorRT."""
+
+    def __init__(self, learn_graph, update_graph, parameters, lr, update="sample"):
+        import onnxruntime as ort
+        self.learn = ort.InferenceSession(str(learn_graph), providers=["CPUExecutionProvider"])
+        self.upd = ort.InferenceSession(str(update_graph), providers=["CPUExecutionProvider"])
+        sig = read_graph_signature(learn_graph, LearnSignature)
+        usig = read_graph_signature(update_graph, UpdateSignature)
+        self._setup(sig, usig, lr, update, str(learn_graph))
+        self.learned, self._k, self._g, self._u = frozenset(sig.learned), 0, 0, 0
+        z = lambda shape: np.zeros(shape, np.float32)  # noqa: E731
+        self.buf = {Slot("lr"): np.asarray(lr, np.float32), Slot("ok"): np.zeros((), bool), Slot("clamped"): z(())}
+        self.buf.update({Slot("grads", s, i): z(shape) for s in range(3) for i, (_, shape) in enumerate(sig.grads)})
+        self.buf.update({Slot("params", s, name=n): z(shape) for n, shape in sig.params
+                         for s in ((0, 1) if n in self.learned else (0,))})
+        self.buf.update({Slot("optimizer", s, name=n): z(shape) for n, shape in usig.state for s in (0, 1)})
+        self.set_parameters(parameters)
+
+    def _run(self, session, io):
+        inputs, outputs = io
+        values = session.run([n for n, _ in outputs], {n: self.buf[s] for n, s in inputs})
+        for (_, slot), value in zip(outputs, values):
+            np.copyto(self.buf[slot], value)
+
+    def _allocate(self, batch):
+        sig = self.sig
+        self.buf.update({Slot("x"): np.zeros((batch, *sig.input_shape), np.float32),
+                         Slot("target"): np.zeros(batch, np.int64),
+                         Slot("y"): np.zeros((batch, *sig.output_shape), np.float32)})
+        self.buf.update({Slot("state", s, i): np.zeros(() if shape is None else (batch, *shape), np.float32)
+                         for s in (0, 1) for i, (_, shape) in enumerate(sig.state)})
+        self._batch, self._k = batch, 0
+
+    def _run_step(self, x, target, learn):
+        np.copyto(self.buf[Slot("x")], x)
+        np.copyto(self.buf[Slot("target")], target)
+        self._run(self.learn, learn_step_io(self.sig, self._k, self._g if learn else None, self._u, self.learned))
+        self._k ^= 1
+        self._g ^= int(learn)
+        return self.buf[Slot("y")].copy()
+
+    def _run_update(self):
+        self._run(self.upd, update_io(self.sig, self.usig, self._g, self._u))
+        for i in range(len(self.sig.grads)):
+            self.buf[Slot("grads", self._g, i)].fill(0.0)
+        self._u ^= 1
+        return bool(self.buf[Slot("ok")]), int(self.buf[Slot("clamped")])
+
+    def _zero_state(self):
+        for i in range(len(self.sig.state)):
+            self.buf[Slot("state", self._k, i)].fill(0.0)
+
+    def _slot(self, group, name):
+        return Slot(group, 0 if group == "params" and name not in self.learned else self._u, name=name)
+
+    def _read(self, group, name):
+        return self.buf[self._slot(group, name)].copy()
+
+    def _write(self, group, name, value):
+        np.copyto(self.buf[self._slot(group, name)], value)
+
+    def _state_arrays(self):
+        return {n: self.buf[Slot("state", self._k, i)].copy() for i, (n, _) in enumerate(self.sig.state)}
+
+    def _grad_arrays(self):
+        return {n: self.buf[Slot("grads", self._g, i)].copy() for i, (n, _) in enumerate(self.sig.grads)}
+
+
+@pytest.mark.parametrize("update", ["sample", "step", 3])
+def test_shared_schedule_over_the_plans_matches_ort_learner(bundle, update):
+    """GraphLearner (the step / end_sample / update schedule TrtLearner inherits) running the buffer
+    plans TrtLearner binds, against OrtLearner: batches 1 and 3, unlabelled steps, every update
+    schedule; outputs, state, accumulators, predictions and parameters identical, then a checkpoint
+    round trip."""
+    pytest.importorskip("onnxruntime")
+    from stoprt.export.ort_learner import OrtLearner
+    plan = PlanLearner.from_bundle(bundle, lr=0.01, update=update)
+    ort = OrtLearner.from_bundle(bundle, lr=0.01, update=update)
+    rng = np.random.default_rng(1)
+    for t in range(60):
+        batch = (1, 3)[(t // 10) % 2]
+        x = (rng.random((batch, *plan.sig.input_shape)) < 0.3).astype(np.float32) * 2.0
+        y = None if t % 7 == 3 else rng.integers(0, CLASSES, batch)
+        np.testing.assert_array_equal(plan.step(x, y), ort.step(x, y), err_msg=f"step {t}")
+        for what in ("state", "gradients"):
+            theirs = getattr(ort, what)()
+            for name, value in getattr(plan, what)().items():
+                np.testing.assert_array_equal(value, theirs[name], err_msg=f"step {t}: {what} {name}")
+        if t % 10 == 9:
+            np.testing.assert_array_equal(plan.end_sample(), ort.end_sample())
+    assert plan.updates == ort.updates > 0 and plan.clamped_values == ort.clamped_values
+    mine, theirs = plan.state_dict(), ort.state_dict()
+    for what in ("params", "optimizer"):
+        assert set(mine[what]) == set(theirs[what]) and mine[what]
+        for name, value in mine[what].items():
+            np.testing.assert_array_equal(value, theirs[what][name], err_msg=name)
+    again = PlanLearner.from_bundle(bundle, lr=0.01, update=update)
+    again.load_state_dict(mine)
+    x = np.ones((2, *plan.sig.input_shape), np.float32)
+    np.testing.assert_array_equal(again.step(x, np.array([1, 2])), ort.step(x, np.array([1, 2])))
+    again.end_sample(), ort.end_sample()
+    for key, value in again.parameters().items():
+        np.testing.assert_array_equal(value, ort.parameters()[key], err_msg=key)
+
+
+def test_shared_checks_refuse_bad_steps_and_checkpoints(bundle):
+    pytest.importorskip("onnxruntime")
+    plan = PlanLearner.from_bundle(bundle)
+    x = np.zeros((2, *plan.sig.input_shape), np.float32)
+    with pytest.raises(ValueError, match="do not fit the learning graph"):
+        plan.step(x[:, :1], np.array([0, 1]))
+    with pytest.raises(ValueError, match=r"label\(s\) \[0, 10\] outside the 10 classes"):
+        plan.step(x, np.array([0, 10]))
+    plan.step(x, np.array([0, 1]))
+    with pytest.raises(ValueError, match="batch changed within a sample"):
+        plan.step(x[:1], np.array([0]))
+    state = plan.state_dict()
+    name = next(iter(state["params"]))
+    with pytest.raises(ValueError, match=f"the checkpoint's {name} has shape"):
+        plan.load_state_dict({**state, "params": {**state["params"], name: np.zeros(3, np.float32)}})
+    with pytest.raises(ValueError, match="written for another model or optimizer"):
+        plan.load_state_dict({**state, "optimizer": {}})
+    with pytest.raises(ValueError, match="is not an input of the learning graph"):
+        plan.set_parameters({"nope.weight": np.zeros(1)})
 
 
 # ---- with TensorRT and a GPU ------------------------------------------------------------------------
