@@ -235,20 +235,18 @@ class GraphLearner:
                 self._apply_update()
         return y
 
-    def _checked_inputs(self, x: Any, target: Any) -> tuple[np.ndarray, np.ndarray]:
-        """``x`` as float32 and ``target`` as integers (zeros for an unlabelled step), checked; a
-        C-ordered float32 frame is used as it is (the engines copy it in), not copied here."""
+    def _checked_inputs(self, x: Any, target: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """``x`` as float32 and ``target`` as integers (None stays None), checked; a C-ordered float32
+        frame is used as it is (the engines copy it in), not copied here."""
         if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous):
             x = as_numpy(x, np.float32)
         batch = x.shape[0] if x.ndim else 0
-        if target is None:
-            target = np.zeros(batch, np.int64)
-        elif not (isinstance(target, np.ndarray) and target.dtype.kind in "iu"):
+        if target is not None and not (isinstance(target, np.ndarray) and target.dtype.kind in "iu"):
             target = as_numpy(target, np.int64)
-        if x.shape[1:] != tuple(self.sig.input_shape) or target.shape != (batch,):
-            raise ValueError(f"input {x.shape} / target {target.shape} do not fit the learning graph: expected "
-                             f"[B, {', '.join(map(str, self.sig.input_shape))}] and [B]")
-        labels = target.tolist()  # a few labels: Python's min/max beat numpy's reductions per step
+        if x.shape[1:] != tuple(self.sig.input_shape) or (target is not None and target.shape != (batch,)):
+            raise ValueError(f"input {x.shape} / target {None if target is None else target.shape} do not fit the "
+                             f"learning graph: expected [B, {', '.join(map(str, self.sig.input_shape))}] and [B]")
+        labels = [] if target is None else target.tolist()  # a few labels: Python's min/max beat numpy's
         if labels and (min(labels) < 0 or max(labels) >= self.sig.output_shape[-1]):
             raise ValueError(f"label(s) {sorted(set(labels))} outside the {self.sig.output_shape[-1]} "
                              "classes of the network")
@@ -282,8 +280,10 @@ class GraphLearner:
         """Buffers for ``batch`` (state and traces zero); sets ``self._batch``."""
         raise NotImplementedError
 
-    def _run_step(self, x: np.ndarray, target: np.ndarray, learn: bool) -> np.ndarray:
-        """Run the learning step (swapping the buffer sets); the output ``[B, K]`` as a new array."""
+    def _run_step(self, x: np.ndarray, target: np.ndarray | None, learn: bool) -> np.ndarray:
+        """Run the learning step (swapping the buffer sets); the output ``[B, K]`` as a new array.
+        ``target`` None (an unlabelled step): the graph reads whatever labels its buffer holds, which
+        change only the gradients, and those go to the scratch set."""
         raise NotImplementedError
 
     def _run_update(self) -> tuple[bool, int]:

@@ -125,7 +125,7 @@ class TrtLearner(GraphLearner):
         self._addresses: dict[tuple, list[tuple[str, int]]] = {}
         self._k = self._g = self._u = 0
         zeros = self._zeros
-        self._buffers[Slot("lr")] = torch.tensor(float(self.lr), dtype=torch.float32, device=self.device)
+        self._buffers[Slot("lr")] = zeros(())
         self._buffers[Slot("ok")] = zeros((), self._dtype(self.update_engine, "ok"))
         self._buffers[Slot("clamped")] = zeros((), self._dtype(self.update_engine, "clamped"))
         for s in range(3):
@@ -226,10 +226,11 @@ class TrtLearner(GraphLearner):
         self._batch, self._k = batch, 0
         self._set_shapes("learn", learn_step_io(sig, 0, 0, 0, self._learned)[0])
 
-    def _run_step(self, x: np.ndarray, target: np.ndarray, learn: bool) -> np.ndarray:
+    def _run_step(self, x: np.ndarray, target: np.ndarray | None, learn: bool) -> np.ndarray:
         torch = self._torch
         self._buffers[Slot("x")].copy_(torch.from_numpy(x))
-        self._buffers[Slot("target")].copy_(torch.from_numpy(target))
+        if learn:
+            self._buffers[Slot("target")].copy_(torch.from_numpy(target))
         k, g, u = self._k, self._g if learn else None, self._u
         self._execute(("learn", k, g, u),
                       lambda: learn_step_io(self.sig, k, g, u, self._learned))
@@ -240,6 +241,7 @@ class TrtLearner(GraphLearner):
 
     def _run_update(self) -> tuple[bool, int]:
         g, u = self._g, self._u
+        self._buffers[Slot("lr")].fill_(float(self.lr))  # ``lr`` may have been changed since the last update
         self._execute(("update", g, u), lambda: update_io(self.sig, self.usig, g, u))
         for i in range(len(self.sig.grads)):
             self._buffers[Slot("grads", g, i)].zero_()

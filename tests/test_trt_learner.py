@@ -222,7 +222,8 @@ class PlanLearner(GraphLearner):
 
     def _run_step(self, x, target, learn):
         np.copyto(self.buf[Slot("x")], x)
-        np.copyto(self.buf[Slot("target")], target)
+        if learn:
+            np.copyto(self.buf[Slot("target")], target)
         self._run(self.learn, learn_step_io(self.sig, self._k, self._g if learn else None, self._u, self.learned))
         self._k ^= 1
         self._g ^= int(learn)
