@@ -4,14 +4,17 @@
 :class:`~stoprt.runtime.stop.STOP` (``step`` / ``end_sample``, update per sample, per step or every
 N labelled steps), the checks of inputs, labels, parameters and checkpoints, the mapping from
 state_dict keys to the graphs' names, and :meth:`GraphLearner.from_bundle`, which opens and checks a
-learning bundle. A subclass runs the graphs: :class:`~.ort_learner.OrtLearner` (ONNX Runtime) and
-:class:`~.trt_learner.TrtLearner` (TensorRT engines) supply the hooks named ``_run_step``,
+learning bundle. A subclass runs the graphs by supplying the hooks named ``_run_step``,
 ``_run_update``, ``_allocate``, ``_zero_state``, ``_read`` / ``_write``, ``_state_arrays`` and
-``_grad_arrays`` (see each).
+``_grad_arrays`` (see each): :class:`~.trt_learner.TrtLearner` (TensorRT engines) does.
+:class:`~.ort_learner.OrtLearner` (ONNX Runtime) inherits ``from_bundle`` and the counters and still
+overrides the rest with its own copies, until it moves onto the hooks as well (kept apart while its
+per-step code was being rewritten).
 
-Both keep state, traces and gradient accumulators in two sets of buffers that swap roles every
-step (ping-pong): :func:`learn_step_io` and :func:`update_io` say which buffer each graph tensor is
-bound to for given set indices, one table for both engines.
+State, traces and gradient accumulators live in two sets of buffers that swap roles every step
+(ping-pong), parameters and optimizer state in two sets that swap at every update:
+:func:`learn_step_io` and :func:`update_io` say which buffer each graph tensor is bound to for given
+set indices.
 """
 
 from __future__ import annotations
