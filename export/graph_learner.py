@@ -6,10 +6,8 @@ N labelled steps), the checks of inputs, labels, parameters and checkpoints, the
 state_dict keys to the graphs' names, and :meth:`GraphLearner.from_bundle`, which opens and checks a
 learning bundle. A subclass runs the graphs by supplying the hooks named ``_run_step``,
 ``_run_update``, ``_allocate``, ``_zero_state``, ``_read`` / ``_write``, ``_state_arrays`` and
-``_grad_arrays`` (see each): :class:`~.trt_learner.TrtLearner` (TensorRT engines) does.
-:class:`~.ort_learner.OrtLearner` (ONNX Runtime) inherits ``from_bundle`` and the counters and still
-overrides the rest with its own copies, until it moves onto the hooks as well (kept apart while its
-per-step code was being rewritten).
+``_grad_arrays`` (see each): :class:`~.ort_learner.OrtLearner` (ONNX Runtime) and
+:class:`~.trt_learner.TrtLearner` (TensorRT engines).
 
 State, traces and gradient accumulators live in two sets of buffers that swap roles every step
 (ping-pong), parameters and optimizer state in two sets that swap at every update:
