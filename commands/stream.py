@@ -14,10 +14,12 @@ Sources (``--source``):
   neuromorphic-drivers), optional extras;
 * ``builtin:digits`` / ``builtin:gestures``: emulated recordings back to back, with labels.
 
-Learning (``--learn``) runs STOP in torch, or, with ``--backend onnxruntime``, in ONNX Runtime from a
-learning bundle (``stoprt export CKPT --to onnx-learn``): that path imports no torch (the edge
-install), takes numpy frames from the binner and checkpoints ``session.npz``
-(:class:`~stoprt.export.ort_learner.OrtLearner`; ``--provider`` asks for an execution provider).
+Learning (``--learn``) runs STOP in torch, or from a learning bundle (``stoprt export CKPT --to
+onnx-learn``): with ``--backend onnxruntime`` in ONNX Runtime, importing no torch (the edge install;
+:class:`~stoprt.export.ort_learner.OrtLearner`, ``--provider`` asks for an execution provider), with
+``--backend tensorrt`` in TensorRT engines built from the bundle's graphs and cached next to the
+bundle (:class:`~stoprt.export.trt_learner.TrtLearner`; a CUDA GPU, ``--device
+cuda:N`` picks one). Both take numpy frames from the binner and checkpoint ``session.npz``.
 
 Each closed readout window prints its predicted class and time on stdout (unless ``--quiet``);
 ``--predictions FILE.csv|FILE.jsonl`` also writes them, a row per window (see
@@ -129,26 +131,31 @@ def _warn_if_labels_unused(args: argparse.Namespace, labels, stats) -> None:
 
 
 def _check_backend_options(args: argparse.Namespace) -> bool:
-    """Whether this run learns in ONNX Runtime (torch-free); refuses options that do not apply."""
-    ort_learn = args.backend == "onnxruntime" and args.learn
-    if args.learn and args.backend == "tensorrt":
-        raise ValueError("--learn runs in torch or onnxruntime; --backend tensorrt is for inference "
-                         "(for a frozen backbone with a learning head see stoprt.export.hybrid)")
+    """Whether this run learns from a learning bundle (ONNX Runtime, torch-free, or TensorRT) rather
+    than in torch; refuses options that do not apply."""
+    bundle_learn = args.learn and args.backend in ("onnxruntime", "tensorrt")
+    ort_learn = bundle_learn and args.backend == "onnxruntime"
     if not ort_learn and (args.provider is not None or args.strict):
         raise ValueError("--provider and --strict apply to --backend onnxruntime --learn")
     if ort_learn and args.device != "cpu":
         raise ValueError("--device is torch's; ONNX Runtime learning takes --provider cpu|cuda|tensorrt")
-    if not ort_learn:  # torch's defaults; the ONNX Runtime learner takes the bundle's
+    if not bundle_learn:  # torch's defaults; the bundle's learners take the bundle's
         args.lr = 1e-3 if args.lr is None else args.lr
         args.update = "sample" if args.update is None else args.update
-    return ort_learn
+    return bundle_learn
 
 
-def _ort_learner(args: argparse.Namespace):
-    """``(learner, meta)`` from a learning bundle, checked (see OrtLearner.from_bundle)."""
-    from ..export.ort_learner import OrtLearner
-    learner = OrtLearner.from_bundle(args.model, lr=args.lr, update=args.update, threads=args.threads or 1,
-                                     provider=args.provider or "cpu", strict=args.strict)
+def _bundle_learner(args: argparse.Namespace):
+    """``(learner, meta)`` from a learning bundle, checked (see GraphLearner.from_bundle): ONNX Runtime's
+    or TensorRT's, whose engines are cached next to the bundle."""
+    if args.backend == "tensorrt":
+        from ..export.trt_learner import TrtLearner
+        device = args.device if args.device.startswith("cuda") else "cuda"  # TensorRT runs on a GPU
+        learner = TrtLearner.from_bundle(args.model, lr=args.lr, update=args.update, device=device)
+    else:
+        from ..export.ort_learner import OrtLearner
+        learner = OrtLearner.from_bundle(args.model, lr=args.lr, update=args.update, threads=args.threads or 1,
+                                         provider=args.provider or "cpu", strict=args.strict)
     meta = {"model": {"bundle": str(args.model)}, "input_spec": learner.manifest.get("input_spec"),
             "source_model": str(args.model)}
     return learner, meta
@@ -163,8 +170,8 @@ def run_stream(args: argparse.Namespace) -> int:
     from ..runtime.stream.session import LabelTrack, StreamSession
     from ..runtime.usage import peak_rss_mib
 
-    ort_learn = _check_backend_options(args)
-    if not ort_learn:
+    bundle_learn = _check_backend_options(args)
+    if not bundle_learn:
         import torch
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -173,13 +180,13 @@ def run_stream(args: argparse.Namespace) -> int:
         from ..export.tensorrt import import_tensorrt
         import_tensorrt()  # a missing TensorRT fails first, in one line, before anything is loaded
     saved = None
-    checkpoint = StreamSession.checkpoint_file(args.checkpoint, arrays=ort_learn) if args.checkpoint else None
+    checkpoint = StreamSession.checkpoint_file(args.checkpoint, arrays=bundle_learn) if args.checkpoint else None
     if checkpoint:
         remove_stale_temporaries(checkpoint)  # of killed earlier runs
     if args.resume:
         if not args.checkpoint:
             raise ValueError("--resume needs --checkpoint DIR")
-        saved = load_array_checkpoint(checkpoint) if ort_learn else load_checkpoint(checkpoint)
+        saved = load_array_checkpoint(checkpoint) if bundle_learn else load_checkpoint(checkpoint)
         _check_resume(saved, args, checkpoint)
     if args.predictions:
         check_path(args.predictions)
@@ -195,8 +202,8 @@ def run_stream(args: argparse.Namespace) -> int:
     labels = LabelTrack.from_csv(args.labels) if args.labels else getattr(source, "labels", None)
     classes = args.classes or getattr(source, "num_classes", 10)
     learner = runner = net = None
-    if ort_learn:
-        learner, meta = _ort_learner(args)
+    if bundle_learn:
+        learner, meta = _bundle_learner(args)
         input_shape = tuple(learner.sig.input_shape)
     else:
         net, meta = load_model(args.model, 2, args.size, classes, args.device)
@@ -207,16 +214,16 @@ def run_stream(args: argparse.Namespace) -> int:
     by_count = {"mode": "count", "events_per_step": args.events_per_step} if args.events_per_step else {}
     binner = Binner(sensor, out_size=(input_shape[-1], input_shape[-2]), dt_us=args.dt_us,
                     device=args.device, t_start=None if by_count else start_us,
-                    frames="numpy" if ort_learn else "torch", **by_count)
+                    frames="numpy" if bundle_learn else "torch", **by_count)
     if args.learn and labels is None:
         raise ValueError("--learn needs labels: --labels CSV, or a source that has them (builtin:...)")
     if args.backend != "torch" and not args.learn:
         from ..export.runners import make_runner  # the step graph of a bundle; TensorRT keeps its engine
         runner = make_runner(args.backend, args.model, workdir=args.checkpoint)  # in --checkpoint DIR or the bundle
-    if args.fleet and not (args.learn and args.checkpoint) or args.fleet and ort_learn:
+    if args.fleet and not (args.learn and args.checkpoint) or args.fleet and bundle_learn:
         raise ValueError("--fleet needs --learn and --checkpoint DIR (the agent exchanges parameters through "
-                         "DIR), with torch learning (not --backend onnxruntime)")
-    if args.learn and not ort_learn:
+                         "DIR), with torch learning (not --backend onnxruntime or tensorrt)")
+    if args.learn and not bundle_learn:
         import torch
 
         from ..runtime.static_optim import new_optimizer  # torch.optim.Adam without the dynamo import
@@ -317,9 +324,9 @@ def register(sub) -> None:
                    "(overrides its header; N-MNIST .bin is 34x34)")
     p.add_argument("--sensor-height", type=positive_int, default=None)
     p.add_argument("--lr", type=positive_float, default=None,
-                   help="learning rate (default: 1e-3 for torch's Adam; onnxruntime: the bundle's)")
+                   help="learning rate (default: 1e-3 for torch's Adam; onnxruntime/tensorrt: the bundle's)")
     p.add_argument("--update", type=update_schedule, default=None, help="update schedule: sample, step, or every K "
-                   "labelled steps (default: sample; onnxruntime: the bundle's)")
+                   "labelled steps (default: sample; onnxruntime/tensorrt: the bundle's)")
     p.add_argument("--late-label-steps", type=nonnegative_int, default=0, help="keep this many steps to replay late labels")
     p.add_argument("--checkpoint", metavar="DIR", help="write session.pt here (atomically)")
     p.add_argument("--checkpoint-every", type=nonnegative_int, default=50,
@@ -333,7 +340,7 @@ def register(sub) -> None:
     p.add_argument("--queue", type=positive_int, default=8, help="steps buffered between producer and model")
     p.add_argument("--drop", choices=("oldest", "newest"), default="oldest", help="which steps to drop when behind")
     p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="torch",
-                   help="backend; onnxruntime/tensorrt take a bundle from `stoprt export --to bundle` (onnxruntime "
+                   help="backend; onnxruntime/tensorrt take a bundle from `stoprt export --to bundle` (with "
                         "--learn: from `--to onnx-learn`)")
     p.add_argument("--device", type=torch_device, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default=None,

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from ..runtime import layers as L
 from ..runtime.atomic import atomic_path
 from .signatures import (DEFAULT_OPSET, OPSETS, STEP_FORMAT, STEP_VERSION, GraphMetadata,  # noqa: F401 (re-exported)
-                         StepGraphError, StepSignature, new_name)
+                         StepGraphError, StepSignature, new_name, read_graph_signature)
 
 _TRACE_BATCH = 2  # torch.export specialises a size-1 dimension: trace with 2, keep the batch dynamic
 
@@ -217,12 +217,7 @@ def check_step_graph(proto, n_lif: int) -> None:
 
 def read_signature(path: str | os.PathLike) -> StepSignature:
     """The signature stored in a step graph file (without loading its weights)."""
-    import onnx
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as err:
-        raise StepGraphError(f"{path} is not a readable ONNX file: {type(err).__name__}: {err}") from err
-    return StepSignature.from_metadata({p.key: p.value for p in proto.metadata_props}, str(path))
+    return read_graph_signature(path, StepSignature)
 
 
 def _save_atomic(proto, path: Path) -> None:

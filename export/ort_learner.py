@@ -2,10 +2,10 @@
 
 :class:`OrtLearner` runs the graphs written by :func:`~stoprt.export.onnx_learn.export_learn_step`
 and :func:`~stoprt.export.onnx_update.export_update` with the step / end_sample / update schedule of
-:class:`~stoprt.runtime.stop.STOP`. State, traces and gradient accumulators live in two sets of
+:class:`~stoprt.runtime.stop.STOP` (:class:`~.graph_learner.GraphLearner`, shared with the TensorRT
+learner: this module supplies how ONNX Runtime runs the graphs). State, traces and gradient accumulators live in two sets of
 buffers that swap roles every step (ping-pong, as :class:`~.ort_runner.OrtStepRunner`): each set is
-bound once with IO binding, so a step copies ``x`` and ``target`` in and runs (after an update the
-accumulators restart from a third set, of zeros, that is never written). Parameters and the
+bound once with IO binding, so a step copies ``x`` and ``target`` in and runs. Parameters and the
 optimizer's state swap the same way at each update: the update graph (bound once too) reads one set
 and writes the other, so an update copies nothing between Python and ONNX Runtime either.
 
@@ -27,12 +27,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..runtime.learner_stats import LearnerStats
+from .graph_learner import GraphLearner, Slot, check_update_schedule, learn_step_io, update_io
 from .ort_runner import _import_ort
 from .signatures import LearnGraphError, LearnSignature, UpdateSignature
 
 log = logging.getLogger("stoprt")
-ZEROS = 2  # the accumulator set of zeros: read after an update, never written
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
@@ -56,13 +55,7 @@ def choose_providers(ort, provider: str, strict: bool = False) -> list[str]:
     return [PROVIDERS["cpu"]]
 
 
-def _as_numpy(value: Any, dtype) -> np.ndarray:
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
-    return np.array(value, dtype=dtype, order="C")  # (ascontiguousarray would make a 0-d array 1-d)
-
-
-class OrtLearner:
+class OrtLearner(GraphLearner):
     """STOP on ONNX Runtime (see the module doc).
 
     Args:
@@ -77,10 +70,9 @@ class OrtLearner:
     def __init__(self, learn_graph: str | os.PathLike, update_graph: str | os.PathLike,
                  parameters: Mapping[str, Any], lr: float, update: str | int = "sample", threads: int = 1,
                  provider: str = "cpu", strict: bool = False) -> None:
-        if update not in ("sample", "step") and not (isinstance(update, int) and update >= 1):
-            raise ValueError(f"update must be 'sample', 'step' or an int >= 1, got {update!r}")
+        check_update_schedule(update)  # before the sessions are made
         ort = _import_ort()
-        self._ort, self.update = ort, update
+        self._ort = ort
         self._lr = np.array(lr, np.float32)  # bound into the update graph: set through ``lr``
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -92,10 +84,9 @@ class OrtLearner:
                                                 str(learn_graph))
         self.usig = UpdateSignature.from_metadata(self.update_session.get_modelmeta().custom_metadata_map,
                                                   str(update_graph))
-        if [n for n, _ in self.usig.learned] != self.sig.learned:
-            raise LearnGraphError(f"{update_graph} updates other parameters than {learn_graph} learns")
+        self._setup(self.sig, self.usig, lr, update, str(learn_graph))
         sig = self.sig
-        expected = ["x", "target", *[n for n, _ in sig.state], *[n for n, _ in sig.grads], *[n for n, _ in sig.params]]
+        expected = [name for name, _ in learn_step_io(sig, 0, 0)[0]]
         got = [i.name for i in self.learn_session.get_inputs()]
         if got != expected:
             raise LearnGraphError(f"{learn_graph}: the graph's inputs do not match its stoprt metadata")
@@ -107,7 +98,6 @@ class OrtLearner:
             if len(dims) != len(want) or any(isinstance(d, int) and d != w for d, w in zip(dims, want)):
                 raise LearnGraphError(f"{learn_graph}: input {info.name} has shape {info.shape}, its stoprt "
                                       f"metadata says {want} (without batch): the graph was altered")
-        self._input_shape, self._classes = tuple(sig.input_shape), sig.output_shape[-1]
         # Two sets of parameters and of optimizer state (SGD momentum; Adam's moments and step count,
         # zeros as torch starts): an update reads set ``_p`` and writes set ``1 - _p``. Parameters the
         # update does not write (frozen) are one array shared by both sets.
@@ -118,40 +108,6 @@ class OrtLearner:
         self._p = 0
         self.set_parameters(parameters)
         self._ok, self._clamped = np.zeros((), np.bool_), np.zeros((), np.float32)  # the update's verdict
-        self.stats = LearnerStats()
-        self.sample_steps, self._since_update = 0, 0
-        self._batch: int | None = None
-        self.output_sum: np.ndarray | None = None
-
-    @classmethod
-    def from_bundle(cls, path: str | os.PathLike, *, lr: float | None = None, update: str | int | None = None,
-                    extract_to: str | os.PathLike | None = None, **options: Any) -> "OrtLearner":
-        """The learner of a learning bundle (``stoprt export CKPT --to onnx-learn``), checked: the
-        manifest and files against their checksums, the graphs' inputs against the bundle's input
-        spec. ``lr``/``update``: default the bundle's; ``options``: threads, provider, strict."""
-        from .bundle import BundleError, verify_bundle
-        root, manifest = verify_bundle(path, extract_to)
-        learning = manifest.get("learning")
-        if learning is None:
-            raise BundleError(f"{path} carries no learning graphs: write it with `stoprt export CHECKPOINT "
-                              f"--to onnx-learn {path}`")
-        try:
-            with np.load(root / learning["params"], allow_pickle=False) as npz:
-                params = {key: npz[key] for key in npz.files}
-        except Exception as err:  # zip/npy errors; the checksum matched, so it was written so
-            raise BundleError(f"{root}: {learning['params']} is not readable: {err}") from err
-        learner = cls(root / learning["learn_graph"], root / learning["update_graph"], params,
-                      lr=learning["optimizer"]["lr"] if lr is None else lr,
-                      update=learning["update"] if update is None else update, **options)
-        shape = (manifest.get("input_spec") or {}).get("shape")
-        if shape is not None and list(shape) != list(learner.sig.input_shape):
-            raise LearnGraphError(f"{root}: {learning['learn_graph']} takes input {learner.sig.input_shape}; "
-                                  f"the bundle's input spec says {list(shape)}")
-        missing = sorted(set(learner.sig.weights) - set(params) - set(learner.sig.buffers))
-        if missing:
-            raise BundleError(f"{root}: {learning['params']} lacks parameter(s) {missing[:3]} of the learning graph")
-        learner.manifest = manifest
-        return learner
 
     # ---- parameters ---------------------------------------------------------------------------
     @property
@@ -172,158 +128,52 @@ class OrtLearner:
     def lr(self, value: float) -> None:
         np.copyto(self._lr, np.float32(value))  # in place: the update graph's bound input
 
-    def set_parameters(self, state_dict: Mapping[str, Any]) -> None:
-        """Load parameter values (a state_dict or part of one; BatchNorm statistics are baked in)."""
-        for key, value in state_dict.items():
-            if key in self.sig.buffers:
-                continue
-            if key not in self.sig.weights:
-                raise ValueError(f"parameter {key!r} is not an input of the learning graph")
-            target = self.params[self.sig.weights[key]]
-            data = _as_numpy(value, np.float32)
-            if data.shape != target.shape:
-                raise ValueError(f"parameter {key!r} has shape {data.shape}; the graph expects {target.shape}")
-            np.copyto(target, data)  # in place: the bound OrtValues wrap these arrays
+    # ---- GraphLearner's hooks: numpy buffers that the OrtValues wrap, written in place ---------
+    def _read(self, group: str, name: str) -> np.ndarray:
+        return (self.params if group == "params" else self.optimizer_state)[name].copy()
 
-    def parameters(self) -> dict[str, np.ndarray]:
-        """The current parameter values by state_dict key (copies)."""
-        return {key: self.params[name].copy() for key, name in self.sig.weights.items()}
+    def _write(self, group: str, name: str, value: np.ndarray) -> None:
+        np.copyto((self.params if group == "params" else self.optimizer_state)[name], value)
 
-    def state(self) -> dict[str, np.ndarray]:
-        """State and traces after the last step (zeros after a sample's end), by graph input name."""
-        if self._batch is None:
-            return {}
+    def _state_arrays(self) -> dict[str, np.ndarray]:
         return {name: buf.copy() for (name, _), buf in zip(self.sig.state, self._state[self._k])}
 
-    def gradients(self) -> dict[str, np.ndarray]:
-        """The accumulated gradients since the last update, by state_dict key (copies)."""
-        if self._batch is None:
-            return {}
-        by_name = {name: g.copy() for (name, _), g in zip(self.sig.grads, self._grads[self._g])}
-        return {key: by_name["grad." + name[len("param."):]] for key, name in self.sig.weights.items()
-                if name in self.sig.learned}
+    def _grad_arrays(self) -> dict[str, np.ndarray]:
+        return {name: g.copy() for (name, _), g in zip(self.sig.grads, self._grads[self._g])}
 
-    @property
-    def updates(self) -> int:
-        return self.stats.updates
-
-    @property
-    def rejected_updates(self) -> int:
-        return self.stats.rejected_updates
-
-    @property
-    def clamped_values(self) -> int:
-        return self.stats.clamped_values
-
-    # ---- checkpoints --------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """What learning has changed, as arrays by graph input name (copies): ``params`` and the
-        optimizer's state. Meant for sample boundaries, where state, traces and accumulators are zero."""
-        return {"params": {n: a.copy() for n, a in self.params.items()},
-                "optimizer": {n: a.copy() for n, a in self.optimizer_state.items()}}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s values in place (the bound buffers keep their memory)."""
-        for what, mine in (("params", self.params), ("optimizer", self.optimizer_state)):
-            theirs = state.get(what) or {}
-            if set(theirs) != set(mine):
-                raise ValueError(f"the checkpoint's {what} ({len(theirs)} arrays) do not fit these graphs' "
-                                 f"({len(mine)}): it was written for another model or optimizer")
-            for name, value in theirs.items():
-                value = np.asarray(value)
-                if value.shape != mine[name].shape:
-                    raise ValueError(f"the checkpoint's {name} has shape {value.shape}; the graph expects "
-                                     f"{mine[name].shape}")
-                np.copyto(mine[name], value)
-
-    # ---- steps --------------------------------------------------------------------------------
-    def step(self, x: Any, target: Any = None) -> np.ndarray:
-        """One step: ``x`` ``[B, *input_shape]``, ``target`` ``[B]`` class indices (None: an unlabelled
-        step, which only predicts: its gradients are dropped); returns the step's output ``[B, K]``."""
-        learn = target is not None
-        if not isinstance(x, np.ndarray):
-            x = _as_numpy(x, np.float32)
-        if learn and not isinstance(target, np.ndarray):
-            target = _as_numpy(target, np.int64)
-        batch = x.shape[0] if x.ndim else 0
-        if x.shape[1:] != self._input_shape or (learn and target.shape != (batch,)):
-            raise ValueError(f"input {x.shape} / target {None if target is None else target.shape} do not fit the "
-                             f"learning graph: expected [B, {', '.join(map(str, self._input_shape))}] and [B]")
-        if self.sample_steps == 0:
-            if batch != self._batch:
-                self._allocate(batch)
-            self.output_sum = np.zeros((batch, *self.sig.output_shape), np.float32)
-        elif batch != self._batch:
-            raise ValueError(f"batch changed within a sample ({self._batch} then {batch})")
+    def _run_step(self, x: np.ndarray, target: np.ndarray | None, learn: bool) -> np.ndarray:
         if learn:
-            self._set_target(target)
+            np.copyto(self._target, target)
         np.copyto(self._x, x)
-        # the accumulators: read set _g and write the other one; an unlabelled step reads zeros and writes
-        # the set that the next labelled step overwrites (its gradients are dropped)
-        g = self._g
-        out = 0 if g == ZEROS else 1 - g
-        self.learn_session.run_with_iobinding(self._binding(self._k, g if learn else ZEROS, out, self._p))
+        self.learn_session.run_with_iobinding(self._binding(self._k, self._g if learn else None, self._p))
         self._k ^= 1
-        self.output_sum += self._y
-        self.sample_steps += 1
-        self.stats.steps += 1
         if learn:
-            self._g = out
-            self._since_update += 1
-            if self.update == "step" or (isinstance(self.update, int) and self._since_update >= self.update):
-                self._apply_update()
+            self._g ^= 1
         return self._y.copy()
 
-    def end_sample(self) -> np.ndarray | None:
-        """Apply pending gradients, forget state and traces; the prediction ``[B]`` (None if no step)."""
-        if self.sample_steps == 0:
-            return None
-        self._apply_update()
-        for buf in self._state[self._k]:
-            buf.fill(0.0)
-        self.sample_steps = 0
-        self.stats.samples += 1
-        return self.output_sum.argmax(1)
-
-    # ---- internals ----------------------------------------------------------------------------
-    def _set_target(self, target: np.ndarray) -> None:
-        """Copy the labels into the bound target buffer, checked against the network's classes (an
-        unlabelled step reads the buffer too, so it never keeps a bad label)."""
-        t = self._target
-        np.copyto(t, target, casting="unsafe")  # as np.array(target, np.int64) would convert
-        labels = t.tolist()  # a few labels: Python's min/max beat numpy's reductions per step
-        if min(labels) < 0 or max(labels) >= self._classes:
-            t.fill(0)
-            raise ValueError(f"label(s) {sorted(set(np.asarray(target).tolist()))} outside the {self._classes} "
-                             "classes of the network")
-
-    def _apply_update(self) -> None:
+    def _run_update(self) -> tuple[bool, int]:
         """One run of the update graph: reads the accumulators and parameter/optimizer set ``_p``,
         writes set ``1 - _p`` (the kept values where an update is refused), then the sets swap."""
-        if not self._since_update:
-            return
-        self._since_update = 0
         self.update_session.run_with_iobinding(self._update_binding(self._g, self._p))
         self._p ^= 1
-        self._g = ZEROS  # the next step accumulates onto zeros: nothing to clear
-        if self._ok:
-            self.stats.updates += 1
-            self.stats.clamped_values += int(self._clamped)
-        else:
-            self.stats.rejected_updates += 1
-            log.warning("stoprt: update refused: a gradient or an updated parameter is NaN or Inf; "
-                        "parameters keep their last good values")
+        for g in self._grads[self._g]:
+            g.fill(0.0)
+        return bool(self._ok), int(self._clamped)
+
+    def _zero_state(self) -> None:
+        for buf in self._state[self._k]:
+            buf.fill(0.0)
 
     def _allocate(self, batch: int) -> None:
-        """Two sets of state buffers; two sets of accumulator buffers and one of zeros (:data:`ZEROS`)."""
+        """Two sets of state and of accumulator buffers (and a scratch set for unlabelled steps' gradients)."""
         sig = self.sig
-        self._batch, self._k, self._g = batch, 0, ZEROS
+        self._batch, self._k, self._g = batch, 0, 0
         self._x = np.zeros((batch, *sig.input_shape), np.float32)
         self._target = np.zeros(batch, np.int64)
         self._y = np.zeros((batch, *sig.output_shape), np.float32)
         shapes = [() if s is None else (batch, *s) for _, s in sig.state]
         self._state = [[np.zeros(s, np.float32) for s in shapes] for _ in range(2)]
-        self._grads = [[np.zeros(s, np.float32) for _, s in sig.grads] for _ in range(3)]  # [ZEROS]: read only
+        self._grads = [[np.zeros(s, np.float32) for _, s in sig.grads] for _ in range(3)]  # [2]: scratch
         self._values: list = []  # the OrtValues wrap the arrays' memory (no copy); kept alive here
         self._bindings: dict = {}
         self._update_bindings: dict = {}
@@ -333,49 +183,41 @@ class OrtLearner:
         self._values.append(self._ort.OrtValue.ortvalue_from_numpy(array))
         return self._values[-1]
 
-    def _binding(self, k: int, g: int, out: int, p: int):
+    def _binding(self, k: int, g: int | None, p: int):
         """The learning step's binding that reads state set ``k``, accumulator set ``g`` and parameter
-        set ``p``, and writes state set ``1 - k`` and accumulator set ``out``. Made once each, on first use."""
-        key = (k, g, out, p)
-        if key in self._bindings:
-            return self._bindings[key]
-        sig, value = self.sig, self._value
-        io = self.learn_session.io_binding()
-        io.bind_ortvalue_input("x", value(self._x))
-        io.bind_ortvalue_input("target", value(self._target))
-        for (name, _), buf in zip(sig.state, self._state[k]):
-            io.bind_ortvalue_input(name, value(buf))
-        for (name, _), buf in zip(sig.grads, self._grads[g]):
-            io.bind_ortvalue_input(name, value(buf))
-        for name, buf in self._params[p].items():
-            io.bind_ortvalue_input(name, value(buf))
-        io.bind_ortvalue_output(sig.output_name, value(self._y))
-        for name, buf in zip(sig.state_outputs, self._state[1 - k]):
-            io.bind_ortvalue_output(name, value(buf))
-        for name, buf in zip(sig.grad_outputs, self._grads[out]):
-            io.bind_ortvalue_output(name, value(buf))
-        self._bindings[key] = io
-        return io
+        set ``p`` (see :func:`~.graph_learner.learn_step_io`). Made once each, on first use."""
+        key = (k, g, p)
+        if key not in self._bindings:
+            self._bindings[key] = self._bind(self.learn_session, learn_step_io(self.sig, k, g, p))
+        return self._bindings[key]
 
     def _update_binding(self, g: int, p: int):
         """The update graph's binding that reads accumulator set ``g`` and parameter/optimizer set
-        ``p`` and writes parameter/optimizer set ``1 - p``. Made once each, on first use."""
+        ``p`` and writes parameter/optimizer set ``1 - p`` (see :func:`~.graph_learner.update_io`)."""
         key = (g, p)
-        if key in self._update_bindings:
-            return self._update_bindings[key]
-        value, learned = self._value, [n for n, _ in self.usig.learned]
-        io = self.update_session.io_binding()
-        io.bind_ortvalue_input("lr", value(self._lr))
-        for name in learned:
-            io.bind_ortvalue_input(name, value(self._params[p][name]))
-        for (name, _), buf in zip(self.sig.grads, self._grads[g]):
-            io.bind_ortvalue_input(name, value(buf))
-        for name, buf in self._optimizer[p].items():
-            io.bind_ortvalue_input(name, value(buf))
-        # outputs in graph order: new parameters, new optimizer state, ok, clamped
-        written = [*(self._params[1 - p][n] for n in learned), *self._optimizer[1 - p].values(),
-                   self._ok, self._clamped]
-        for out, buf in zip(self.update_session.get_outputs(), written, strict=True):
-            io.bind_ortvalue_output(out.name, value(buf))
-        self._update_bindings[key] = io
-        return io
+        if key not in self._update_bindings:
+            self._update_bindings[key] = self._bind(self.update_session, update_io(self.sig, self.usig, g, p))
+        return self._update_bindings[key]
+
+    def _bind(self, session, io: tuple[list, list]):
+        binding = session.io_binding()
+        inputs, outputs = io
+        for name, slot in inputs:
+            binding.bind_ortvalue_input(name, self._value(self._array(slot)))
+        for name, slot in outputs:
+            binding.bind_ortvalue_output(name, self._value(self._array(slot)))
+        return binding
+
+    def _array(self, slot: Slot) -> np.ndarray:
+        """The buffer a plan's slot names (frozen parameters: one array in both sets)."""
+        group = slot.group
+        if group == "state":
+            return self._state[slot.set][slot.index]
+        if group == "grads":
+            return self._grads[slot.set][slot.index]
+        if group == "params":
+            return self._params[slot.set][slot.name]
+        if group == "optimizer":
+            return self._optimizer[slot.set][slot.name]
+        return {"x": self._x, "target": self._target, "y": self._y, "lr": self._lr, "ok": self._ok,
+                "clamped": self._clamped}[group]

@@ -9,8 +9,9 @@ need torch and re-export these names.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 from .. import __version__
 
@@ -50,6 +51,20 @@ class GraphMetadata:
             return cls(**json.loads(meta["stoprt.signature"]))
         except (KeyError, TypeError, ValueError) as err:
             raise cls.ERROR(f"{where} has unreadable stoprt metadata: {err}") from err
+
+
+Meta = TypeVar("Meta", bound=GraphMetadata)
+
+
+def read_graph_signature(path: str | os.PathLike, kind: type[Meta]) -> Meta:
+    """The ``kind`` signature stored in the graph file at ``path`` (its weights are not needed; reads
+    with the ``onnx`` package, no torch and no runtime)."""
+    import onnx
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as err:
+        raise kind.ERROR(f"{path} is not a readable ONNX file: {type(err).__name__}: {err}") from err
+    return kind.from_metadata({p.key: p.value for p in proto.metadata_props}, str(path))
 
 
 @dataclass

@@ -6,7 +6,8 @@ matrix on its 8.5-GA branch), and stoprt's step and learning graphs are opset 18
 imported only when used: install JetPack's ``python3-libnvinfer`` (apt; a venv then needs
 ``--system-site-packages``) or ``pip install tensorrt`` on a desktop GPU.
 
-Building (:func:`build_engine`): ``trt.Builder`` -> network from ``trt.OnnxParser`` -> builder config
+Building (:func:`build_engine`; :func:`serialize_engine` is its builder, which the TensorRT
+learner, :mod:`.trt_learner`, uses for the learning graphs too): ``trt.Builder`` -> network from ``trt.OnnxParser`` -> builder config
 with a workspace limit (small on a 4 GB board), one optimization profile for the dynamic batch,
 FP16 where the TensorRT version has ``BuilderFlag.FP16`` (TensorRT 11 removed it), optionally
 ``REFIT``; the serialized engine is written atomically with a JSON sidecar (``<engine>.json``)
@@ -32,7 +33,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..runtime.atomic import write_bytes, write_text
-from .onnx_step import StepSignature, read_signature
+from .signatures import StepSignature, read_graph_signature
 
 SIDECAR_FORMAT = "stoprt-tensorrt-engine"
 MIN_TENSORRT = 10
@@ -57,6 +58,15 @@ def _major(trt) -> int:
     return int(str(trt.__version__).split(".")[0])
 
 
+def require_tensorrt():
+    """The ``tensorrt`` module, refusing one older than :data:`MIN_TENSORRT` (see the module docstring)."""
+    trt = import_tensorrt()
+    if _major(trt) < MIN_TENSORRT:
+        raise TensorRTError(f"TensorRT {trt.__version__} reads ONNX only up to opset 17 and stoprt's graphs are "
+                            f"opset 18-20: TensorRT {MIN_TENSORRT} or newer is needed (JetPack 6.1+)")
+    return trt
+
+
 def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *, max_batch: int = 1,
                  opt_batch: int | None = None, fp16: bool = False, workspace_mib: int = 1024,
                  refit: bool = False) -> Path:
@@ -69,12 +79,28 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
         workspace_mib: the builder's workspace pool limit; keep it small on 4 GB boards (e.g. 256).
         refit: build a refittable engine (see :meth:`TrtStepRunner.refit`).
     """
-    trt = import_tensorrt()
-    if _major(trt) < MIN_TENSORRT:
-        raise TensorRTError(f"TensorRT {trt.__version__} reads ONNX only up to opset 17 and stoprt's graphs are "
-                            f"opset 18-20: TensorRT {MIN_TENSORRT} or newer is needed (JetPack 6.1+)")
+    trt = require_tensorrt()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    sig = read_signature(onnx_path)
+    sig = read_graph_signature(onnx_path, StepSignature)
+    serialized = serialize_engine(onnx_path, max_batch=max_batch, opt_batch=opt_batch, fp16=fp16,
+                                  workspace_mib=workspace_mib, refit=refit)
+    write_bytes(engine_path, serialized)
+    sidecar = {"format": SIDECAR_FORMAT, "tensorrt": str(trt.__version__), "signature": asdict(sig),
+               "fp16": fp16, "refit": refit, "max_batch": max_batch, "opt_batch": opt_batch or max_batch,
+               "workspace_mib": workspace_mib}
+    write_text(_sidecar(engine_path), json.dumps(sidecar, indent=2))
+    return engine_path
+
+
+def serialize_engine(onnx_path: str | os.PathLike, *, max_batch: int = 1, opt_batch: int | None = None,
+                     fp16: bool = False, workspace_mib: int = 1024, refit: bool = False, tf32: bool = True) -> bytes:
+    """The serialized TensorRT engine of any stoprt graph (step, learning step or update; the
+    arguments as :func:`build_engine`'s). Inputs whose first axis is dynamic (the batch) get one
+    optimization profile from 1 to ``max_batch``; a graph without one (the update) gets none.
+    ``tf32=False`` keeps matrix products in full FP32 (TensorRT allows TF32 by default on Ampere and
+    newer, Orin included: 10 mantissa bits, too coarse for learning to match float32 STOP)."""
+    trt = require_tensorrt()
+    onnx_path = Path(onnx_path)
     if not 1 <= (opt_batch or max_batch) <= max_batch:
         raise ValueError(f"need 1 <= opt_batch <= max_batch, got opt_batch={opt_batch}, max_batch={max_batch}")
     if workspace_mib < 1:
@@ -96,24 +122,34 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
         _keep_elementwise_fp32(trt, network, config)
     if refit:
         config.set_flag(trt.BuilderFlag.REFIT)
-    profile = builder.create_optimization_profile()
+    if not tf32 and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+    profile, dynamic = builder.create_optimization_profile(), False
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
         shape = list(tensor.shape)
         if shape and shape[0] == -1:
             rest = shape[1:]
             profile.set_shape(tensor.name, [1, *rest], [opt_batch or max_batch, *rest], [max_batch, *rest])
-    config.add_optimization_profile(profile)
+            dynamic = True
+    if dynamic:
+        config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise TensorRTError(f"TensorRT could not build an engine from {onnx_path} (see its log above); "
                             f"a larger workspace (now {workspace_mib} MiB) may help")
-    write_bytes(engine_path, bytes(serialized))
-    sidecar = {"format": SIDECAR_FORMAT, "tensorrt": str(trt.__version__), "signature": asdict(sig),
-               "fp16": fp16, "refit": refit, "max_batch": max_batch, "opt_batch": opt_batch or max_batch,
-               "workspace_mib": workspace_mib}
-    write_text(_sidecar(engine_path), json.dumps(sidecar, indent=2))
-    return engine_path
+    return bytes(serialized)
+
+
+def load_engine(trt, logger, data: bytes, where: str | os.PathLike, built_by: str | None = None):
+    """``(runtime, engine)`` deserialized from ``data`` (the runtime must outlive the engine), or a
+    :class:`TensorRTError` saying that the engine belongs to another TensorRT or GPU."""
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(data)
+    if engine is None:
+        raise TensorRTError(f"{where} cannot be loaded: built by TensorRT {built_by or 'another version'} "
+                            f"(this is {trt.__version__}) or for another GPU; rebuild it on this device")
+    return runtime, engine
 
 
 def _keep_elementwise_fp32(trt, network, config) -> None:
@@ -160,11 +196,8 @@ class TrtStepRunner:
         self._trt, self._torch = trt, torch
         self.device = torch.device(device)
         self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
-        if self.engine is None:
-            raise TensorRTError(f"{engine_path} cannot be loaded: built by TensorRT {meta.get('tensorrt')} "
-                                f"(this is {trt.__version__}) or for another GPU; rebuild it on this device")
+        self.runtime, self.engine = load_engine(trt, self.logger, engine_path.read_bytes(), engine_path,
+                                                meta.get("tensorrt"))
         self.context = self.engine.create_execution_context()
         names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
         expected = {sig.input_name, sig.output_name, *(n for n, _ in sig.state), *sig.state_outputs,
