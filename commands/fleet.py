@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from ..cli_args import nonnegative_int, positive_float, positive_int
+from ..fleet.config import HEAD_WEIGHTS
 
 
 def _tls_args(p, node: bool = False) -> None:
@@ -92,6 +93,7 @@ def run_run(args) -> int:
     status = Path(args.status_dir or Path(args.work) / "status").resolve()
     config = {"rounds": args.rounds, "min-nodes": args.min_nodes, "node-wait": args.node_wait,
               "round-timeout": args.round_timeout, "straggler-wait": args.straggler_wait, "ack-timeout": args.ack_timeout, "prox-mu": args.prox_mu,
+              "head-weights": args.head_weights,
               "model": args.model, "size": args.size, "classes": args.classes, "seed": args.seed,
               "status-dir": str(status)}
     app = write_app(Path(args.work) / "app", config)
@@ -154,6 +156,9 @@ def register(sub) -> None:
                    help="seconds a round still waits for the others once --min-nodes replied")
     p.add_argument("--ack-timeout", type=positive_float, default=10.0, help="seconds an agent waits for its stream")
     p.add_argument("--prox-mu", type=float, default=0.0, help="FedProx-style damping towards the previous global model")
+    p.add_argument("--head-weights", choices=HEAD_WEIGHTS, default=HEAD_WEIGHTS[0],
+                   help="average the output layer's rows by each board's labelled samples of their class "
+                        "(default; boards that see different classes) or, like the other layers, by its labelled samples")
     p.add_argument("--model", default="mlp")
     p.add_argument("--size", type=positive_int, default=16)
     p.add_argument("--classes", type=positive_int, default=10)

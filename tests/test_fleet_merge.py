@@ -11,8 +11,8 @@ import torch
 
 from stoprt.fleet.aggregate import Report, check_report, fedavg
 from stoprt.runtime import models
-from stoprt.runtime.stream.merge import (ACK_FILE, MERGE_FILE, ROUND_KEY, FleetMerge, fleet_parameters,
-                                         parameter_bounds, write_arrays)
+from stoprt.runtime.stream.merge import (ACK_FILE, MERGE_FILE, REPORT_FILE, ROUND_KEY, FleetMerge, fleet_parameters,
+                                         parameter_bounds, read_arrays, write_arrays)
 from stoprt.runtime.stream.session import LabelTrack, SessionStats, StreamSession
 
 
@@ -44,6 +44,33 @@ def test_fedavg_weights_by_labelled_samples_and_damps():
     assert fedavg(ref, [Report("a", ref, 0)], {}) is None  # no labelled sample: the global stays
 
 
+def test_fedavg_weights_the_output_rows_by_class():
+    ref = {"rows": np.zeros((3, 2), np.float32), "w": np.zeros(2, np.float32)}
+    a = Report("a", {"rows": np.full((3, 2), 1.0, np.float32), "w": np.full(2, 1.0, np.float32)}, 4,
+               class_labelled=np.array([3, 1]))  # counts of classes 0 and 1; none of class 2
+    b = Report("b", {"rows": np.full((3, 2), 5.0, np.float32), "w": np.full(2, 5.0, np.float32)}, 4,
+               class_labelled=np.array([0, 3, 1]))
+    out = fedavg(ref, [a, b], {}, class_rows=["rows"])
+    assert np.allclose(out["rows"][0], 1.0)              # only a learned class 0
+    assert np.allclose(out["rows"][1], (1 * 1 + 3 * 5) / 4)
+    assert np.allclose(out["rows"][2], 5.0)              # only b learned class 2
+    assert np.allclose(out["w"], 3.0)                    # the other layers: by labelled samples
+    assert np.allclose(fedavg(ref, [a, b], {})["rows"], 3.0)  # head-weights "samples"
+    c = Report("c", {"rows": np.full((3, 2), 5.0, np.float32), "w": np.full(2, 5.0, np.float32)}, 4)
+    assert np.allclose(fedavg(ref, [a, c], {}, class_rows=["rows"])["rows"], 3.0)  # no counts: plain weights
+    silent = Report("d", {"rows": np.full((3, 2), 9.0, np.float32), "w": np.full(2, 9.0, np.float32)}, 0)
+    assert np.allclose(fedavg(ref, [a, silent], {}, class_rows=["rows"])["rows"][1], 1.0)
+
+
+def test_class_rows_are_the_output_layers():
+    from stoprt.fleet.config import FleetConfig
+    from stoprt.fleet.model import initial_model
+    params, _, rows = initial_model(FleetConfig(size=4))
+    assert rows == ["3.weight", "3.bias"] and params["3.weight"].shape[0] == 10
+    with pytest.raises(ValueError, match="head-weights"):
+        FleetConfig(head_weights="rows")
+
+
 def test_fedavg_keeps_thresholds_and_leaks_in_range():
     net = _net()
     bounds = parameter_bounds(net)
@@ -69,6 +96,23 @@ def test_bad_reports_are_refused_with_the_reason(change, needle):
     assert needle in check_report(bad, 5, ref)
     assert check_report(ref, 5, ref) is None
     assert "count" in check_report(ref, -1, ref)
+    assert check_report(ref, 5, ref, [2, 0, 3], classes=3) is None
+    assert "summing to 5" in check_report(ref, 5, ref, [2, 2], classes=3)
+    assert "summing to 5" in check_report(ref, 5, ref, [6, -1], classes=3)
+    assert "beyond the model's 3" in check_report(ref, 5, ref, [2, 0, 0, 3], classes=3)
+
+
+def test_session_counts_labelled_samples_per_class():
+    net = _net()
+    track = LabelTrack()
+    for k, label in enumerate([2, 0, 2]):
+        track.add(100 * k, 100 * k + 100, label)
+    session = StreamSession(net, None, labels=track)
+    with torch.no_grad():
+        for t in range(0, 300, 50):
+            session.process(torch.zeros(1, 2, 4, 4), t, t + 50)
+        session.finish()
+    assert session.stats.labelled_by_class == [1, 0, 2] and session.stats.labelled_samples == 3
 
 
 def _session(tmp_path):
@@ -81,14 +125,14 @@ def test_merge_replaces_first_then_adds_the_local_delta(tmp_path):
     hook = FleetMerge(tmp_path)
     g1 = _params(session.net, 0.5)
     write_arrays(tmp_path / MERGE_FILE, {**g1, ROUND_KEY: np.array(1)})
-    session.stats = SessionStats(labelled_samples=10, correct=4)
+    session.stats = SessionStats(labelled_samples=10, correct=4, labelled_by_class=[2, 8])
     hook(session)
     now = _params(session.net)
     assert np.allclose(now["1.weight"], g1["1.weight"])  # a session that never merged takes the global model
     assert json.loads((tmp_path / ACK_FILE).read_text()) == {"round": 1, "ok": True, "samples": 0, "labelled": 0}
     with torch.no_grad():  # local learning after the merge
         session.net[1].weight += 0.25
-    session.stats = SessionStats(labelled_samples=16, correct=7)
+    session.stats = SessionStats(labelled_samples=16, correct=7, labelled_by_class=[4, 11, 1])
     g2 = _params(session.net, 0.0)
     g2["1.weight"] = g1["1.weight"] - 1.0
     g2["2.threshold"] = np.full_like(g2["2.threshold"], -3.0)  # below the floor: clamped by the neuron
@@ -99,6 +143,8 @@ def test_merge_replaces_first_then_adds_the_local_delta(tmp_path):
     assert np.all(now["2.threshold"] >= session.net[2].threshold_floor)
     state = torch.load(tmp_path / "session.pt", weights_only=True)["meta"]["fleet"]
     assert (state["round"], state["delta_labelled"], state["delta_correct"]) == (2, 6, 3)
+    report = read_arrays(tmp_path / REPORT_FILE)  # what the agent sends: per class too
+    assert report["__class_labelled__"].tolist() == [2, 3, 1] and int(report["__labelled__"]) == 6
     # a restarted session resumes the base from its checkpoint and does not apply round 2 again
     again = _session(tmp_path)
     saved = again.resume(tmp_path / "session.pt")
@@ -141,6 +187,7 @@ def test_agent_exchange_with_a_session_taking_the_round(tmp_path):
         stop.set()
         thread.join()
     assert report.params is not None and np.allclose(report.params["1.weight"], g["1.weight"])
+    assert report.labelled == 0 and report.class_labelled == []  # a first merge counts nothing
     idle = exchange(tmp_path, 2, g, timeout_s=0.2)  # no session running: an empty report, never a hang
     assert idle.params is None and "did not take round 2" in idle.note
 

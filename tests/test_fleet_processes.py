@@ -43,7 +43,8 @@ def _rounds(work):
         return []
 
 
-pytestmark = pytest.mark.slow  # about 2 minutes on a loaded 2-core machine (real processes, real time)
+pytestmark = pytest.mark.slow  # about 4 minutes on a loaded 2-core machine (real processes, real time)
+ROUNDS, SHARE = 5, 280  # 4 aggregations (round 1 hands every board the same model); 168 s of stream per board
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def fleet_run(tmp_path_factory):
     """One fleet run shared by the tests below: ``(work folder, status rounds, picks, pool)``."""
     tmp_path = tmp_path_factory.mktemp("fleet")
     events, labels = shares.digit_pool(DURATION)
-    picks = [shares.share_indices(labels, g, 200, 0.15, seed=i) for i, g in enumerate(GROUPS)]
+    picks = [shares.share_indices(labels, g, SHARE, 0.15, seed=i) for i, g in enumerate(GROUPS)]
     sources = [shares.write_share(tmp_path, f"share{i}", events, labels, p, GAP) for i, p in enumerate(picks)]
     stream_args = ["--realtime", "--threads", "1", "--checkpoint-every", "0"]
     with LocalFleet(tmp_path, sources, stream_args) as fleet:
@@ -60,7 +61,7 @@ def fleet_run(tmp_path_factory):
         for i in range(3):
             fleet.start_node(i)
             fleet.start_stream(i)
-        fleet.start_run({"rounds": 3, "min-nodes": 2, "node-wait": 60.0, "round-timeout": 60.0,
+        fleet.start_run({"rounds": ROUNDS, "min-nodes": 2, "node-wait": 60.0, "round-timeout": 60.0,
                          "straggler-wait": 8.0, "ack-timeout": 5.0, "size": 16})
         _wait(lambda: len(_rounds(tmp_path)) >= 1, 120, "round 1")
         time.sleep(1.0)  # round 2 is on the network: kill board 2 (agent and stream) mid-round
@@ -70,40 +71,37 @@ def fleet_run(tmp_path_factory):
         fleet.start_stream(2, resume=True)  # the board comes back while round 2 goes on without it
         fleet.start_node(2)
         _wait(lambda: len(_rounds(tmp_path)) >= 2, 90, "round 2 without the dead node")
-        assert fleet.wait("run", 120) == 0, fleet.log("run")[-3000:]
+        assert fleet.wait("run", 60 * ROUNDS) == 0, fleet.log("run")[-3000:]
         rounds = _rounds(tmp_path)
         for i in (0, 1):
             fleet.signal(f"stream{i}", signal.SIGTERM)
-    assert len(rounds) == 3, fleet.log("run")[-3000:]
+    assert len(rounds) == ROUNDS, fleet.log("run")[-3000:]
     return tmp_path, rounds, picks, (events, labels), fleet
 
 
 def test_rounds_survive_a_killed_node_that_restarts(fleet_run):
     tmp_path, rounds, _, _, fleet = fleet_run
-    r1, r2, r3 = rounds
+    r1, r2, *later = rounds
     assert all(e["status"] == "ok" for e in r1["per_node"].values()) and len(r1["per_node"]) == 3
     assert r2["global_changed"] and sorted(r2["aggregated"]) == ["node0", "node1"], r2
-    assert r3["global_changed"] and "node2" in r3["aggregated"], r3
+    assert all(r["global_changed"] for r in later) and "node2" in later[-1]["aggregated"], later
     assert "resumed at step" in fleet.log("stream2")
     node2 = torch.load(tmp_path / "node2" / "session.pt", weights_only=True)
-    assert node2["meta"]["fleet"]["round"] == 3  # the restarted board took the global model
-    assert r1["bytes_sent"] > 0 and all(e["received"] > 0 for e in r3["per_node"].values() if e["status"] == "ok")
+    assert node2["meta"]["fleet"]["round"] == ROUNDS  # the restarted board took the global model
+    assert r1["bytes_sent"] > 0 and all(e["received"] > 0 for e in later[-1]["per_node"].values() if e["status"] == "ok")
 
 
-@pytest.mark.xfail(reason="marginal at this test's scale (50-80 labelled samples per board, two "
-                          "aggregations): held 0.325 vs at best 0.225 alone in one run here, 0.21 vs 0.22 in "
-                          "another, 0.275 vs 0.22 in a third", strict=False)
 def test_global_model_beats_every_board_alone(fleet_run):
-    tmp_path, (r1, r2, r3), picks, (events, labels), _ = fleet_run
+    tmp_path, rounds, picks, (events, labels), _ = fleet_run
     # held-out accuracy over all ten classes: the global model against each board alone
     n = len(labels)
     held, track = shares.lay_out(events, labels, range(n - shares.HELD_OUT, n), GAP)
     held_steps = shares.stream_steps(held, 16, DT)
     net, rnd = load_global(tmp_path / "status" / "global.pt")
     fleet_acc = shares.evaluate(net, held_steps, track)
+    assert rnd == ROUNDS
     for i, pick in enumerate(picks):
-        learned = r3["per_node"][f"node{i}"]["labelled"] + sum(
-            r["per_node"].get(f"node{i}", {}).get("labelled", 0) for r in (r1, r2))
+        learned = sum(r["per_node"].get(f"node{i}", {}).get("labelled", 0) for r in rounds)
         share, share_track = shares.lay_out(events, labels, pick, GAP)
         torch.manual_seed(0)
         alone = load_network("mlp", {"in_channels": 2, "size": 16, "classes": 10}).net
