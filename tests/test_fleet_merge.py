@@ -215,3 +215,57 @@ def test_certificates_for_tls_and_node_authentication(tmp_path):
     load_ssh_private_key((tmp_path / "nodes" / "board1").read_bytes(), None)
     load_ssh_public_key((tmp_path / "nodes" / "board1.pub").read_bytes())
     assert (tmp_path / "nodes" / "board1").stat().st_mode & 0o077 == 0
+
+
+class _Grid:
+    """The calls of Flower's Grid that a round makes, answered at once by boards made up here."""
+
+    def __init__(self, replies) -> None:
+        self.replies, self.pushed = replies, {}
+
+    def get_node_ids(self):
+        return list(self.replies)
+
+    def push_messages(self, messages):
+        ids = [f"m{m.metadata.dst_node_id}" for m in messages]
+        for i, m in zip(ids, messages):
+            m.metadata.__dict__["_message_id"] = i  # as Flower's own grids give messages their ids
+        self.pushed.update(zip(ids, messages))
+        return ids
+
+    def pull_messages(self, ids):
+        from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+        from stoprt.fleet.app import _arrays
+        out = []
+        for i in ids:
+            msg = self.pushed.pop(i)
+            params, labelled, by_class = self.replies[msg.metadata.dst_node_id]
+            reply = Message(RecordDict({"report": _arrays(params) if params is not None else ArrayRecord(),
+                                        "metrics": MetricRecord({"labelled": labelled, "class-labelled": by_class}),
+                                        "info": ConfigRecord({"name": f"board{msg.metadata.dst_node_id}"})}),
+                            reply_to=msg)
+            out.append(reply)
+        return out
+
+
+def test_a_round_refuses_bad_reports_by_name_and_aggregates_the_rest(monkeypatch, tmp_path):
+    pytest.importorskip("flwr", reason="the fleet extra (flwr) is not installed")
+    from flwr.supercore.task_identity import TaskIdentity
+    from stoprt.fleet.app import run_round
+    from stoprt.fleet.config import FleetConfig
+    for key, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # Messages are made inside a run
+        monkeypatch.setattr(TaskIdentity, key, value)
+    net = _net()
+    g = _params(net)
+    wrong = {**_params(net, 1.0), "1.weight": np.zeros((5, 3), np.float32)}
+    nan = _params(net, 1.0)
+    nan["3.weight"][0, 0] = np.inf
+    grid = _Grid({1: (_params(net, 1.0), 2, [2, 0, 0]), 2: (_params(net, 4.0), 6, [0, 5, 1]),
+                  3: (wrong, 4, [4]), 4: (nan, 4, [0, 0, 4])})
+    cfg = FleetConfig(min_nodes=2, round_timeout=5.0, straggler_wait=1.0, classes=3, status_dir=str(tmp_path))
+    new, entry = run_round(grid, cfg, 1, g, parameter_bounds(net), ["3.weight", "3.bias"])
+    assert sorted(entry["aggregated"]) == ["board1", "board2"] and entry["global_changed"]
+    assert "'1.weight' has shape (5, 3)" in entry["refused"]["board3"]
+    assert "'3.weight' holds 1 NaN/Inf" in entry["refused"]["board4"]
+    assert np.allclose(new["1.bias"], g["1.bias"] + (2 * 1.0 + 6 * 4.0) / 8)   # by labelled samples
+    assert np.allclose(new["3.bias"], g["3.bias"] + np.array([1.0, 4.0, 4.0]))  # row c by class c's samples

@@ -44,7 +44,7 @@ def _rounds(work):
 
 
 pytestmark = pytest.mark.slow  # about 4 minutes on a loaded 2-core machine (real processes, real time)
-ROUNDS, SHARE = 5, 280  # 4 aggregations (round 1 hands every board the same model); 168 s of stream per board
+ROUNDS, SHARE = 7, 280  # 6 aggregations (round 1 hands every board the same model); ~175 s of stream per board
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def fleet_run(tmp_path_factory):
             fleet.start_node(i)
             fleet.start_stream(i)
         fleet.start_run({"rounds": ROUNDS, "min-nodes": 2, "node-wait": 60.0, "round-timeout": 60.0,
-                         "straggler-wait": 8.0, "ack-timeout": 5.0, "size": 16})
+                         "straggler-wait": 5.0, "ack-timeout": 20.0, "size": 16})
         _wait(lambda: len(_rounds(tmp_path)) >= 1, 120, "round 1")
         time.sleep(1.0)  # round 2 is on the network: kill board 2 (agent and stream) mid-round
         for key in ("supernode2", "stream2"):
@@ -109,3 +109,23 @@ def test_global_model_beats_every_board_alone(fleet_run):
         alone_acc = shares.evaluate(alone, held_steps, track)
         print(f"node{i}: {learned} labelled samples, alone {alone_acc:.3f}, fleet {fleet_acc:.3f}")
         assert fleet_acc > alone_acc, (i, learned, alone_acc, fleet_acc)
+
+
+def test_a_board_whose_server_is_unreachable_learns_alone(tmp_path):
+    """No SuperLink listens at the fleet's address: the stream learns its whole share on its own, in
+    about the share's duration (it never waits on the network), while its SuperNode keeps retrying
+    with backoff."""
+    events, labels = shares.digit_pool(DURATION)
+    pick = shares.share_indices(labels, GROUPS[0], 20, 0.15, seed=0)
+    source = shares.write_share(tmp_path, "share0", events, labels, pick, GAP)
+    with LocalFleet(tmp_path, [source], ["--realtime", "--threads", "1", "--checkpoint-every", "0"]) as fleet:
+        fleet.start_node(0)  # pointed at fleet.superlink, where nothing was started
+        fleet.start_stream(0)
+        assert fleet.wait("stream0", 120) == 0, fleet.log("stream0")[-2000:]
+        assert fleet.procs["supernode0"].poll() is None, fleet.log("supernode0")[-2000:]  # still trying
+    summary = json.loads((tmp_path / "stream0.json").read_text())
+    assert summary["labelled_samples"] == 20 and summary["updates"] == 20
+    duration_s = len(pick) * (DURATION + GAP) / 1e6  # paced in real time (a loaded machine drops steps instead)
+    assert summary["seconds"] < 2 * duration_s and not summary["interrupted"], summary
+    assert fleet.log("supernode0").count("retrying in") >= 2
+    assert not (tmp_path / "node0" / "merged.json").exists()  # no round ever reached it
