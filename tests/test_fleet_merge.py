@@ -192,6 +192,15 @@ def test_agent_exchange_with_a_session_taking_the_round(tmp_path):
     assert idle.params is None and "did not take round 2" in idle.note
 
 
+def test_the_agent_imports_no_torch():
+    # a board's ClientApp process (one per round) loads the agent: torch there would cost seconds per
+    # round and a second copy of torch's memory beside the stream's
+    import subprocess
+    import sys
+    code = "import sys, stoprt.fleet.agent; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
 def test_cli_fleet_errors_are_one_line(tmp_path, capsys):
     from stoprt.cli import main
     assert main(["stream", "--source", "builtin:digits:2", "--learn", "--fleet", "--quiet"]) == 2
