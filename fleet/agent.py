@@ -3,9 +3,9 @@
 Files only, numpy only (see :mod:`stoprt.runtime.stream.merge`): the agent writes ``merge.npz``
 atomically, waits (bounded) for the session's ``merged.json`` of that round, then reads the session's
 ``report.npz``: the parameters just after the merge (the global model plus what the board learned
-since the previous merge) and the labelled samples that learning counts, in all and per class. If the session does not take
-the round in time (the stream ended, or is paused), the report is empty; ``merge.npz`` stays, so a
-session that starts or resumes later takes it at its first sample boundary.
+since the previous merge) and the labelled samples that learning counts, in all and per class. If the
+session does not take the round in time (the stream ended, or is paused), the report is empty;
+``merge.npz`` stays, so a session that starts or resumes later takes it at its first sample boundary.
 """
 
 from __future__ import annotations

@@ -6,12 +6,15 @@ dtypes differ from the global model's, or that holds NaN/Inf, or a bad count, is
 reason, and the round goes on with the others.
 
 FedAvg weights each node by its labelled samples. The output layer's rows (``class_rows``: the
-parameters whose first axis is the class) are weighted per class instead: row ``c`` by the samples of
-class ``c`` each node learned (plain weights for a class no node saw this round). Boards that see
-mostly their own classes (non-IID) each teach their classes' rows and push the other rows down;
-averaged with plain weights, every row is pushed down by most of the nodes and the global model
-falls silent on most inputs (measured: it then loses to a board alone); weighted per class, each row
-comes from the boards that saw its class, while the layers below are shared by all as in FedAvg.
+parameters whose first axis is the class) are weighted per class instead: row ``c`` of node ``i`` by
+``n_ic + n_i / K``, the samples of class ``c`` it learned plus an even share of all its labelled
+samples (``K`` classes). Boards that see mostly their own classes (non-IID) each teach their classes'
+rows to fire and push the other rows down; averaged with plain weights, every row is pushed down by
+most of the nodes and the global model falls silent on most inputs (measured on the built-in digits:
+it then loses to a board alone). Weighted by class counts alone, each row only learns when to fire,
+never when to stay quiet, and one row after another comes to fire on everything (the global model
+swings between rounds); the even share keeps some of that. The layers below are shared by all, as
+in FedAvg.
 ``prox_mu > 0`` damps the step towards the previous
 global model, FedProx-style on the server: the result minimises
 ``sum_i w_i |g - p_i|^2 + mu |g - g_prev|^2``, that is ``(avg + mu * g_prev) / (1 + mu)``. Both are convex
@@ -78,16 +81,16 @@ def clamp(params: Params, bounds: Mapping[str, tuple[float, float]]) -> Params:
 
 
 def _class_weights(reports: list[Report], classes: int, plain: np.ndarray) -> np.ndarray:
-    """``[node, class]`` weights: each class's labelled samples per node, normalised over the nodes;
-    ``plain`` (``[node]``) for a class that no node counts, and for all when a report has no counts."""
+    """``[node, class]`` weights: ``n_ic + n_i / classes`` normalised over the nodes (see the module
+    docstring); ``plain`` (``[node]``) for all when a report that counts samples has no class counts."""
     if any(r.class_labelled is None and r.labelled for r in reports):
         return np.repeat(plain[:, None], classes, axis=1)
     counts = np.zeros((len(reports), classes))
     for i, r in enumerate(reports):
         c = np.asarray(r.class_labelled if r.class_labelled is not None else [], np.float64)[:classes]
         counts[i, :len(c)] = c
-    total = counts.sum(0)
-    return np.where(total > 0, counts / np.maximum(total, 1), plain[:, None])
+        counts[i] += r.labelled / classes
+    return counts / counts.sum(0)  # > 0: fedavg is called with samples counted
 
 
 def fedavg(previous: Params, reports: list[Report], bounds: Mapping[str, tuple[float, float]],

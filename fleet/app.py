@@ -6,7 +6,8 @@ message. Run config (``[tool.flwr.app.config]``, overridable with ``flwr run --r
 ``rounds``, ``min-nodes`` (reports needed to aggregate a round), ``node-wait`` (seconds to wait for
 ``min-nodes`` nodes before a round), ``round-timeout`` (seconds a round waits for replies at most: a
 dead node does not stall it), ``straggler-wait`` (seconds a round still waits for the others once
-``min-nodes`` replied), ``ack-timeout`` (seconds a board's agent waits for its session), ``prox-mu``
+``min-nodes`` replied), ``round-every`` (seconds from one round's start to the next's at least;
+0: back to back), ``ack-timeout`` (seconds a board's agent waits for its session), ``prox-mu``
 (FedProx-style damping, 0: plain FedAvg), ``head-weights`` (``class``: the output layer's rows
 weighted by each node's labelled samples of their class; ``samples``: like every other parameter, by
 its labelled samples; see :mod:`.aggregate`), ``model``/``size``/``classes``/``seed`` (the network, built
@@ -163,6 +164,9 @@ def server_main(grid: Grid, context: Context) -> None:
     status = FleetStatus(folder, asdict(cfg))
     save_global(folder, 0, params, cfg)
     for rnd in range(1, cfg.rounds + 1):
+        if rnd > 1:  # rounds start at most every round-every seconds: each carries more samples per board
+            time.sleep(max(0.0, started + cfg.round_every - time.monotonic()))
+        started = time.monotonic()
         params, entry = run_round(grid, cfg, rnd, params, bounds, class_rows)
         save_global(folder, rnd, params, cfg)
         status.add_round(entry)

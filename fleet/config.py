@@ -15,6 +15,7 @@ class FleetConfig:
     node_wait: float = 60.0
     round_timeout: float = 60.0
     straggler_wait: float = 15.0
+    round_every: float = 0.0
     ack_timeout: float = 10.0
     prox_mu: float = 0.0
     head_weights: str = "class"

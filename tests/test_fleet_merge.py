@@ -51,9 +51,9 @@ def test_fedavg_weights_the_output_rows_by_class():
     b = Report("b", {"rows": np.full((3, 2), 5.0, np.float32), "w": np.full(2, 5.0, np.float32)}, 4,
                class_labelled=np.array([0, 3, 1]))
     out = fedavg(ref, [a, b], {}, class_rows=["rows"])
-    assert np.allclose(out["rows"][0], 1.0)              # only a learned class 0
-    assert np.allclose(out["rows"][1], (1 * 1 + 3 * 5) / 4)
-    assert np.allclose(out["rows"][2], 5.0)              # only b learned class 2
+    wa, wb = np.array([3, 1, 0]) + 4 / 3, np.array([0, 3, 1]) + 4 / 3  # class counts + an even share
+    assert np.allclose(out["rows"], ((wa * 1.0 + wb * 5.0) / (wa + wb))[:, None])
+    assert out["rows"][0, 0] < 3.0 < out["rows"][2, 0]  # plain weights give 3: row c leans to the node that learned c
     assert np.allclose(out["w"], 3.0)                    # the other layers: by labelled samples
     assert np.allclose(fedavg(ref, [a, b], {})["rows"], 3.0)  # head-weights "samples"
     c = Report("c", {"rows": np.full((3, 2), 5.0, np.float32), "w": np.full(2, 5.0, np.float32)}, 4)
@@ -277,4 +277,5 @@ def test_a_round_refuses_bad_reports_by_name_and_aggregates_the_rest(monkeypatch
     assert "'1.weight' has shape (5, 3)" in entry["refused"]["board3"]
     assert "'3.weight' holds 1 NaN/Inf" in entry["refused"]["board4"]
     assert np.allclose(new["1.bias"], g["1.bias"] + (2 * 1.0 + 6 * 4.0) / 8)   # by labelled samples
-    assert np.allclose(new["3.bias"], g["3.bias"] + np.array([1.0, 4.0, 4.0]))  # row c by class c's samples
+    w1, w2 = np.array([2, 0, 0]) + 2 / 3, np.array([0, 5, 1]) + 6 / 3  # row c: class c's samples + an even share
+    assert np.allclose(new["3.bias"], g["3.bias"] + (w1 * 1.0 + w2 * 4.0) / (w1 + w2))

@@ -44,7 +44,9 @@ def _rounds(work):
 
 
 pytestmark = pytest.mark.slow  # about 4 minutes on a loaded 2-core machine (real processes, real time)
-ROUNDS, SHARE = 7, 280  # 6 aggregations (round 1 hands every board the same model); ~175 s of stream per board
+# 6 aggregations (round 1 hands every board the same model) of ~30 labelled samples per board (a round
+# every 18 s); 280 recordings are ~175 s of stream per board, longer than the rounds
+ROUNDS, SHARE, EVERY = 7, 280, 18.0
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ def fleet_run(tmp_path_factory):
             fleet.start_node(i)
             fleet.start_stream(i)
         fleet.start_run({"rounds": ROUNDS, "min-nodes": 2, "node-wait": 60.0, "round-timeout": 60.0,
-                         "straggler-wait": 5.0, "ack-timeout": 20.0, "size": 16})
+                         "straggler-wait": 5.0, "round-every": EVERY, "ack-timeout": 20.0, "size": 16})
         _wait(lambda: len(_rounds(tmp_path)) >= 1, 120, "round 1")
         time.sleep(1.0)  # round 2 is on the network: kill board 2 (agent and stream) mid-round
         for key in ("supernode2", "stream2"):

@@ -8,8 +8,9 @@ session never waits on it:
 * ``merge.npz`` (written atomically by the agent): the global model of round r, one array per
   parameter name, and the round as ``__round__``;
 * ``session.pt`` (the session's own atomic checkpoint): after a merge its ``meta["fleet"]`` holds the
-  round, the parameters just after the merge (the *base*) and the labelled samples and correct
-  predictions learned since the previous merge; a restarted session continues from it;
+  round, the parameters just after the merge (the *base*) and the labelled samples (in all and per
+  class) and correct predictions learned since the previous merge; a restarted session continues
+  from it;
 * ``report.npz`` (atomic, after that checkpoint): the same base and counts (also the labelled
   samples per class, which the server needs to weight the output layer's rows), the node's report
   for round r, in numpy's format, so that the agent needs no torch (on a 4 GB board a second torch
@@ -38,9 +39,7 @@ import logging
 import os
 import zipfile
 from pathlib import Path
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
