@@ -2,8 +2,8 @@
 round time, on a real fleet on this machine (stoprt.fleet.local.LocalFleet: a SuperLink, three
 SuperNodes, three `stoprt stream --learn --fleet` on non-IID shares of the built-in digits).
 
-    python examples/benchmarks/fleet_bench.py --rounds 7 --head-weights class --out docs/results/fleet
-    python examples/benchmarks/fleet_bench.py --rounds 7 --head-weights samples --out docs/results/fleet
+    python examples/benchmarks/fleet_bench.py --rounds 7 --round-every 18 --head-weights class --out docs/results/fleet
+    python examples/benchmarks/fleet_bench.py --rounds 7 --round-every 18 --head-weights samples --out docs/results/fleet
 
 Writes fleet_bench_HEAD.json (and fleet_bench_HEAD.png with matplotlib), HEAD being how the server
 averages the output layer's rows (``stoprt fleet run --head-weights``). The held-out accuracy is over
@@ -50,6 +50,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--share", type=int, default=280, help="recordings per board (at most 283 fit the pool)")
     ap.add_argument("--head-weights", choices=HEAD_WEIGHTS, default=HEAD_WEIGHTS[0])
+    ap.add_argument("--round-every", type=float, default=18.0, help="seconds between round starts")
     ap.add_argument("--out", default="docs/results/fleet")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -69,7 +70,8 @@ def main() -> int:
             fleet.start_node(i)
             fleet.start_stream(i)
         fleet.start_run({"rounds": args.rounds, "min-nodes": 2, "node-wait": 60.0, "round-timeout": 90.0,
-                         "straggler-wait": 5.0, "ack-timeout": 20.0, "size": 16, "head-weights": args.head_weights})
+                         "straggler-wait": 5.0, "round-every": args.round_every, "ack-timeout": 20.0, "size": 16,
+                         "head-weights": args.head_weights})
         while fleet.procs["run"].poll() is None and time.time() - start < 60 * (2 + args.rounds):
             if len(_rounds(work)) > len(globals_):
                 copy = work / f"global-{len(globals_) + 1}.pt"
@@ -107,7 +109,7 @@ def main() -> int:
                          f"{torch.get_num_threads()} torch thread, python {sys.version.split()[0]}",
               "note": "shared 2-core machine under load from other jobs; round times are inflated",
               "load_average_1min": {"before": load_before[0], "after_fleet": load_after[0]},
-              "share": args.share, "head_weights": args.head_weights, "rounds": rows}
+              "share": args.share, "head_weights": args.head_weights, "round_every_s": args.round_every, "rounds": rows}
     write_text(out / f"fleet_bench_{args.head_weights}.json", json.dumps(result, indent=1))
     try:
         import matplotlib
