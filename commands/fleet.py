@@ -18,7 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..cli_args import nonnegative_int, positive_float, positive_int
+from ..cli_args import nonnegative_float, nonnegative_int, positive_float, positive_int
+from ..fleet.config import HEAD_WEIGHTS
 
 
 def _tls_args(p, node: bool = False) -> None:
@@ -91,7 +92,8 @@ def run_run(args) -> int:
     import_flwr()
     status = Path(args.status_dir or Path(args.work) / "status").resolve()
     config = {"rounds": args.rounds, "min-nodes": args.min_nodes, "node-wait": args.node_wait,
-              "round-timeout": args.round_timeout, "straggler-wait": args.straggler_wait, "ack-timeout": args.ack_timeout, "prox-mu": args.prox_mu,
+              "round-timeout": args.round_timeout, "straggler-wait": args.straggler_wait, "round-every": args.round_every, "ack-timeout": args.ack_timeout, "prox-mu": args.prox_mu,
+              "head-weights": args.head_weights,
               "model": args.model, "size": args.size, "classes": args.classes, "seed": args.seed,
               "status-dir": str(status)}
     app = write_app(Path(args.work) / "app", config)
@@ -150,10 +152,15 @@ def register(sub) -> None:
     p.add_argument("--min-nodes", type=positive_int, default=2, help="reports needed to aggregate a round")
     p.add_argument("--node-wait", type=positive_float, default=120.0, help="seconds to wait for --min-nodes nodes")
     p.add_argument("--round-timeout", type=positive_float, default=60.0, help="seconds a round waits for replies")
+    p.add_argument("--round-every", type=nonnegative_float, default=0.0,
+                   help="seconds from one round's start to the next's at least (more samples per round; 0: back to back)")
     p.add_argument("--straggler-wait", type=positive_float, default=15.0,
                    help="seconds a round still waits for the others once --min-nodes replied")
     p.add_argument("--ack-timeout", type=positive_float, default=10.0, help="seconds an agent waits for its stream")
     p.add_argument("--prox-mu", type=float, default=0.0, help="FedProx-style damping towards the previous global model")
+    p.add_argument("--head-weights", choices=HEAD_WEIGHTS, default=HEAD_WEIGHTS[0],
+                   help="average the output layer's rows by each board's labelled samples of their class "
+                        "(default; boards that see different classes) or, like the other layers, by its labelled samples")
     p.add_argument("--model", default="mlp")
     p.add_argument("--size", type=positive_int, default=16)
     p.add_argument("--classes", type=positive_int, default=10)

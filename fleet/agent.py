@@ -3,9 +3,9 @@
 Files only, numpy only (see :mod:`stoprt.runtime.stream.merge`): the agent writes ``merge.npz``
 atomically, waits (bounded) for the session's ``merged.json`` of that round, then reads the session's
 ``report.npz``: the parameters just after the merge (the global model plus what the board learned
-since the previous merge) and the labelled samples that learning counts. If the session does not take
-the round in time (the stream ended, or is paused), the report is empty; ``merge.npz`` stays, so a
-session that starts or resumes later takes it at its first sample boundary.
+since the previous merge) and the labelled samples that learning counts, in all and per class. If the
+session does not take the round in time (the stream ended, or is paused), the report is empty;
+``merge.npz`` stays, so a session that starts or resumes later takes it at its first sample boundary.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class NodeReport:
     labelled: int = 0
     correct: int = 0
     samples: int | None = None       # the session's samples so far (resumes included)
+    class_labelled: list[int] | None = None  # [class]: labelled samples of it since the previous merge
     note: str = ""
 
     @property
@@ -68,5 +69,6 @@ def exchange(checkpoint_dir: str | os.PathLike, rnd: int, global_params: dict[st
     if int(arrays.get(ROUND_KEY, -1)) != rnd:
         return NodeReport(rnd, None, note=f"{REPORT_FILE} does not hold round {rnd}")
     counts = {k: int(arrays.pop(f"__{k}__")) for k in ("labelled", "correct", "samples")}
+    by_class = arrays.pop("__class_labelled__", None)
     arrays.pop(ROUND_KEY)
-    return NodeReport(rnd, arrays, **counts)
+    return NodeReport(rnd, arrays, **counts, class_labelled=None if by_class is None else [int(v) for v in by_class])

@@ -6,17 +6,21 @@ message. Run config (``[tool.flwr.app.config]``, overridable with ``flwr run --r
 ``rounds``, ``min-nodes`` (reports needed to aggregate a round), ``node-wait`` (seconds to wait for
 ``min-nodes`` nodes before a round), ``round-timeout`` (seconds a round waits for replies at most: a
 dead node does not stall it), ``straggler-wait`` (seconds a round still waits for the others once
-``min-nodes`` replied), ``ack-timeout`` (seconds a board's agent waits for its session), ``prox-mu``
-(FedProx-style damping, 0: plain FedAvg), ``model``/``size``/``classes``/``seed`` (the network, built
+``min-nodes`` replied), ``round-every`` (seconds from one round's start to the next's at least;
+0: back to back), ``ack-timeout`` (seconds a board's agent waits for its session), ``prox-mu``
+(FedProx-style damping, 0: plain FedAvg), ``head-weights`` (``class``: the output layer's rows
+weighted by each node's labelled samples of their class; ``samples``: like every other parameter, by
+its labelled samples; see :mod:`.aggregate`), ``model``/``size``/``classes``/``seed`` (the network, built
 as ``stoprt stream`` builds it) and ``status-dir`` (``status.json`` and ``global.pt``). Node config
 (``flower-supernode --node-config``): ``checkpoint`` (the board's ``stoprt stream --checkpoint`` folder)
 and ``name``.
 
 A round (Flower message type ``train``): the server sends the global model to every connected node;
 each agent hands it to its live session and replies with the session's report (parameters after the
-merge, labelled samples learned since the previous merge, its stream accuracy over them); the server
-validates each report (:func:`.aggregate.check_report`: refused ones are named in the status), averages
-the rest weighted by labelled samples, clamps thresholds and leaks, and saves the new global model.
+merge, labelled samples learned since the previous merge, in all and per class, its stream accuracy
+over them); the server validates each report (:func:`.aggregate.check_report`: refused ones are named
+in the status), averages the rest weighted by labelled samples (the output layer's rows by the samples
+of their class), clamps thresholds and leaks, and saves the new global model.
 Round 1 sends the server's freshly built model, so every board starts from the same one (a board that
 joins later starts from the global model of its first round).
 """
@@ -84,7 +88,7 @@ def _send_and_collect(grid: Grid, messages: list[Message], timeout: float, quoru
     return replies, to_node
 
 
-def _read_reply(reply: Message, node_id: int, reference: dict[str, np.ndarray]) -> tuple[str, dict]:
+def _read_reply(reply: Message, node_id: int, reference: dict[str, np.ndarray], classes: int) -> tuple[str, dict]:
     """``(name, entry)`` for the status; ``entry["report"]`` is a :class:`Report` when it can be aggregated."""
     if reply.has_error():
         return str(node_id), {"node_id": node_id, "status": f"error: {reply.error.reason}", "received": 0, "labelled": 0}
@@ -104,15 +108,18 @@ def _read_reply(reply: Message, node_id: int, reference: dict[str, np.ndarray]) 
         params = {k: a.numpy() for k, a in record.items()}
     except Exception as err:  # a payload whose bytes do not match its shape and dtype
         return name, {**entry, "status": f"refused: unreadable arrays ({type(err).__name__}: {err})"}
-    problem = check_report(params, metrics.get("labelled", 0), reference)
+    by_class = metrics.get("class-labelled")
+    problem = check_report(params, metrics.get("labelled", 0), reference, by_class, classes)
     if problem:
         return name, {**entry, "status": f"refused: {problem}", "labelled": 0}
-    entry["report"] = Report(name, params, entry["labelled"], entry["accuracy"])
+    entry["report"] = Report(name, params, entry["labelled"], entry["accuracy"],
+                             None if by_class is None else np.asarray(by_class, np.int64))
     entry["status"] = "ok"
     return name, entry
 
 
-def run_round(grid: Grid, cfg: FleetConfig, rnd: int, params: dict[str, np.ndarray], bounds: dict) -> tuple[dict, dict]:
+def run_round(grid: Grid, cfg: FleetConfig, rnd: int, params: dict[str, np.ndarray], bounds: dict,
+              class_rows: list[str]) -> tuple[dict, dict]:
     """One round; returns ``(new global parameters, status entry)``."""
     nodes = _wait_for_nodes(grid, cfg.min_nodes, cfg.node_wait)
     start = time.monotonic()
@@ -125,7 +132,7 @@ def run_round(grid: Grid, cfg: FleetConfig, rnd: int, params: dict[str, np.ndarr
     per_node: dict[str, dict] = {}
     for reply in replies:
         node_id = to_node.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-        name, entry = _read_reply(reply, node_id, params)
+        name, entry = _read_reply(reply, node_id, params, cfg.classes)
         per_node[name] = {**entry, "sent": sent}
     answered = {e["node_id"] for e in per_node.values()}
     for n in nodes:
@@ -133,7 +140,8 @@ def run_round(grid: Grid, cfg: FleetConfig, rnd: int, params: dict[str, np.ndarr
             per_node[str(n)] = {"node_id": n, "status": "no reply in time", "sent": sent,
                                 "received": 0, "labelled": 0}
     reports = [e.pop("report") for e in per_node.values() if "report" in e]
-    new = fedavg(params, reports, bounds, cfg.prox_mu) if len(reports) >= cfg.min_nodes else None
+    rows = class_rows if cfg.head_weights == "class" else []
+    new = fedavg(params, reports, bounds, cfg.prox_mu, rows) if len(reports) >= cfg.min_nodes else None
     entry = {"round": rnd, "seconds": time.monotonic() - start, "nodes_asked": len(nodes),
              "aggregated": [r.node for r in reports if r.labelled] if new is not None else [],
              "refused": {k: e["status"][len("refused: "):] for k, e in per_node.items() if e["status"].startswith("refused")},
@@ -152,11 +160,14 @@ def server_main(grid: Grid, context: Context) -> None:
     from .status import FleetStatus
     cfg = FleetConfig.from_run_config(dict(context.run_config))
     folder = Path(cfg.status_dir)
-    params, bounds = initial_model(cfg)
+    params, bounds, class_rows = initial_model(cfg)
     status = FleetStatus(folder, asdict(cfg))
     save_global(folder, 0, params, cfg)
     for rnd in range(1, cfg.rounds + 1):
-        params, entry = run_round(grid, cfg, rnd, params, bounds)
+        if rnd > 1:  # rounds start at most every round-every seconds: each carries more samples per board
+            time.sleep(max(0.0, started + cfg.round_every - time.monotonic()))
+        started = time.monotonic()
+        params, entry = run_round(grid, cfg, rnd, params, bounds, class_rows)
         save_global(folder, rnd, params, cfg)
         status.add_round(entry)
         print(f"stoprt fleet: round {rnd}: {len(entry['aggregated'])} aggregated, {len(entry['refused'])} refused, "
@@ -178,6 +189,8 @@ def client_train(msg: Message, context: Context) -> Message:
         metrics["samples"] = report.samples
     if report.accuracy is not None:
         metrics["accuracy"] = report.accuracy
+    if report.class_labelled:
+        metrics["class-labelled"] = report.class_labelled
     content = RecordDict({"metrics": MetricRecord(metrics),
                           "info": ConfigRecord({"name": str(context.node_config.get("name", "")), "note": report.note})})
     if report.params is not None:

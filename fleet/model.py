@@ -29,10 +29,23 @@ def build_network(cfg: FleetConfig) -> nn.Module:
     return net
 
 
-def initial_model(cfg: FleetConfig) -> tuple[dict[str, np.ndarray], dict[str, tuple[float, float]]]:
-    """``(global parameters, their bounds)`` of a fresh network."""
+def class_rows(net: nn.Module, classes: int) -> list[str]:
+    """The parameters of the output layer with one row per class: from the last layer that has a
+    weight on, those whose first axis has ``classes`` entries (its weight and bias; a per-class
+    threshold or readout after it)."""
+    names = [f"{prefix}.{n}" if prefix else n for prefix, m in net.named_modules()
+             for n, _ in m.named_parameters(recurse=False)]
+    weights = [i for i, name in enumerate(names) if name.rsplit(".", 1)[-1] == "weight"]
+    params = dict(net.named_parameters())
+    tail = names[weights[-1]:] if weights else []
+    return [n for n in tail if params[n].dim() >= 1 and params[n].shape[0] == classes]
+
+
+def initial_model(cfg: FleetConfig) -> tuple[dict[str, np.ndarray], dict[str, tuple[float, float]], list[str]]:
+    """``(global parameters, their bounds, the output layer's per-class parameters)`` of a fresh network."""
     net = build_network(cfg)
-    return {k: v.detach().numpy().copy() for k, v in fleet_parameters(net).items()}, parameter_bounds(net)
+    return ({k: v.detach().numpy().copy() for k, v in fleet_parameters(net).items()}, parameter_bounds(net),
+            class_rows(net, cfg.classes))
 
 
 def save_global(folder: str | os.PathLike, rnd: int, params: dict[str, np.ndarray], cfg: FleetConfig) -> Path:

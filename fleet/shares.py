@@ -90,14 +90,27 @@ def evaluate(net: nn.Module, steps, track: LabelTrack) -> float:
     return float(session.stats.accuracy or 0.0)
 
 
+class LoneBoard:
+    """A board learning its share without the fleet, as ``stoprt stream --learn`` does (STOP, Adam at
+    ``lr``, an update per sample): the local-only baseline, advanced sample by sample."""
+
+    def __init__(self, net: nn.Module, steps, track: LabelTrack, lr: float) -> None:
+        from ..runtime.stop import STOP
+        self.net = net
+        learner = STOP(net, torch.optim.Adam(net.parameters(), lr=lr), update="sample")
+        self.session = StreamSession(net, learner, labels=LabelTrack(track.segments))
+        self._steps = iter(steps)
+
+    def learn_until(self, labelled: int) -> nn.Module:
+        """The network once it has learned ``labelled`` labelled samples (or the whole share)."""
+        while self.session.stats.labelled_samples < labelled:
+            step = next(self._steps, None)
+            if step is None:
+                break
+            self.session.process(step.frame, step.t_start, step.t_end)
+        return self.net
+
+
 def learn_alone(net: nn.Module, steps, track: LabelTrack, labelled: int, lr: float) -> nn.Module:
-    """``net`` after learning, as ``stoprt stream --learn`` does (STOP, Adam at ``lr``, an update per
-    sample), from the first ``labelled`` labelled samples of ``steps``: the local-only baseline."""
-    from ..runtime.stop import STOP
-    learner = STOP(net, torch.optim.Adam(net.parameters(), lr=lr), update="sample")
-    session = StreamSession(net, learner, labels=LabelTrack(track.segments))
-    for step in steps:
-        session.process(step.frame, step.t_start, step.t_end)
-        if session.stats.labelled_samples >= labelled:
-            break
-    return net
+    """``net`` after learning the first ``labelled`` labelled samples of ``steps`` alone (:class:`LoneBoard`)."""
+    return LoneBoard(net, steps, track, lr).learn_until(labelled)

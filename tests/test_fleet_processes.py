@@ -1,9 +1,10 @@
 """A real fleet on localhost: one SuperLink, three SuperNodes, three ``stoprt stream --learn --fleet``
 processes, each on a non-IID share of the built-in digits, and ``flwr run`` of stoprt's app.
 
-One run checks: the rounds complete; a node SIGKILLed mid-round (its SuperNode and its stream) does not
-stall the round; restarted, it resumes from its checkpoint and takes the global model; the global
-model beats every board's local-only model over all ten classes after as many samples as it learned.
+One run checks: the rounds complete; a node SIGKILLed (its SuperNode and its stream) that the SuperLink
+still lists does not stall the round that waits for it; restarted, it resumes from its checkpoint and
+takes the global model; the global model beats every board's local-only model over all ten classes
+after as many samples as it learned. Another: a board whose server cannot be reached learns alone.
 Hard timeouts everywhere; every process is ended at the end.
 """
 
@@ -43,7 +44,10 @@ def _rounds(work):
         return []
 
 
-pytestmark = pytest.mark.slow  # about 2 minutes on a loaded 2-core machine (real processes, real time)
+pytestmark = pytest.mark.slow  # about 4 minutes on a loaded 2-core machine (real processes, real time)
+# 6 aggregations (round 1 hands every board the same model) of ~30 labelled samples per board (a round
+# every 18 s); 280 recordings are ~175 s of stream per board, longer than the rounds
+ROUNDS, SHARE, EVERY = 7, 280, 18.0
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +55,7 @@ def fleet_run(tmp_path_factory):
     """One fleet run shared by the tests below: ``(work folder, status rounds, picks, pool)``."""
     tmp_path = tmp_path_factory.mktemp("fleet")
     events, labels = shares.digit_pool(DURATION)
-    picks = [shares.share_indices(labels, g, 200, 0.15, seed=i) for i, g in enumerate(GROUPS)]
+    picks = [shares.share_indices(labels, g, SHARE, 0.15, seed=i) for i, g in enumerate(GROUPS)]
     sources = [shares.write_share(tmp_path, f"share{i}", events, labels, p, GAP) for i, p in enumerate(picks)]
     stream_args = ["--realtime", "--threads", "1", "--checkpoint-every", "0"]
     with LocalFleet(tmp_path, sources, stream_args) as fleet:
@@ -60,50 +64,48 @@ def fleet_run(tmp_path_factory):
         for i in range(3):
             fleet.start_node(i)
             fleet.start_stream(i)
-        fleet.start_run({"rounds": 3, "min-nodes": 2, "node-wait": 60.0, "round-timeout": 60.0,
-                         "straggler-wait": 8.0, "ack-timeout": 5.0, "size": 16})
+        fleet.start_run({"rounds": ROUNDS, "min-nodes": 2, "node-wait": 60.0, "round-timeout": 60.0,
+                         "straggler-wait": 5.0, "round-every": EVERY, "ack-timeout": 20.0, "size": 16})
         _wait(lambda: len(_rounds(tmp_path)) >= 1, 120, "round 1")
-        time.sleep(1.0)  # round 2 is on the network: kill board 2 (agent and stream) mid-round
-        for key in ("supernode2", "stream2"):
+        # kill board 2 (agent and stream) before round 2: the SuperLink still lists it (its heartbeat
+        # has not expired), so round 2 sends it the model and waits for a reply that never comes
+        for key in ("stream2", "supernode2"):
             fleet.signal(key, signal.SIGKILL)
         fleet.wait("supernode2", 10)
-        fleet.start_stream(2, resume=True)  # the board comes back while round 2 goes on without it
-        fleet.start_node(2)
         _wait(lambda: len(_rounds(tmp_path)) >= 2, 90, "round 2 without the dead node")
-        assert fleet.wait("run", 120) == 0, fleet.log("run")[-3000:]
+        fleet.start_stream(2, resume=True)  # the board comes back for the later rounds
+        fleet.start_node(2)
+        assert fleet.wait("run", 60 * ROUNDS) == 0, fleet.log("run")[-3000:]
         rounds = _rounds(tmp_path)
         for i in (0, 1):
             fleet.signal(f"stream{i}", signal.SIGTERM)
-    assert len(rounds) == 3, fleet.log("run")[-3000:]
+    assert len(rounds) == ROUNDS, fleet.log("run")[-3000:]
     return tmp_path, rounds, picks, (events, labels), fleet
 
 
 def test_rounds_survive_a_killed_node_that_restarts(fleet_run):
     tmp_path, rounds, _, _, fleet = fleet_run
-    r1, r2, r3 = rounds
+    r1, r2, *later = rounds
     assert all(e["status"] == "ok" for e in r1["per_node"].values()) and len(r1["per_node"]) == 3
     assert r2["global_changed"] and sorted(r2["aggregated"]) == ["node0", "node1"], r2
-    assert r3["global_changed"] and "node2" in r3["aggregated"], r3
+    assert all(r["global_changed"] for r in later) and "node2" in later[-1]["aggregated"], later
     assert "resumed at step" in fleet.log("stream2")
     node2 = torch.load(tmp_path / "node2" / "session.pt", weights_only=True)
-    assert node2["meta"]["fleet"]["round"] == 3  # the restarted board took the global model
-    assert r1["bytes_sent"] > 0 and all(e["received"] > 0 for e in r3["per_node"].values() if e["status"] == "ok")
+    assert node2["meta"]["fleet"]["round"] == ROUNDS  # the restarted board took the global model
+    assert r1["bytes_sent"] > 0 and all(e["received"] > 0 for e in later[-1]["per_node"].values() if e["status"] == "ok")
 
 
-@pytest.mark.xfail(reason="marginal at this test's scale (50-80 labelled samples per board, two "
-                          "aggregations): held 0.325 vs at best 0.225 alone in one run here, 0.21 vs 0.22 in "
-                          "another, 0.275 vs 0.22 in a third", strict=False)
 def test_global_model_beats_every_board_alone(fleet_run):
-    tmp_path, (r1, r2, r3), picks, (events, labels), _ = fleet_run
+    tmp_path, rounds, picks, (events, labels), _ = fleet_run
     # held-out accuracy over all ten classes: the global model against each board alone
     n = len(labels)
     held, track = shares.lay_out(events, labels, range(n - shares.HELD_OUT, n), GAP)
     held_steps = shares.stream_steps(held, 16, DT)
     net, rnd = load_global(tmp_path / "status" / "global.pt")
     fleet_acc = shares.evaluate(net, held_steps, track)
+    assert rnd == ROUNDS
     for i, pick in enumerate(picks):
-        learned = r3["per_node"][f"node{i}"]["labelled"] + sum(
-            r["per_node"].get(f"node{i}", {}).get("labelled", 0) for r in (r1, r2))
+        learned = sum(r["per_node"].get(f"node{i}", {}).get("labelled", 0) for r in rounds)
         share, share_track = shares.lay_out(events, labels, pick, GAP)
         torch.manual_seed(0)
         alone = load_network("mlp", {"in_channels": 2, "size": 16, "classes": 10}).net
@@ -111,3 +113,23 @@ def test_global_model_beats_every_board_alone(fleet_run):
         alone_acc = shares.evaluate(alone, held_steps, track)
         print(f"node{i}: {learned} labelled samples, alone {alone_acc:.3f}, fleet {fleet_acc:.3f}")
         assert fleet_acc > alone_acc, (i, learned, alone_acc, fleet_acc)
+
+
+def test_a_board_whose_server_is_unreachable_learns_alone(tmp_path):
+    """No SuperLink listens at the fleet's address: the stream learns its whole share on its own, in
+    about the share's duration (it never waits on the network), while its SuperNode keeps retrying
+    with backoff."""
+    events, labels = shares.digit_pool(DURATION)
+    pick = shares.share_indices(labels, GROUPS[0], 20, 0.15, seed=0)
+    source = shares.write_share(tmp_path, "share0", events, labels, pick, GAP)
+    with LocalFleet(tmp_path, [source], ["--realtime", "--threads", "1", "--checkpoint-every", "0"]) as fleet:
+        fleet.start_node(0)  # pointed at fleet.superlink, where nothing was started
+        fleet.start_stream(0)
+        assert fleet.wait("stream0", 120) == 0, fleet.log("stream0")[-2000:]
+        assert fleet.procs["supernode0"].poll() is None, fleet.log("supernode0")[-2000:]  # still trying
+    summary = json.loads((tmp_path / "stream0.json").read_text())
+    assert summary["labelled_samples"] == 20 and summary["updates"] == 20
+    duration_s = len(pick) * (DURATION + GAP) / 1e6  # paced in real time (a loaded machine drops steps instead)
+    assert summary["seconds"] < 2 * duration_s and not summary["interrupted"], summary
+    assert fleet.log("supernode0").count("retrying in") >= 2
+    assert not (tmp_path / "node0" / "merged.json").exists()  # no round ever reached it

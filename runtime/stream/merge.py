@@ -8,11 +8,13 @@ session never waits on it:
 * ``merge.npz`` (written atomically by the agent): the global model of round r, one array per
   parameter name, and the round as ``__round__``;
 * ``session.pt`` (the session's own atomic checkpoint): after a merge its ``meta["fleet"]`` holds the
-  round, the parameters just after the merge (the *base*) and the labelled samples and correct
-  predictions learned since the previous merge; a restarted session continues from it;
-* ``report.npz`` (atomic, after that checkpoint): the same base and counts, the node's report for
-  round r, in numpy's format, so that the agent needs no torch (on a 4 GB board a second torch
-  process is memory the stream needs);
+  round, the parameters just after the merge (the *base*) and the labelled samples (in all and per
+  class) and correct predictions learned since the previous merge; a restarted session continues
+  from it;
+* ``report.npz`` (atomic, after that checkpoint): the same base and counts (also the labelled
+  samples per class, which the server needs to weight the output layer's rows), the node's report
+  for round r, in numpy's format, so that the agent needs no torch (on a 4 GB board a second torch
+  process is memory the stream needs; this module imports torch only where the session calls it);
 * ``merged.json`` (atomic, last): ``{"round": r, "ok": ...}``, so the agent knows the report is there.
 
 :class:`FleetMerge` is the session's ``on_sample_end`` hook. At each sample boundary (the learner has
@@ -37,13 +39,15 @@ import logging
 import os
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from ..atomic import atomic_path, write_text
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 MERGE_FILE, REPORT_FILE, ACK_FILE = "merge.npz", "report.npz", "merged.json"
 ROUND_KEY = "__round__"
@@ -126,7 +130,7 @@ class FleetMerge:
             rnd = int(arrays.pop(ROUND_KEY))
             if self.state is not None and rnd <= self.state["round"]:
                 return  # already applied (e.g. before a restart)
-            self._apply(session, {k: torch.from_numpy(v) for k, v in arrays.items()})
+            self._apply(session, arrays)
         except (ValueError, OSError) as err:
             _log.warning("stoprt stream: fleet merge refused, learning alone: %s", err)
             write_text(self.ack_path, json.dumps({"round": rnd, "ok": False, "error": str(err)}))
@@ -134,22 +138,28 @@ class FleetMerge:
         previous = self.state
         stats = session.stats
         merged_before = previous is not None
+        by_class = list(stats.labelled_by_class)
+        before = previous.get("by_class", []) if merged_before else by_class
+        before = before + [0] * (len(by_class) - len(before))
         self.state = {"round": rnd, "base": {k: p.detach().cpu().clone() for k, p in fleet_parameters(session.net).items()},
-                      "labelled": stats.labelled_samples, "correct": stats.correct,
+                      "labelled": stats.labelled_samples, "correct": stats.correct, "by_class": by_class,
                       "delta_labelled": stats.labelled_samples - previous["labelled"] if merged_before else 0,
-                      "delta_correct": stats.correct - previous["correct"] if merged_before else 0}
+                      "delta_correct": stats.correct - previous["correct"] if merged_before else 0,
+                      "delta_by_class": [now - then for now, then in zip(by_class, before)]}
         session.meta["fleet"] = self.state
         if session.checkpoint_path is not None:
             session.save()
         write_arrays(self.directory / REPORT_FILE, {
             **{k: v.numpy() for k, v in self.state["base"].items()}, ROUND_KEY: np.array(rnd),
             "__labelled__": np.array(self.state["delta_labelled"]), "__correct__": np.array(self.state["delta_correct"]),
-            "__samples__": np.array(stats.samples)})
+            "__class_labelled__": np.array(self.state["delta_by_class"], np.int64), "__samples__": np.array(stats.samples)})
         self.applied += 1
         write_text(self.ack_path, json.dumps({"round": rnd, "ok": True, "samples": stats.samples,
                                               "labelled": self.state["delta_labelled"]}))
 
-    def _apply(self, session, incoming: dict[str, torch.Tensor]) -> None:
+    def _apply(self, session, arrays: dict[str, np.ndarray]) -> None:
+        import torch  # the session's process has it loaded
+        incoming = {k: torch.from_numpy(v) for k, v in arrays.items()}
         params = fleet_parameters(session.net)
         if set(incoming) != set(params):
             missing, extra = sorted(set(params) - set(incoming)), sorted(set(incoming) - set(params))

@@ -140,6 +140,7 @@ class SessionStats:
     steps: int = 0
     samples: int = 0
     labelled_samples: int = 0
+    labelled_by_class: list[int] = field(default_factory=list)  # [class]: labelled samples of it (sums to labelled_samples)
     correct: int = 0
     updates: int = 0
     replayed_samples: int = 0
@@ -309,6 +310,9 @@ class StreamSession:
         self.stats.last_prediction = prediction
         if sample.segment is not None:
             self.stats.labelled_samples += 1
+            by_class, label = self.stats.labelled_by_class, sample.segment.label
+            by_class.extend([0] * (label + 1 - len(by_class)))
+            by_class[label] += 1
             self.stats.correct += int(prediction == sample.segment.label)
         elif sample.frames:
             self._last_unlabelled = sample
