@@ -5,7 +5,10 @@ MLP (``mlp``, 16x16 input, hidden 256) is exported and the built-in digits rende
 one subprocess (torch); then the stream runs in a fresh subprocess in which
 ``import torch`` fails (a meta-path blocker), and its ``--json`` summary (steps/s of the process, peak
 RSS) is read. The same stream with the torch backend (STOP in torch, 1 thread) runs beside it for
-the ratio. This process never imports torch: a child's peak RSS (``ru_maxrss``) starts from its
+the ratio. Both learn with the torch stream's default optimizer, Adam with lr 1e-3 (torch's betas
+and eps, no weight decay; the bundle's update graph has the same defaults), so their accuracies
+compare (an earlier version gave the bundle SGD at lr 0.01: the torch-free stream stayed at
+chance). This process never imports torch: a child's peak RSS (``ru_maxrss``) starts from its
 parent's at the fork, so a parent holding torch would inflate it. Results: ``OUT/onnx_learn_stream.json``.
 
 On a shared machine the wall-clock rate mostly measures the other processes: the torch-free stream
@@ -28,6 +31,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+LR = 1e-3  # the torch stream's default (commands/stream.py); passed to both streams explicitly
+
 BLOCKED = """
 import sys
 class Block:
@@ -48,7 +53,8 @@ from stoprt.runtime.models import build_model
 from stoprt.runtime.stream.builtin import BuiltinStream
 torch.manual_seed(0)
 BuiltinStream("digits", n_samples=int(sys.argv[2]))
-write_bundle(sys.argv[1], build_model("mlp", size=16), {"dt_us": 30_000}, learning=LearningOptions(lr=0.01))
+write_bundle(sys.argv[1], build_model("mlp", size=16), {"dt_us": 30_000},
+             learning=LearningOptions(optimizer="adam", lr=float(sys.argv[3])))
 """
 
 
@@ -66,7 +72,8 @@ def _summary(runs: list[dict]) -> dict:
     """Median and best of the runs' rates (wall clock and per CPU second), the highest peak RSS."""
     rates = [r["steps_per_s"] for r in runs]
     per_cpu = [r["steps"] / r["cpu_s"] for r in runs]
-    return {**{k: runs[0][k] for k in ("steps", "updates", "accuracy")}, "steps_per_s": statistics.median(rates),
+    return {**{k: runs[0][k] for k in ("steps", "updates", "accuracy")},
+            "accuracy_runs": sorted({r["accuracy"] for r in runs}), "steps_per_s": statistics.median(rates),
             "steps_per_s_best": max(rates), "steps_per_s_runs": rates,
             "steps_per_cpu_s": statistics.median(per_cpu), "steps_per_cpu_s_runs": per_cpu,
             "peak_rss_mib": max(r["peak_rss_mib"] for r in runs)}
@@ -90,8 +97,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "bundle"
-        subprocess.run([sys.executable, "-c", PREPARE, str(bundle), str(args.samples)], check=True)
-        stream = ["stream", "--source", f"builtin:digits:{args.samples}", "--model", str(bundle), "--learn"]
+        subprocess.run([sys.executable, "-c", PREPARE, str(bundle), str(args.samples), str(LR)], check=True)
+        stream = ["stream", "--source", f"builtin:digits:{args.samples}", "--model", str(bundle), "--learn",
+                  "--lr", str(LR)]
         ort_stream = stream + ["--backend", "onnxruntime"]
         load0 = os.getloadavg()[0]
         runs, base_runs = [], []
@@ -102,7 +110,9 @@ def main() -> None:
         eager = _run(stream, blocked=False)
         load1 = os.getloadavg()[0]
     ort = _summary(runs)
-    result = {"model": "mlp (2x16x16 -> 256 -> 10), SGD lr 0.01 momentum 0.9, update per sample",
+    result = {"model": "mlp (2x16x16 -> 256 -> 10), update per sample",
+              "optimizer": {"both_streams": "adam", "lr": LR, "betas": [0.9, 0.999], "eps": 1e-8,
+                            "weight_decay": 0.0},
               "samples": args.samples, "threads": 1, "repeats": args.repeats,
               "load_average_1min": [load0, load1],
               "onnxruntime_torch_free": ort,
