@@ -121,6 +121,13 @@ def run_profile(args: argparse.Namespace) -> int:
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}}
     written = write_outputs(args.out, rows, meta)
     print("wrote " + ", ".join(map(str, written)))
+    # Running out of memory is a measurement (where the board's limit lies); an error, a crash or a
+    # timeout in every row means nothing was measured, which a script must not take for success.
+    failed = [r for r in rows if r["status"] in ("error", "crashed", "timeout")]
+    if rows and len(failed) == len(rows):
+        print(f"stoprt profile: no configuration could be measured ({len(rows)} failed; the first: "
+              f"{failed[0]['status']}, {failed[0].get('error') or 'no message'})", file=sys.stderr)
+        return 1
     return 0
 
 

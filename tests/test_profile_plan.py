@@ -244,3 +244,12 @@ def test_profile_inference_through_onnxruntime_and_tensorrt():
         assert rows["onnxruntime"]["status"] == "ok" and rows["onnxruntime"]["rss_peak_delta_mib"] >= 0
     if importlib.util.find_spec("tensorrt") is None:
         assert (rows["tensorrt"]["status"], rows["tensorrt"]["error"]) == ("skipped", "tensorrt is not importable here")
+
+
+def test_profile_where_nothing_could_be_measured_exits_1(tmp_path: Path, capsys):
+    out = tmp_path / "prof"
+    rc = cli.main(["profile", "--model", "mlp", "--size", "8", "--mode", "stop", "--T", "2", "--batch", "1",
+                   "--threads", "1", "--timeout", "0.01", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err.splitlines() == [err] and "no configuration could be measured" in err and "timeout" in err
+    assert [r["status"] for r in csv.DictReader((out / "profile.csv").open())] == ["timeout"]  # the rows stay
