@@ -25,16 +25,12 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from ..runtime.learner_stats import LearnerStats
+from ..runtime.update_schedule import check_update_schedule, update_due
 from .signatures import LearnGraphError, LearnSignature, UpdateSignature
 
 log = logging.getLogger("stoprt")
 
 SCRATCH = 2  # the accumulator set an unlabelled step writes (its gradients are dropped)
-
-
-def check_update_schedule(update: Any) -> None:
-    if update not in ("sample", "step") and not (isinstance(update, int) and update >= 1):
-        raise ValueError(f"update must be 'sample', 'step' or an int >= 1, got {update!r}")
 
 
 def as_numpy(value: Any, dtype) -> np.ndarray:
@@ -232,7 +228,7 @@ class GraphLearner:
         self.stats.steps += 1
         if learn:
             self._since_update += 1
-            if self.update == "step" or (isinstance(self.update, int) and self._since_update >= self.update):
+            if update_due(self.update, self._since_update):
                 self._apply_update()
         return y
 

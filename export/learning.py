@@ -29,6 +29,7 @@ import numpy as np
 from torch import nn
 
 from ..runtime import layers as L
+from ..runtime.update_schedule import check_update_schedule
 from .onnx_learn import export_learn_step
 from .onnx_update import export_update
 from .signatures import OPTIMIZERS
@@ -54,8 +55,7 @@ class LearningOptions:
         if not self.lr > 0 or self.momentum < 0 or self.weight_decay < 0:
             raise ValueError(f"need lr > 0, momentum >= 0 and weight_decay >= 0, got {self.lr}, {self.momentum}, "
                              f"{self.weight_decay}")
-        if self.update not in ("sample", "step") and not (isinstance(self.update, int) and self.update >= 1):
-            raise ValueError(f"update must be 'sample', 'step' or an int >= 1, got {self.update!r}")
+        check_update_schedule(self.update)
 
 
 def write_learning_files(net: nn.Module, folder: Path, options: LearningOptions, input_spec: dict,

@@ -27,7 +27,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .graph_learner import GraphLearner, Slot, check_update_schedule, learn_step_io, update_io
+from ..runtime.update_schedule import check_update_schedule
+from .graph_learner import GraphLearner, Slot, learn_step_io, update_io
 from .ort_runner import _import_ort
 from .signatures import LearnGraphError, LearnSignature, UpdateSignature
 

@@ -30,6 +30,7 @@ from . import layers as L
 from .learner import Learner, LearnerStats, LossFn
 from .static import CaptureError, Unsupported
 from .static_engine import StaticEngine
+from .update_schedule import check_update_schedule, update_due
 from .wiring import wire
 
 KINDS = ("weight", "threshold", "leak")
@@ -74,8 +75,7 @@ class STOP(Learner):
         unknown = set(learn) - set(KINDS)
         if unknown:
             raise ValueError(f"unknown kinds to learn {sorted(unknown)}; choose from {KINDS}")
-        if update not in ("sample", "step") and not (isinstance(update, int) and update >= 1):
-            raise ValueError(f"update must be 'sample', 'step' or an int >= 1, got {update!r}")
+        check_update_schedule(update)
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
         super().__init__(net, optimizer, loss, check_inputs, keep_last_good)
@@ -163,7 +163,7 @@ class STOP(Learner):
             if target is not None:
                 self._loss(out, target).backward()
                 self._steps_since_update += 1
-        if self.update == "step" or (isinstance(self.update, int) and self._steps_since_update >= self.update):
+        if update_due(self.update, self._steps_since_update):
             self._update()
         return out.detach()
 
