@@ -23,6 +23,7 @@ from torch import Tensor
 from .learner import all_finite
 from .static import Program, compile_net
 from .static_update import DeviceStats, GuardedUpdate
+from .update_schedule import update_due
 
 log = logging.getLogger("stoprt")
 
@@ -91,7 +92,7 @@ class StaticEngine:
                 self._loss_program = self.program
             lr.sample_steps += 1
             lr.stats.steps += 1
-            if lr.update == "step" or (isinstance(lr.update, int) and lr._steps_since_update >= lr.update):
+            if update_due(lr.update, lr._steps_since_update):
                 self._apply_update()
         return out.clone()
 
