@@ -76,11 +76,11 @@ def _write_connection(args) -> Path:
 
 def run_register(args) -> int:
     from ..fleet import import_flwr
-    from ..fleet.launch import CONNECTION, flower_bin, flower_env
+    from ..fleet.launch import flower_env, register_command
     import_flwr()
     home = _write_connection(args)
     for key in args.public_key:
-        code = _run([flower_bin("flwr"), "supernode", "register", str(key), CONNECTION], flower_env(home))
+        code = _run(register_command(key), flower_env(home))
         if code:
             return code
     return 0

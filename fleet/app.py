@@ -99,6 +99,11 @@ def _read_reply(reply: Message, node_id: int, reference: dict[str, np.ndarray], 
     entry = {"node_id": node_id, "labelled": int(metrics.get("labelled", 0)), "samples": metrics.get("samples"),
              "accuracy": metrics.get("accuracy"), "received": 0, "note": info.get("note", "")}
     record = content.array_records.get("report")
+    if record is None and info.get("refused"):
+        # the board runs another network than the fleet's (its session could not take the global model):
+        # refused and named like a report of the wrong shape, not counted as a missing node
+        return name, {**entry, "status": f"refused: its network does not fit the fleet's model ({info['refused']})",
+                      "labelled": 0}
     if record is None:
         entry["status"] = "no report" + (f" ({entry['note']})" if entry["note"] else "")
         entry["labelled"] = 0
@@ -192,7 +197,8 @@ def client_train(msg: Message, context: Context) -> Message:
     if report.class_labelled:
         metrics["class-labelled"] = report.class_labelled
     content = RecordDict({"metrics": MetricRecord(metrics),
-                          "info": ConfigRecord({"name": str(context.node_config.get("name", "")), "note": report.note})})
+                          "info": ConfigRecord({"name": str(context.node_config.get("name", "")), "note": report.note,
+                                                        "refused": report.refused})})
     if report.params is not None:
         content["report"] = _arrays(report.params)
     return Message(content, reply_to=msg)
