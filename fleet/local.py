@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from .certs import make_certificates
@@ -101,7 +102,7 @@ class LocalFleet:
         self._start(f"supernode{i}", supernode_command(self.superlink, self.checkpoint(i), f"node{i}", free_port(),
                                                        certs, key, insecure=not self.secure))
 
-    def start_stream(self, i: int, resume: bool = False, extra: list[str] = ()) -> None:
+    def start_stream(self, i: int, resume: bool = False, extra: Sequence[str] = ()) -> None:
         """Board ``i``'s ``stoprt stream --learn --fleet``, with the fleet's stream arguments and ``extra``."""
         raw, csv = (Path(p).resolve() for p in self.sources[i])
         cmd = [sys.executable, "-m", "stoprt.cli", "stream", "--source", str(raw), "--labels", str(csv), "--learn",
