@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,14 +31,18 @@ def _tls_args(p, node: bool = False) -> None:
 
 
 def _run(cmd: list[str], env=None) -> int:
-    """Run one of Flower's programs in the foreground; Ctrl-C stops it (and returns its code)."""
+    """Run one of Flower's programs in the foreground; Ctrl-C or SIGTERM (``kill``, a service manager)
+    stops it too, else a stopped ``stoprt fleet link`` would leave the SuperLink serving."""
     proc = subprocess.Popen(cmd, env=env)
+    previous = signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
     try:
         return proc.wait()
     except KeyboardInterrupt:
         proc.terminate()
         proc.wait()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_certs(args) -> int:
@@ -76,11 +81,11 @@ def _write_connection(args) -> Path:
 
 def run_register(args) -> int:
     from ..fleet import import_flwr
-    from ..fleet.launch import CONNECTION, flower_bin, flower_env
+    from ..fleet.launch import flower_env, register_command
     import_flwr()
     home = _write_connection(args)
     for key in args.public_key:
-        code = _run([flower_bin("flwr"), "supernode", "register", str(key), CONNECTION], flower_env(home))
+        code = _run(register_command(key), flower_env(home))
         if code:
             return code
     return 0

@@ -32,6 +32,7 @@ class NodeReport:
     samples: int | None = None       # the session's samples so far (resumes included)
     class_labelled: list[int] | None = None  # [class]: labelled samples of it since the previous merge
     note: str = ""
+    refused: str = ""  # why the session refused the round's global model (it does not fit this board's network)
 
     @property
     def accuracy(self) -> float | None:
@@ -64,7 +65,8 @@ def exchange(checkpoint_dir: str | os.PathLike, rnd: int, global_params: dict[st
                                               "(stream stopped?); it takes it when it runs again")
         time.sleep(poll_s)
     if not ack.get("ok"):
-        return NodeReport(rnd, None, note=f"the session refused round {rnd}: {ack.get('error')}")
+        return NodeReport(rnd, None, note=f"the session refused round {rnd}: {ack.get('error')}",
+                          refused=str(ack.get("error")))
     arrays = read_arrays(folder / REPORT_FILE)
     if int(arrays.get(ROUND_KEY, -1)) != rnd:
         return NodeReport(rnd, None, note=f"{REPORT_FILE} does not hold round {rnd}")

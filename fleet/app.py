@@ -19,7 +19,7 @@ A round (Flower message type ``train``): the server sends the global model to ev
 each agent hands it to its live session and replies with the session's report (parameters after the
 merge, labelled samples learned since the previous merge, in all and per class, its stream accuracy
 over them); the server validates each report (:func:`.aggregate.check_report`: refused ones are named
-in the status), averages the rest weighted by labelled samples (the output layer's rows by the samples
+in the status, as is a board whose session refused the global model because its network differs), averages the rest weighted by labelled samples (the output layer's rows by the samples
 of their class), clamps thresholds and leaks, and saves the new global model.
 Round 1 sends the server's freshly built model, so every board starts from the same one (a board that
 joins later starts from the global model of its first round).
@@ -99,6 +99,11 @@ def _read_reply(reply: Message, node_id: int, reference: dict[str, np.ndarray], 
     entry = {"node_id": node_id, "labelled": int(metrics.get("labelled", 0)), "samples": metrics.get("samples"),
              "accuracy": metrics.get("accuracy"), "received": 0, "note": info.get("note", "")}
     record = content.array_records.get("report")
+    if record is None and info.get("refused"):
+        # the board runs another network than the fleet's (its session could not take the global model):
+        # refused and named like a report of the wrong shape, not counted as a missing node
+        return name, {**entry, "status": f"refused: its network does not fit the fleet's model ({info['refused']})",
+                      "labelled": 0}
     if record is None:
         entry["status"] = "no report" + (f" ({entry['note']})" if entry["note"] else "")
         entry["labelled"] = 0
@@ -192,7 +197,8 @@ def client_train(msg: Message, context: Context) -> Message:
     if report.class_labelled:
         metrics["class-labelled"] = report.class_labelled
     content = RecordDict({"metrics": MetricRecord(metrics),
-                          "info": ConfigRecord({"name": str(context.node_config.get("name", "")), "note": report.note})})
+                          "info": ConfigRecord({"name": str(context.node_config.get("name", "")), "note": report.note,
+                                                        "refused": report.refused})})
     if report.params is not None:
         content["report"] = _arrays(report.params)
     return Message(content, reply_to=msg)

@@ -144,6 +144,13 @@ def write_flower_config(flwr_home: str | os.PathLike, superlink: str, certs: str
     return write_text(Path(flwr_home) / "config.toml", "\n".join(lines) + "\n")
 
 
+def register_command(public_key: str | os.PathLike) -> list[str]:
+    """``flwr supernode register`` of one board's public key (``nodes/NAME.pub``) with the configured
+    SuperLink (a SuperLink with node authentication accepts only SuperNodes registered this way; it
+    refuses to let SuperNodes register themselves)."""
+    return [flower_bin("flwr"), "supernode", "register", str(public_key), CONNECTION]
+
+
 def run_command(app_folder: str | os.PathLike) -> list[str]:
     """``flwr run`` of the app folder on the configured connection, following its log to the end."""
     return [flower_bin("flwr"), "run", str(app_folder), CONNECTION, "--stream"]

@@ -188,6 +188,7 @@ def test_agent_exchange_with_a_session_taking_the_round(tmp_path):
         thread.join()
     assert report.params is not None and np.allclose(report.params["1.weight"], g["1.weight"])
     assert report.labelled == 0 and report.class_labelled == []  # a first merge counts nothing
+    assert not report.refused
     idle = exchange(tmp_path, 2, g, timeout_s=0.2)  # no session running: an empty report, never a hang
     assert idle.params is None and "did not take round 2" in idle.note
 
@@ -243,16 +244,20 @@ class _Grid:
         return ids
 
     def pull_messages(self, ids):
-        from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+        from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
         from stoprt.fleet.app import _arrays
         out = []
         for i in ids:
             msg = self.pushed.pop(i)
             params, labelled, by_class = self.replies[msg.metadata.dst_node_id]
-            reply = Message(RecordDict({"report": _arrays(params) if params is not None else ArrayRecord(),
-                                        "metrics": MetricRecord({"labelled": labelled, "class-labelled": by_class}),
-                                        "info": ConfigRecord({"name": f"board{msg.metadata.dst_node_id}"})}),
-                            reply_to=msg)
+            info = {"name": f"board{msg.metadata.dst_node_id}"}
+            if isinstance(params, str):  # the board's session refused the global model: no report, the reason
+                params, info["refused"] = None, params
+            content = {"metrics": MetricRecord({"labelled": labelled, "class-labelled": by_class}),
+                       "info": ConfigRecord(info)}
+            if params is not None:
+                content["report"] = _arrays(params)
+            reply = Message(RecordDict(content), reply_to=msg)
             out.append(reply)
         return out
 
@@ -270,12 +275,14 @@ def test_a_round_refuses_bad_reports_by_name_and_aggregates_the_rest(monkeypatch
     nan = _params(net, 1.0)
     nan["3.weight"][0, 0] = np.inf
     grid = _Grid({1: (_params(net, 1.0), 2, [2, 0, 0]), 2: (_params(net, 4.0), 6, [0, 5, 1]),
-                  3: (wrong, 4, [4]), 4: (nan, 4, [0, 0, 4])})
+                  3: (wrong, 4, [4]), 4: (nan, 4, [0, 0, 4]), 5: ("the global model's '1.weight' is (4, 3)", 0, [])})
     cfg = FleetConfig(min_nodes=2, round_timeout=5.0, straggler_wait=1.0, classes=3, status_dir=str(tmp_path))
     new, entry = run_round(grid, cfg, 1, g, parameter_bounds(net), ["3.weight", "3.bias"])
     assert sorted(entry["aggregated"]) == ["board1", "board2"] and entry["global_changed"]
     assert "'1.weight' has shape (5, 3)" in entry["refused"]["board3"]
     assert "'3.weight' holds 1 NaN/Inf" in entry["refused"]["board4"]
+    assert "does not fit the fleet's model (the global model's '1.weight'" in entry["refused"]["board5"]
+    assert not entry["missing"]
     assert np.allclose(new["1.bias"], g["1.bias"] + (2 * 1.0 + 6 * 4.0) / 8)   # by labelled samples
     w1, w2 = np.array([2, 0, 0]) + 2 / 3, np.array([0, 5, 1]) + 6 / 3  # row c: class c's samples + an even share
     assert np.allclose(new["3.bias"], g["3.bias"] + (w1 * 1.0 + w2 * 4.0) / (w1 + w2))

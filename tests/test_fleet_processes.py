@@ -5,6 +5,8 @@ One run checks: the rounds complete; a node SIGKILLed (its SuperNode and its str
 still lists does not stall the round that waits for it; restarted, it resumes from its checkpoint and
 takes the global model; the global model beats every board's local-only model over all ten classes
 after as many samples as it learned. Another: a board whose server cannot be reached learns alone.
+Another runs secure (TLS, node authentication): only registered SuperNodes that trust the fleet's CA
+get in, and a board of another network is refused by name while the others aggregate.
 Hard timeouts everywhere; every process is ended at the end.
 """
 
@@ -133,3 +135,57 @@ def test_a_board_whose_server_is_unreachable_learns_alone(tmp_path):
     assert summary["seconds"] < 2 * duration_s and not summary["interrupted"], summary
     assert fleet.log("supernode0").count("retrying in") >= 2
     assert not (tmp_path / "node0" / "merged.json").exists()  # no round ever reached it
+
+
+def test_a_secure_fleet_admits_only_registered_nodes_that_trust_its_ca_and_refuses_a_board_of_another_model(tmp_path):
+    """TLS and node authentication as a real fleet runs them: certificates from ``make_certificates``,
+    boards registered as ``stoprt fleet register`` does. Boards 0 and 1 learn the fleet's model; board
+    2 (registered, trusted) streams a network of another input size, so its session cannot take the
+    global model: each round refuses and names it, and aggregates the other two. Two more SuperNodes
+    never get in: one signs with a key never registered, one trusts another CA (its key is registered)."""
+    from stoprt.fleet.certs import make_certificates
+    from stoprt.fleet.status import format_status, read_status
+
+    events, labels = shares.digit_pool(DURATION)
+    picks = [shares.share_indices(labels, g, 60, 0.15, seed=i) for i, g in enumerate(GROUPS)]
+    sources = [shares.write_share(tmp_path, f"share{i}", events, labels, p, GAP) for i, p in enumerate(picks)]
+    outsider = tmp_path / "outsider"  # another CA, and keys of its own
+    make_certificates(outsider, ["127.0.0.1"], ["stranger", "foreign"])
+    rounds = 2
+    with LocalFleet(tmp_path / "fleet", sources, ["--realtime", "--threads", "1", "--checkpoint-every", "0"],
+                    secure=True) as fleet:
+        fleet.start_link()
+        fleet.wait_for_link()
+        for i in range(3):
+            assert "registered successfully" in fleet.register(i)
+        fleet.register(4, outsider / "nodes" / "foreign.pub")
+        for i in range(3):
+            fleet.start_node(i)
+            fleet.start_stream(i, extra=["--size", "8"] if i == 2 else [])
+        fleet.start_node(3, key=outsider / "nodes" / "stranger")                          # not registered
+        fleet.start_node(4, certs=outsider, key=outsider / "nodes" / "foreign")          # another CA
+        _wait(lambda: fleet.log("superlink").count("Activated node_id") >= 3, 120, "three SuperNodes online")
+        fleet.start_run({"rounds": rounds, "min-nodes": 2, "node-wait": 60.0, "round-timeout": 60.0,
+                         "straggler-wait": 10.0, "round-every": 10.0, "ack-timeout": 30.0, "size": 16})
+        assert fleet.wait("run", 240) == 0, fleet.log("run")[-3000:]
+        for key in ("supernode3", "supernode4"):
+            assert fleet.wait(key, 60) != 0, fleet.log(key)[-2000:]  # they gave up; they never took part
+        link, stranger, foreign = fleet.log("superlink"), fleet.log("supernode3"), fleet.log("supernode4")
+        assert fleet.log("run").count("refused the report of node node2: its network does not fit") == rounds
+    assert link.count("Activated node_id") == 3, link[-3000:]  # boards 0-2 only
+    assert "No SuperNode found with the given public key" in link and "Failed to activate SuperNode" in stranger
+    assert "CERTIFICATE_VERIFY_FAILED" in foreign and "Activated" not in foreign
+    status = read_status(fleet.work / "status")
+    assert len(status["rounds"]) == rounds and set(status["nodes"]) == {"node0", "node1", "node2"}, status["nodes"]
+    for r in status["rounds"]:
+        assert sorted(r["per_node"]) == ["node0", "node1", "node2"] and not r["missing"], r
+        assert list(r["refused"]) == ["node2"], r
+        # names the misfit: the first layer takes 8x8x2 inputs on board 2, 16x16x2 in the fleet's model
+        assert "does not fit the fleet's model" in r["refused"]["node2"], r["refused"]
+        assert "is (256, 512), this network's is (256, 128)" in r["refused"]["node2"], r["refused"]
+    last = status["rounds"][-1]  # round 1 hands out the first model (nothing learned yet to average)
+    assert last["global_changed"] and sorted(last["aggregated"]) == ["node0", "node1"], last
+    assert "refused node2: its network does not fit" in format_status(status)
+    for i in (0, 1):  # the good boards took the aggregate of the last round
+        assert torch.load(fleet.checkpoint(i) / "session.pt", weights_only=True)["meta"]["fleet"]["round"] == rounds
+    assert json.loads((fleet.checkpoint(2) / "merged.json").read_text())["ok"] is False
