@@ -29,15 +29,16 @@ DURATION_US = {"digits": 300_000, "gestures": 200_000}
 
 
 def recordings(name: str, n_samples: int, sensor_size: tuple[int, int], duration_us: int, seed: int,
-               cache: bool = True) -> tuple[list[np.ndarray], np.ndarray]:
-    """``(events per recording, labels [n])`` of a built-in generator, from the cache when there."""
+               cache: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(events, bounds [n + 1], labels [n])`` of a built-in generator, from the cache when there:
+    recording k is ``events[bounds[k]:bounds[k + 1]]`` (one array: the stream lays them end to end)."""
     w, h = sensor_size
     path = cache_dir() / f"stream-{name}-v{CACHE_VERSION}-n{n_samples}-{w}x{h}-d{duration_us}-seed{seed}.npz"
     stored = load_npz(path) if cache else None
     if stored is not None and {"events", "bounds", "labels"} <= stored.keys():
         events, bounds, labels = stored["events"], stored["bounds"], stored["labels"]
         if events.dtype == EVENT_DTYPE and len(bounds) == len(labels) + 1:
-            return [events[a:b] for a, b in zip(bounds[:-1], bounds[1:])], labels
+            return events, bounds, labels
     try:
         from .. import datasets  # rendering takes torch; a cached stream plays without it
     except ModuleNotFoundError as err:
@@ -46,12 +47,13 @@ def recordings(name: str, n_samples: int, sensor_size: tuple[int, int], duration
         raise ImportError(f"builtin:{name} renders its recordings with torch the first time (pip install "
                           f"stoprt[torch]); they are then cached in {cache_dir()} and play without it") from err
     generate = datasets.emulated_digits if name == "digits" else datasets.synthetic_gestures
-    events, labels = generate(n_samples=n_samples, sensor_size=sensor_size, duration_us=duration_us, seed=seed)
+    parts, labels = generate(n_samples=n_samples, sensor_size=sensor_size, duration_us=duration_us, seed=seed)
+    events = np.concatenate(parts) if parts else np.zeros(0, EVENT_DTYPE)
+    bounds = np.cumsum([0] + [len(e) for e in parts])
     labels = np.asarray(labels, dtype=np.int64)
     if cache:
-        save_npz(path, events=np.concatenate(events) if events else np.zeros(0, EVENT_DTYPE),
-                  bounds=np.cumsum([0] + [len(e) for e in events]), labels=labels)
-    return events, labels
+        save_npz(path, events=events, bounds=bounds, labels=labels)
+    return events, bounds, labels
 
 
 class BuiltinStream(EventSource):
@@ -81,7 +83,7 @@ class BuiltinStream(EventSource):
         if n_samples < 1 or (packet_us is not None and packet_us < 1) or gap_us < 0:
             raise ValueError("need n_samples >= 1, packet_us >= 1 (or None) and gap_us >= 0")
         duration = DURATION_US[name]
-        events, labels = recordings(name, n_samples, sensor_size, duration, seed, cache)
+        self._events, starts, labels = recordings(name, n_samples, sensor_size, duration, seed, cache)
         self.labels = LabelTrack()
         self.num_classes = 10 if name == "digits" else 8
         self.sensor_size = sensor_size
@@ -89,12 +91,10 @@ class BuiltinStream(EventSource):
         self._duration, self._period = duration, duration + gap_us
         self.loop, self.start_us = loop, int(start_us)
         self._count = 0
-        # One pass on the stream's time line: recording k starts at k * period. ``_packets_of[k]``
-        # holds the packet boundaries (indices into ``_events``) of recording k.
-        self._events = np.concatenate(events) if events else np.zeros(0, EVENT_DTYPE)
-        self._events["t"] += np.repeat(np.arange(len(events), dtype=np.int64) * self._period,
-                                       [len(e) for e in events])
-        starts = np.cumsum([0] + [len(e) for e in events])
+        # One pass on the stream's time line: recording k starts at k * period (in place: the array is
+        # this source's own). ``_packets_of[k]`` holds the packet boundaries (indices into ``_events``)
+        # of recording k.
+        self._events["t"] += np.repeat(np.arange(len(labels), dtype=np.int64) * self._period, np.diff(starts))
         self._packets_of = [self._cut(lo, hi, k, packet_us) for k, (lo, hi) in enumerate(zip(starts[:-1], starts[1:]))]
         self._events.flags.writeable = False  # packets are views of it, shared by every lap
 
