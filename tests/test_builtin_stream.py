@@ -138,3 +138,20 @@ def test_closing_an_inline_pipeline_stops_it(cache):
     assert pipe.next_step() is not None
     pipe.close()
     assert source.closed and pipe.next_step() is None
+
+
+def test_the_cache_reads_back_what_was_saved(tmp_path):
+    from stoprt.runtime.cache import load_npz, save_npz
+    from stoprt.runtime.events import EVENT_DTYPE
+    events = np.zeros(5, EVENT_DTYPE)
+    events["t"], events["x"], events["p"] = np.arange(5) * 7, np.arange(5), [0, 1, 1, 0, 1]
+    arrays = {"events": events, "bounds": np.array([0, 2, 5]), "grid": np.asfortranarray(np.arange(6.0).reshape(2, 3))}
+    save_npz(tmp_path / "a.npz", **arrays)
+    got = load_npz(tmp_path / "a.npz")
+    assert sorted(got) == sorted(arrays)
+    for name, want in arrays.items():
+        assert got[name].dtype == want.dtype and np.array_equal(got[name], want) and got[name].flags.writeable
+    data = bytearray((tmp_path / "a.npz").read_bytes())
+    data[len(data) // 3] ^= 0xFF  # a flipped byte fails the zip's checksum: a miss, not wrong data
+    (tmp_path / "b.npz").write_bytes(bytes(data))
+    assert load_npz(tmp_path / "b.npz") is None
