@@ -353,12 +353,14 @@ class Binner:
             j = len(k) if last_k < lo_k + chunk else int(np.searchsorted(k, lo_k + chunk, side="left"))
             rows = k[i:j] - lo_k
             span = int(rows[-1]) + 1
-            steps = np.flatnonzero(np.bincount(rows, minlength=span)).tolist()
+            visits = np.bincount(rows, minlength=span)  # events per step, kept or not
+            steps = np.flatnonzero(visits).tolist()
             index = rows * cells + flat[i:j]
             if filtered:
                 rows, index = rows[keep[i:j]], index[keep[i:j]]
+                visits = np.bincount(rows, minlength=span)
             block = np.bincount(index, minlength=span * cells).astype(np.float32).reshape(span, cells)
-            counts = np.bincount(rows, minlength=span).tolist()
+            counts = visits.tolist()
             frames = None if self._rows_as_frames is None else self._rows_as_frames(block.reshape(span, *self.frame_shape))
             for r in steps:
                 out += self._advance_to(lo_k + r)
