@@ -361,7 +361,8 @@ class Binner:
                 visits = np.bincount(rows, minlength=span)
             block = np.bincount(index, minlength=span * cells).astype(np.float32).reshape(span, cells)
             counts = visits.tolist()
-            frames = None if self._rows_as_frames is None else self._rows_as_frames(block.reshape(span, *self.frame_shape))
+            as_frames = self._rows_as_frames
+            frames = None if as_frames is None else as_frames(block.reshape(span, *self.frame_shape))
             for r in steps:
                 out += self._advance_to(lo_k + r)
                 if self._n:  # the open step already holds events of an earlier packet
