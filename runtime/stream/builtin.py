@@ -12,7 +12,8 @@ one ``.npz`` per configuration, laid end to end on the stream's time line and cu
 the source is made. The stream is not live, so by default a packet holds :data:`RECORDINGS_PER_PACKET`
 whole recordings: the binner then cuts all of their steps in one call (a 1 ms packet costs the binner
 about as much as a whole recording, and each call, with the switch between it and the model, holds
-the model up: a packet per recording still added about 7% to the model's step time, eight add 2%).
+the model up: on the demo network, binning a packet per recording cost about 22 us per step of a
+300 us step, eight recordings a packet about 7 us).
 """
 
 from __future__ import annotations
