@@ -164,7 +164,9 @@ def _render_digits(
     source = torch.from_numpy(images)[:, None, None].expand(-1, n_frames, 1, -1, -1).reshape(-1, 1, 8, 8)
     video = F.grid_sample(source, grid, mode="bicubic", padding_mode="zeros", align_corners=False)
     video = video.clamp_(0, 1).reshape(batch, n_frames, height, width).numpy()
-    return background + (1 - background) * video
+    video *= 1 - background  # in place: the same float32 values, without two fresh video-sized arrays
+    video += background
+    return video
 
 
 # --------------------------------------------------------------------------------------------- gestures

@@ -250,3 +250,30 @@ def test_frame_difference_emits_on_and_off_counts():
     assert [float(binary(f).sum()) for f in video] == [0.0, 1.0, 1.0, 0.0]
     rgb = torch.rand(3, 4, 4)
     assert FrameDifference()(rgb).shape == (2, 4, 4)
+
+
+def test_frames_of_one_packet_are_separate_and_a_step_across_packets_sums_both():
+    rng = np.random.default_rng(7)
+    ev = stream(rng, 6000)
+    whole = Binner((64, 48), out_size=(16, 12), dt_us=2000, t_start=0)
+    ref = [s.frame.clone() for s in whole.push(ev) + whole.flush()]
+    binner = Binner((64, 48), out_size=(16, 12), dt_us=2000, t_start=0)
+    cut = int(np.searchsorted(ev["t"], 51_000))  # inside step 25: its events come in two packets
+    steps = binner.push(ev[:cut])
+    steps[0].frame += 100  # a consumer writing into its frame changes no other step
+    steps += binner.push(ev[cut:]) + binner.flush()
+    assert len(steps) == len(ref) == 50
+    assert torch.equal(steps[0].frame, ref[0] + 100)
+    assert all(torch.equal(s.frame, r) for s, r in zip(steps[1:], ref[1:]))
+
+
+def test_roi_and_downsampling_that_does_not_divide():
+    rng = np.random.default_rng(5)
+    ev = stream(rng, 4000)
+    binner = Binner((64, 48), out_size=(7, 5), roi=(3, 5, 20, 17), dt_us=100_000, t_start=0)
+    frame = (binner.push(ev) + binner.flush())[0].frame
+    inside = ev[(ev["x"] >= 3) & (ev["x"] < 23) & (ev["y"] >= 5) & (ev["y"] < 22)].copy()
+    inside["x"] -= 3
+    inside["y"] -= 5
+    ref = events_to_frames(inside, (20, 17), 1, out_size=(7, 5), t_start=0, t_end=100_000)[0]
+    assert torch.equal(frame, ref) and binner.stats["roi_dropped"] == len(ev) - len(inside)

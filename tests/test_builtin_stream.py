@@ -28,7 +28,7 @@ def steps_of(source, dt_us=30_000):
 
 def test_whole_recording_packets_give_the_steps_of_1ms_packets(cache):
     coarse, fine = BuiltinStream("digits", n_samples=4), BuiltinStream("digits", n_samples=4, packet_us=1000)
-    assert len(list(BuiltinStream("digits", n_samples=4))) == 4  # one packet per recording
+    assert len(list(BuiltinStream("digits", n_samples=4))) == 1  # whole recordings, up to eight per packet
     assert len(list(BuiltinStream("digits", n_samples=4, packet_us=1000))) > 100
     a, b = steps_of(coarse), steps_of(fine)
     assert len(a) == len(b) > 30
@@ -39,11 +39,10 @@ def test_whole_recording_packets_give_the_steps_of_1ms_packets(cache):
 
 def test_packets_match_the_recordings_on_the_time_line(cache):
     source = BuiltinStream("gestures", n_samples=3, gap_us=5000, packet_us=2000)
-    events, _ = builtin.recordings("gestures", 3, (32, 32), 200_000, 0)
+    want, bounds, _ = builtin.recordings("gestures", 3, (32, 32), 200_000, 0)
     packets = list(source)
     got = np.concatenate(packets)
-    want = np.concatenate([e.copy() for e in events])
-    want["t"] += np.repeat(np.arange(3) * 205_000, [len(e) for e in events])
+    want["t"] += np.repeat(np.arange(3) * 205_000, np.diff(bounds))
     assert np.array_equal(got, want)
     assert all(p["t"][-1] - p["t"][0] < 2000 for p in packets)
     assert not packets[0].flags.writeable  # views of the shared stream: the consumer cannot corrupt a lap
@@ -73,7 +72,7 @@ def test_a_damaged_cache_file_is_rendered_again(cache):
     BuiltinStream("digits", n_samples=2)
     for path in cache.glob("stream-digits-*.npz"):
         path.write_bytes(b"not a zip")
-    assert len(list(BuiltinStream("digits", n_samples=2))) == 2
+    assert len(np.concatenate(list(BuiltinStream("digits", n_samples=2)))) > 1000  # rendered, played
 
 
 def test_digit_images_are_scikit_learns(cache):
@@ -122,8 +121,8 @@ class _Failing(BuiltinStream):
 
 @pytest.mark.parametrize("thread", [False, True])
 def test_a_source_error_reaches_the_consumer_after_its_steps(cache, thread):
-    pipe = StreamPipeline(_Failing("digits", n_samples=2), Binner((32, 32), out_size=16, dt_us=30_000),
-                          thread=thread)
+    pipe = StreamPipeline(_Failing("digits", n_samples=2, packet_us=400_000),  # a packet per recording
+                          Binner((32, 32), out_size=16, dt_us=30_000), thread=thread)
     assert pipe.threaded == thread
     steps = []
     with pytest.raises(OSError, match="unplugged"):
@@ -139,3 +138,38 @@ def test_closing_an_inline_pipeline_stops_it(cache):
     assert pipe.next_step() is not None
     pipe.close()
     assert source.closed and pipe.next_step() is None
+
+
+def test_the_cache_reads_back_what_was_saved(tmp_path):
+    from stoprt.runtime.cache import load_npz, save_npz
+    from stoprt.runtime.events import EVENT_DTYPE
+    events = np.zeros(5, EVENT_DTYPE)
+    events["t"], events["x"], events["p"] = np.arange(5) * 7, np.arange(5), [0, 1, 1, 0, 1]
+    arrays = {"events": events, "bounds": np.array([0, 2, 5]), "grid": np.asfortranarray(np.arange(6.0).reshape(2, 3))}
+    save_npz(tmp_path / "a.npz", **arrays)
+    got = load_npz(tmp_path / "a.npz")
+    assert sorted(got) == sorted(arrays)
+    for name, want in arrays.items():
+        assert got[name].dtype == want.dtype and np.array_equal(got[name], want) and got[name].flags.writeable
+    data = bytearray((tmp_path / "a.npz").read_bytes())
+    data[len(data) // 3] ^= 0xFF  # a flipped byte fails the zip's checksum: a miss, not wrong data
+    (tmp_path / "b.npz").write_bytes(bytes(data))
+    assert load_npz(tmp_path / "b.npz") is None
+
+
+@pytest.mark.parametrize("start_us", [0, 1_000_000])
+def test_whole_recordings_come_eight_to_a_packet_after_their_labels(cache, start_us):
+    grouped = BuiltinStream("digits", n_samples=20, start_us=start_us)
+    single = BuiltinStream("digits", n_samples=20, start_us=start_us, packet_us=400_000)  # one per recording
+    packets = []
+    for p in grouped:
+        packets.append(p)
+        started = (int(p["t"][-1]) // 320_000) + 1  # recordings begun by the packet's last event
+        assert [s.start_us for s in grouped.labels.segments][-1] == (started - 1) * 320_000
+    assert len(packets) == 3  # 20 recordings (or the 17 the seek leaves), 8 to a packet
+    assert np.array_equal(np.concatenate(packets), np.concatenate(list(single)))
+    a, b = steps_of(BuiltinStream("digits", n_samples=20, start_us=start_us)), steps_of(
+        BuiltinStream("digits", n_samples=20, start_us=start_us, packet_us=400_000))
+    assert len(a) == len(b) > 100
+    assert all(x[:3] == y[:3] and torch.equal(x[3], y[3]) for x, y in zip(a, b))
+    assert [s.label for s in grouped.labels.segments] == [s.label for s in single.labels.segments]

@@ -111,10 +111,18 @@ class Binner:
             import torch  # only for tensor frames
             self.dtype, self.device = dtype or torch.float32, torch.device(device)
             self._to_frame = lambda a: torch.from_numpy(a).to(self.device, self.dtype)
+            # float32 on the CPU: a frame is a view of the counts (no copy), so a whole block of
+            # steps becomes frames in one call (a conversion per step held the model up)
+            self._rows_as_frames = (lambda a: torch.from_numpy(a).unbind(0)) if (
+                self.device.type == "cpu" and self.dtype == torch.float32) else None
         else:
             self.dtype, self.device = np.float32, None
             self._to_frame = lambda a: a  # the float32 accumulator itself
+            self._rows_as_frames = lambda a: list(a)
         self.t_start = None if t_start is None else int(t_start)
+        self._cell_of = self._cell_table()
+        self._roi_cropped = self.roi != (0, 0, w, h)
+        self._channel_cells = self.out_size[0] * self.out_size[1]
         channels = 2 if polarity == "split" else 1
         self.frame_shape = (channels, self.out_size[1], self.out_size[0])
         self._zero = (np.zeros(1, np.float32) if frames == "numpy" else
@@ -161,6 +169,7 @@ class Binner:
         self._blank = np.zeros(int(np.prod(self.frame_shape)), dtype=np.float32)
         self._blank.flags.writeable = False
         self._acc = self._blank
+        self._frame = None  # the open step's frame when made with its block (a view of ``_acc``)
         self._n = 0
         self._k: int | None = 0 if self.t_start is not None else None  # current step on the time grid
         self._t0 = self.t_start
@@ -214,13 +223,14 @@ class Binner:
         """Timestamps, pixel indices and polarities of the events that pass the checks."""
         w, h = self.sensor_size
         x, y, p, t = ev["x"], ev["y"], ev["p"], ev["t"]
+        floor = self._last_t if self._last_t is not None else int(t[0])
+        # the usual packet, nothing to drop or count: checked with reductions (no per-event masks)
+        if t[0] >= floor and x.max() < w and y.max() < h and p.max() <= 1 and (t[1:] >= t[:-1]).all():
+            self._last_t = int(t[-1])
+            return t, y.astype(np.int64) * w + x, p
         inside = (x < w) & (y < h)
         good_p = p <= 1
         ok = inside & good_p
-        floor = self._last_t if self._last_t is not None else int(t[0])
-        if t[0] >= floor and ok.all() and (t[1:] >= t[:-1]).all():  # the usual packet: nothing to drop or count
-            self._last_t = int(t[-1])
-            return t, y.astype(np.int64) * w + x, p
         self._counts["out_of_bounds"] += int((~inside).sum())
         self._counts["bad_polarity"] += int((inside & ~good_p).sum())
         # An event is backwards when it is earlier than any event before it (or the stream so far).
@@ -293,18 +303,28 @@ class Binner:
 
     def _cells(self, pix: np.ndarray, p: np.ndarray, keep: np.ndarray) -> np.ndarray:
         """Flat output-cell index of each event; events outside the ROI are removed from ``keep``."""
-        w, h = self.sensor_size
-        x0, y0, rw, rh = self.roi
-        xr, yr = pix % w - x0, pix // w - y0
-        if self.roi != (0, 0, w, h):  # (the checked events are all on the sensor)
-            inside = (xr >= 0) & (xr < rw) & (yr >= 0) & (yr < rh)
+        cell = self._cell_of[pix]  # one gather: the ROI crop and the downsampling of every pixel, made once
+        if self._roi_cropped:
+            inside = cell >= 0
             self._counts["roi_dropped"] += int((keep & ~inside).sum())
             keep &= inside
-            xr, yr = np.clip(xr, 0, rw - 1), np.clip(yr, 0, rh - 1)
+            cell = np.maximum(cell, 0)
+        if self.polarity == "split":
+            cell = cell + p.astype(np.int64) * self._channel_cells  # (p is 0 or 1: the checks dropped the others)
+        return cell
+
+    def _cell_table(self) -> np.ndarray:
+        """Output cell (channel 0) of each sensor pixel, -1 outside the ROI (integer scaling, as
+        :func:`~stoprt.runtime.events.events_to_frames`)."""
+        w, h = self.sensor_size
+        x0, y0, rw, rh = self.roi
         ow, oh = self.out_size
-        xo, yo = xr * ow // rw, yr * oh // rh
-        channel = p.astype(np.int64) if self.polarity == "split" else 0
-        return (channel * oh + yo) * ow + xo
+        xr, yr = np.arange(w) - x0, np.arange(h) - y0
+        xo = np.where((xr >= 0) & (xr < rw), xr * ow // rw, -1)
+        yo = np.where((yr >= 0) & (yr < rh), yr * oh // rh, -1)
+        table = yo[:, None] * ow + xo[None, :]
+        table[(yo[:, None] < 0) | (xo[None, :] < 0)] = -1
+        return table.reshape(-1).astype(np.int64)
 
     def _accumulate(self, flat: np.ndarray) -> None:
         if self._acc is self._blank:
@@ -317,29 +337,41 @@ class Binner:
 
     def _bin_time(self, t: np.ndarray, flat: np.ndarray, keep: np.ndarray) -> list[Step]:
         """The steps of a packet, counted in one ``bincount`` per chunk of steps (a recording held in
-        memory comes as one packet of many steps: a count and a copy per step would hold the model up)."""
+        memory comes as one packet of many steps: a count and a copy per step would hold the model up).
+        Every step an event falls in is opened, kept or not (filtered events still advance time)."""
         if self._t0 is None:
             self._t0 = int(t[0])
         k = (t - self._t0) // self.dt_us
-        starts = np.concatenate(([0], np.flatnonzero(np.diff(k)) + 1))  # the runs of equal step (t is sorted)
-        run = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(k))))
+        filtered = not keep.all()
         cells = len(self._acc)
         out: list[Step] = []
         chunk = max(1, _BLOCK_CELLS // cells)  # steps counted per bincount (bounded memory)
-        for lo in range(0, len(starts), chunk):
-            hi = min(lo + chunk, len(starts))
-            sel = keep & (run >= lo) & (run < hi) if len(starts) > chunk else keep
-            rows = run[sel] - lo
-            block = np.bincount(rows * cells + flat[sel], minlength=(hi - lo) * cells).astype(np.float32)
-            block = block.reshape(hi - lo, cells)
-            counts = np.bincount(rows, minlength=hi - lo).tolist()
-            for i, step_k in enumerate(k[starts[lo:hi]].tolist()):
-                out += self._advance_to(step_k)
+        # k is sorted: a chunk of steps is a slice of the packet, and its rows are steps from its first.
+        i, last_k = 0, int(k[-1])
+        while i < len(k):
+            lo_k = int(k[i])
+            j = len(k) if last_k < lo_k + chunk else int(np.searchsorted(k, lo_k + chunk, side="left"))
+            rows = k[i:j] - lo_k
+            span = int(rows[-1]) + 1
+            visits = np.bincount(rows, minlength=span)  # events per step, kept or not
+            steps = np.flatnonzero(visits).tolist()
+            index = rows * cells + flat[i:j]
+            if filtered:
+                rows, index = rows[keep[i:j]], index[keep[i:j]]
+                visits = np.bincount(rows, minlength=span)
+            block = np.bincount(index, minlength=span * cells).astype(np.float32).reshape(span, cells)
+            counts = visits.tolist()
+            as_frames = self._rows_as_frames
+            frames = None if as_frames is None else as_frames(block.reshape(span, *self.frame_shape))
+            for r in steps:
+                out += self._advance_to(lo_k + r)
                 if self._n:  # the open step already holds events of an earlier packet
-                    self._acc += block[i]
+                    self._acc += block[r]  # (in place: a frame made of the row sees it)
                 else:
-                    self._acc = block[i]  # a row of its own: becomes the frame, no copy
-                self._n += counts[i]
+                    self._acc = block[r]  # a row of its own: becomes the frame, no copy
+                    self._frame = None if frames is None else frames[r]
+                self._n += counts[r]
+            i = j
         return out
 
     def _advance_to(self, k: int) -> list[Step]:
@@ -376,8 +408,8 @@ class Binner:
 
     def _emit(self, t_start: int, t_end: int) -> Step:
         if self._n:
-            frame = self._to_frame(self._acc.reshape(self.frame_shape))  # the step owns the buffer
-            self._acc = self._blank  # replaced (not written) by the next events: see _accumulate
+            frame = self._frame if self._frame is not None else self._to_frame(self._acc.reshape(self.frame_shape))
+            self._acc, self._frame = self._blank, None  # replaced (not written) by the next events: see _accumulate
         else:
             frame = (np.broadcast_to(self._zero, self.frame_shape) if self.frames == "numpy" else
                      self._zero.expand(self.frame_shape))
