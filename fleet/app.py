@@ -19,8 +19,9 @@ A round (Flower message type ``train``): the server sends the global model to ev
 each agent hands it to its live session and replies with the session's report (parameters after the
 merge, labelled samples learned since the previous merge, in all and per class, its stream accuracy
 over them); the server validates each report (:func:`.aggregate.check_report`: refused ones are named
-in the status, as is a board whose session refused the global model because its network differs), averages the rest weighted by labelled samples (the output layer's rows by the samples
-of their class), clamps thresholds and leaks, and saves the new global model.
+in the status, as is a board whose session refused the global model because its network differs),
+averages the rest weighted by labelled samples (the output layer's rows by the samples of their class),
+clamps thresholds and leaks, and saves the new global model.
 Round 1 sends the server's freshly built model, so every board starts from the same one (a board that
 joins later starts from the global model of its first round).
 """
