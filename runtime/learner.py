@@ -68,7 +68,8 @@ def all_finite(tensors: list[Tensor]) -> bool:
     ``isfinite`` makes several passes), read in one go; only a tensor whose sum is not finite, which a
     large finite one can also overflow to, gets the exact element-wise test.
     """
-    tensors = [t.detach() for t in tensors]  # (cheaper than a no_grad context around two calls)
+    # detached: cheaper than a no_grad context around two calls (a step's input rarely needs it)
+    tensors = [t.detach() if t.requires_grad else t for t in tensors]
     if len(tensors) == 1:  # a step's input: two calls
         if math.isfinite(tensors[0].sum().item()):
             return True

@@ -49,6 +49,8 @@ class StaticEngine:
         # Where inputs and labels are checked: None = by where they live (host memory: on the host);
         # True / False force the device / host checks (tests use it to run the device path on a CPU).
         self.device_checks: bool | None = None
+        self._on_host = self._check_host = True  # set per sample by _start_sample
+        self._no_grad = torch.no_grad()  # one context object, entered every step (cheaper than a new one)
 
     # ---- programs -------------------------------------------------------------------------------
     def _runner(self, x: Tensor):
@@ -75,26 +77,33 @@ class StaticEngine:
         lr = self.learner
         lr._check_shape(x)
         if lr.sample_steps == 0:
-            self.runner = self._runner(x)
-            self.program.start_sample()
-        on_host = x.device.type == "cpu" if self.device_checks is None else not self.device_checks
-        if lr.check_inputs and on_host and not all_finite([x]):
+            self._start_sample(x)
+        # (at batch 1 on a CPU the program's step is ~30 us: each microsecond of host work here shows)
+        if self._check_host and not all_finite([x]):
             raise ValueError(f"input at step {lr.sample_steps} of the sample contains NaN or Inf")
-        with torch.no_grad():
+        with self._no_grad:
             if target is None:
                 out = self.runner.infer(x) if traced else self.runner.predict(x)
             else:
-                if on_host:
+                if self._on_host:
                     lr._check_target(self.program.last_out, target)
                 out = self.runner.learn(x, target)
                 lr._steps_since_update += 1
                 lr.stats.loss_override = None
                 self._loss_program = self.program
+                if update_due(lr.update, lr._steps_since_update):
+                    self._apply_update()
             lr.sample_steps += 1
             lr.stats.steps += 1
-            if update_due(lr.update, lr._steps_since_update):
-                self._apply_update()
         return out.clone()
+
+    def _start_sample(self, x: Tensor) -> None:
+        """The program for ``x``'s shape, and where this sample's inputs are checked (decided once: a
+        sample keeps its shape, device and dtype)."""
+        self.runner = self._runner(x)
+        self.program.start_sample()
+        self._on_host = not self._on_device(x)
+        self._check_host = self.learner.check_inputs and self._on_host
 
     def _on_device(self, x: Tensor) -> bool:
         return x.device.type != "cpu" if self.device_checks is None else self.device_checks
