@@ -28,9 +28,11 @@ after a warm-up; the median and the best are kept. Also measured:
   between steps (state and traces, or the static program's buffers; exact) and the process RSS
   growth over the sample (coarse);
 * ``stoprt stream --source builtin:digits --learn --threads 1`` steps/s (a subprocess, its --json
-  summary) and its start-up time (wall time of the command minus its streaming time);
+  summary), the time from the command's start to its first step (``first_step_s``, from the
+  summary), and the command's wall time outside streaming (start-up and teardown);
 * the stream loop's own cost: the same learner calls replayed bare, through :class:`StreamSession`
-  over pre-binned steps, and through session + :class:`StreamPipeline` + the built-in source.
+  over pre-binned steps, and through session + :class:`StreamPipeline` + the built-in source (the
+  loop alone: learners and sources are built before the clock starts).
 
 ``vgg11`` runs at width ``--vgg-width`` (0.25 on CPU by default: 16-128 channels; 1.0 on CUDA).
 """
@@ -345,9 +347,10 @@ def markdown(result: dict) -> str:
                   for r in mem["rows"]]
     s = result.get("stream")
     if s:
-        lines += ["", f"`{s['command']}`: " + (f"{s['steps_per_s']:.0f} steps/s over {s['steps']} steps, start-up "
-                                              f"{s['startup_s']:.2f} s (wall time of the command minus its stream "
-                                              f"time; the command used {s['command_cpu_s']:.1f} s of CPU)"
+        lines += ["", f"`{s['command']}`: " + (f"{s['steps_per_s']:.0f} steps/s over {s['steps']} steps, first "
+                                              f"step {s['first_step_s']:.2f} s after the command started; "
+                                              f"{s['startup_s']:.2f} s of its wall time outside streaming (start-up "
+                                              f"and teardown; the command used {s['command_cpu_s']:.1f} s of CPU)"
                                               if "error" not in s else f"failed: {s['error']}")]
     o = result.get("stream_overhead")
     if o:
@@ -414,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     result["stream"] = stream_rate(args, device)
     save(result, out)
     s = result["stream"]
-    print(f"stream: {s.get('steps_per_s', float('nan')):.0f} steps/s, start-up {s.get('startup_s', float('nan')):.2f} s"
+    print(f"stream: {s.get('steps_per_s', float('nan')):.0f} steps/s, first step after "
+          f"{s.get('first_step_s') or float('nan'):.2f} s, outside streaming {s.get('startup_s', float('nan')):.2f} s"
           + (f" (failed: {s['error']})" if "error" in s else ""), flush=True)
     if device.type == "cpu":
         o = result["stream_overhead"] = stream_overhead(
