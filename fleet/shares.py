@@ -30,7 +30,8 @@ SENSOR = (32, 32)
 def digit_pool(duration_us: int, n: int = 1000, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
     """The first ``n`` emulated digits of ``duration_us`` each (cached after the first call; the last
     :data:`HELD_OUT` of them are held out)."""
-    return recordings("digits", n, SENSOR, duration_us, seed)
+    events, bounds, labels = recordings("digits", n, SENSOR, duration_us, seed)
+    return np.split(events, bounds[1:-1]), labels
 
 
 def share_indices(labels: np.ndarray, classes: list[int], n: int, others: float, seed: int) -> np.ndarray:

@@ -286,3 +286,21 @@ def test_a_round_refuses_bad_reports_by_name_and_aggregates_the_rest(monkeypatch
     assert np.allclose(new["1.bias"], g["1.bias"] + (2 * 1.0 + 6 * 4.0) / 8)   # by labelled samples
     w1, w2 = np.array([2, 0, 0]) + 2 / 3, np.array([0, 5, 1]) + 6 / 3  # row c: class c's samples + an even share
     assert np.allclose(new["3.bias"], g["3.bias"] + (w1 * 1.0 + w2 * 4.0) / (w1 + w2))
+
+
+def test_digit_pool_gives_each_recording_its_own_events_and_a_share_lays_them_out_in_order(tmp_path):
+    """The fleet's shares start from the built-in digits' recordings, one event array per recording
+    (the built-in stream keeps them as one array with bounds); a share lays the picked ones end to end."""
+    from stoprt.fleet import shares
+    from stoprt.runtime.stream.builtin import DURATION_US, recordings
+
+    events, labels = shares.digit_pool(DURATION_US["digits"], n=12)
+    whole, bounds, same_labels = recordings("digits", 12, shares.SENSOR, DURATION_US["digits"], 0)
+    assert len(events) == len(labels) == 12 and np.array_equal(labels, same_labels)
+    for k, e in enumerate(events):
+        assert np.array_equal(e, whole[bounds[k]:bounds[k + 1]]) and len(e) > 0
+        assert e["t"].min() >= 0 and e["t"].max() <= DURATION_US["digits"]
+    stream, track = shares.lay_out(events, labels, [3, 0, 7], gap_us=1000)
+    assert len(stream) == len(events[3]) + len(events[0]) + len(events[7])
+    assert [s.label for s in track.segments] == [labels[3], labels[0], labels[7]]
+    assert np.all(np.diff(stream["t"]) >= 0)
