@@ -19,7 +19,8 @@ EXIT_USAGE = 2          # bad arguments or input: one line on stderr
 EXIT_INTERRUPTED = 130  # SIGINT, the shell's 128 + 2
 EXIT_CODES = """exit codes:
   0    done (plan: the configuration fits)
-  1    plan: it does not fit; profile: no configuration could be measured
+  1    plan: it does not fit; profile: no configuration could be measured; fleet register: a key
+       was refused
   2    bad arguments or input: one line on stderr names the problem (-v for the traceback)
   130  interrupted (Ctrl-C / SIGINT), at startup or while running (stream checkpoints first)
 """

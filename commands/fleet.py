@@ -81,14 +81,15 @@ def _write_connection(args) -> Path:
 
 def run_register(args) -> int:
     from ..fleet import import_flwr
-    from ..fleet.launch import flower_env, register_command
+    from ..fleet.launch import flower_env, register_key
     import_flwr()
-    home = _write_connection(args)
-    for key in args.public_key:
-        code = _run(register_command(key), flower_env(home))
-        if code:
-            return code
-    return 0
+    env = flower_env(_write_connection(args))
+    failed = 0
+    for key in args.public_key:  # each key is tried: one refused key does not stop the others
+        ok, said = register_key(key, env)
+        print(f"{key}: {said}", file=sys.stdout if ok else sys.stderr)
+        failed += not ok
+    return 1 if failed else 0
 
 
 def run_run(args) -> int:
@@ -134,7 +135,8 @@ def register(sub) -> None:
     _tls_args(p)
     p.set_defaults(func=run_link)
 
-    p = fs.add_parser("register", help="register boards' public keys (DIR/nodes/NAME.pub) with the SuperLink")
+    p = fs.add_parser("register", help="register boards' public keys (DIR/nodes/NAME.pub) with the SuperLink; a "
+                      "key it knows is reported as already registered; exit 1 if any key was refused")
     p.add_argument("public_key", nargs="+")
     p.add_argument("--superlink", required=True, metavar="HOST:PORT")
     p.add_argument("--work", default="fleet-work", metavar="DIR", help="where the Flower configuration is written")

@@ -17,7 +17,9 @@ TLS is on unless ``insecure``: the SuperLink takes ``server.pem``/``server.key``
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -149,6 +151,25 @@ def register_command(public_key: str | os.PathLike) -> list[str]:
     SuperLink (a SuperLink with node authentication accepts only SuperNodes registered this way; it
     refuses to let SuperNodes register themselves)."""
     return [flower_bin("flwr"), "supernode", "register", str(public_key), CONNECTION]
+
+
+def register_key(public_key: str | os.PathLike, env: dict[str, str], cwd: str | os.PathLike | None = None,
+                 timeout_s: float = 120) -> tuple[bool, str]:
+    """Register one board's public key (:func:`register_command`, with the connection in ``env``'s
+    ``FLWR_HOME``): ``(True, "registered as SuperNode ID")``, ``(True, "already registered")`` (a key
+    the SuperLink knows: registering a fleet's keys again after adding a board is not an error), or
+    ``(False, Flower's error in one line)`` (SuperLink unreachable, no such key file, ...)."""
+    done = subprocess.run(register_command(public_key), env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout_s)
+    said = " ".join(line.strip(" \u2502\u256d\u256e\u2570\u256f\u2500") for line in
+                    (done.stdout + done.stderr).splitlines() if not line.startswith("Using SuperLink"))
+    said = " ".join(said.split())
+    if done.returncode == 0:
+        node = re.search(r"SuperNode (\d+) registered", said)
+        return True, f"registered as SuperNode {node.group(1)}" if node else f"registered ({said})"
+    if "already in use" in said:  # Flower's words for a public key it registered before
+        return True, "already registered"
+    return False, said or f"flwr supernode register exited {done.returncode}"
 
 
 def run_command(app_folder: str | os.PathLike) -> list[str]:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .certs import make_certificates
-from .launch import (flower_env, register_command, run_command, superlink_command, supernode_command, write_app,
+from .launch import (flower_env, register_key, run_command, superlink_command, supernode_command, write_app,
                      write_flower_config)
 
 
@@ -84,13 +84,12 @@ class LocalFleet:
 
     def register(self, i: int, public_key: str | os.PathLike | None = None) -> str:
         """Register board ``i``'s public key (default ``WORK/certs/nodes/node{i}.pub``) with the running
-        SuperLink, as ``stoprt fleet register`` does; returns Flower's answer (it names the node id)."""
+        SuperLink, as ``stoprt fleet register`` does; returns the outcome (:func:`.launch.register_key`)."""
         key = public_key if public_key is not None else self.certs / "nodes" / f"node{i}.pub"
-        done = subprocess.run(register_command(key), env=self.env, cwd=self.work, capture_output=True, text=True,
-                              timeout=120)
-        if done.returncode:
-            raise RuntimeError(f"registering {key} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-        return done.stdout
+        ok, said = register_key(key, self.env, self.work)
+        if not ok:
+            raise RuntimeError(f"registering {key} failed: {said}")
+        return said
 
     def start_node(self, i: int, certs: str | os.PathLike | None = None, key: str | os.PathLike | None = None) -> None:
         """Board ``i``'s SuperNode; in a secure fleet it trusts ``certs`` (default the fleet's) and signs

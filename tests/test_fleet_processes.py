@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -142,7 +144,8 @@ def test_a_secure_fleet_admits_only_registered_nodes_that_trust_its_ca_and_refus
     boards registered as ``stoprt fleet register`` does. Boards 0 and 1 learn the fleet's model; board
     2 (registered, trusted) streams a network of another input size, so its session cannot take the
     global model: each round refuses and names it, and aggregates the other two. Two more SuperNodes
-    never get in: one signs with a key never registered, one trusts another CA (its key is registered)."""
+    never get in: one signs with a key never registered, one trusts another CA (its key is registered).
+    ``stoprt fleet register`` run again over known, missing and new keys reports each and exits 1."""
     from stoprt.fleet.certs import make_certificates
     from stoprt.fleet.status import format_status, read_status
 
@@ -150,15 +153,26 @@ def test_a_secure_fleet_admits_only_registered_nodes_that_trust_its_ca_and_refus
     picks = [shares.share_indices(labels, g, 60, 0.15, seed=i) for i, g in enumerate(GROUPS)]
     sources = [shares.write_share(tmp_path, f"share{i}", events, labels, p, GAP) for i, p in enumerate(picks)]
     outsider = tmp_path / "outsider"  # another CA, and keys of its own
-    make_certificates(outsider, ["127.0.0.1"], ["stranger", "foreign"])
+    make_certificates(outsider, ["127.0.0.1"], ["stranger", "foreign", "late"])
     rounds = 2
     with LocalFleet(tmp_path / "fleet", sources, ["--realtime", "--threads", "1", "--checkpoint-every", "0"],
                     secure=True) as fleet:
         fleet.start_link()
         fleet.wait_for_link()
         for i in range(3):
-            assert "registered successfully" in fleet.register(i)
+            assert fleet.register(i).startswith("registered as SuperNode "), i
         fleet.register(4, outsider / "nodes" / "foreign.pub")
+        # the command, as an operator re-runs it over the fleet's keys: a known key is no error, a
+        # missing key file is named, and the keys after it are still tried
+        again = subprocess.run([sys.executable, "-m", "stoprt.cli", "fleet", "register",
+                                str(fleet.certs / "nodes" / "node0.pub"), str(tmp_path / "nodes" / "absent.pub"),
+                                str(outsider / "nodes" / "late.pub"), "--superlink", fleet.superlink,
+                                "--certs", str(fleet.certs), "--work", str(tmp_path / "cli")],
+                               capture_output=True, text=True, timeout=120)
+        assert again.returncode == 1, again
+        assert "node0.pub: already registered" in again.stdout, again.stdout
+        assert "absent.pub" in again.stderr and "does not exist" in again.stderr, again.stderr
+        assert "late.pub: registered as SuperNode" in again.stdout, again.stdout
         for i in range(3):
             fleet.start_node(i)
             fleet.start_stream(i, extra=["--size", "8"] if i == 2 else [])
