@@ -140,6 +140,12 @@ def run_sample(learner: Learner, x: torch.Tensor, y: torch.Tensor) -> torch.Tens
 def _distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
+        # torch._dynamo (imported by the first optimizer) imports torch.distributed._shard, which
+        # keeps ten references to the process group that exists at that moment. That group then
+        # outlives destroy_process_group: gloo's worker threads ran into interpreter shutdown and
+        # aborted the process (SIGABRT, 3 runs in 38 on a loaded 2-core machine). Imported first, it
+        # holds nothing, and destroy_process_group joins the workers.
+        import torch._dynamo  # noqa: F401
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 

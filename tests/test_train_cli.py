@@ -88,3 +88,36 @@ def test_torchrun_two_cpu_processes(tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert result["world_size"] == 2 and result["ranks_in_sync"] is True
     assert "2 process(es)" in proc.stdout
+
+
+GROUP_LIFETIME = """
+import os
+import torch
+import torch.distributed as dist
+from stoprt.runtime.train import _distributed
+
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+rank, world = _distributed()
+torch.optim.Adam([torch.nn.Parameter(torch.ones(2))])  # its first construction imports torch._dynamo
+dist.all_reduce(torch.ones(2))
+dist.destroy_process_group()
+print(f"rank {rank}: threads {before} {threads()}")
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc (Linux)")
+def test_destroyed_process_group_leaves_no_gloo_threads(tmp_path):
+    # gloo's workers that outlive the group race interpreter shutdown and abort the process (SIGABRT):
+    # that failure is rare, the threads left behind are not.
+    script = tmp_path / "group_lifetime.py"
+    script.write_text(GROUP_LIFETIME)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
+    assert len(lines) == 2, proc.stdout
+    for line in lines:  # "rank R: threads BEFORE AFTER"
+        _, _, _, before, after = line.split()
+        assert after == before, f"{line}: gloo's worker threads outlived destroy_process_group"
