@@ -91,7 +91,7 @@ class Learner:
     Args:
         net: a network of stoprt layers; its last layer is a LIF or LeakyReadout.
         optimizer: any ``torch.optim`` optimizer over (some of) ``net``'s parameters. Parameters it
-            does not hold are frozen.
+            does not hold are frozen; one holding any other tensor is refused (``ValueError``).
         loss: ``"ce"`` (per-step cross-entropy on the output; the paper's on spikes), ``"mse"``
             (per-step MSE to one-hot) or a callable ``(output [B, K], target [B]) -> scalar``.
         check_inputs: reject NaN/Inf inputs and bad labels with a clear error (one reduction per step).
@@ -124,6 +124,7 @@ class Learner:
             raise ValueError(f"{len(unsized)} LIF layer(s) with threshold='{unsized[0].granularity}' have no "
                              "size yet: pass shape=... or Sequential(..., input_shape=...)")
         self._held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        _check_optimizer_holds(net, optimizer)
         for p in net.parameters():
             if id(p) not in self._held:
                 p.requires_grad_(False)
@@ -249,3 +250,20 @@ class Learner:
                 m.stop_mode = flag
             self.output_sum, self._sample_shape, self.sample_steps = None, None, 0
         return total.argmax(1)
+
+
+def _check_optimizer_holds(net: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse an optimizer built over other tensors than ``net``'s parameters: the learner computes
+    gradients only for the network's own, so it would step nothing (typically an optimizer made
+    before ``copy.deepcopy(net)``, or over another model) and every parameter would stay frozen."""
+    own = {id(p) for p in net.parameters()}
+    foreign = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in own]
+    if not foreign:
+        return
+    held = sum(len(group["params"]) for group in optimizer.param_groups)
+    shapes = ", ".join(str(tuple(p.shape)) for p in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+    which = "none" if len(foreign) == held else f"{held - len(foreign)}"
+    raise ValueError(f"the optimizer holds {held} tensor(s) and {which} of them are parameters of the "
+                     f"network (not the network's: shapes {shapes}); build it from this network, e.g. "
+                     "torch.optim.Adam(net.parameters()), after any copy.deepcopy of the network")
+

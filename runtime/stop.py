@@ -42,7 +42,8 @@ class STOP(Learner):
 
     Args:
         net: network of stoprt layers (see :mod:`stoprt.runtime.wiring` for what is supported).
-        optimizer: ``torch.optim`` optimizer; parameters it does not hold stay frozen.
+        optimizer: ``torch.optim`` optimizer over (some of) ``net``'s parameters; those it does not
+            hold stay frozen.
         learn: which kinds to learn, any subset of ``("weight", "threshold", "leak")`` (STOP-W, -WT,
             -WL, -WTL). ``"weight"`` covers synaptic weights and biases. BatchNorm is frozen.
         update: ``"sample"`` (apply at :meth:`end_sample`), ``"step"`` (every step, fully online) or

@@ -1,5 +1,6 @@
 """Bad input gets clear errors; updates that would make NaN/Inf are refused."""
 
+import copy
 import math
 
 import pytest
@@ -115,6 +116,24 @@ def test_optimizer_subset_freezes_the_rest():
     learner.end_sample()
     assert torch.equal(frozen, net[1].weight) and not torch.equal(head_before, head.weight)
     assert net[1].w_trace is None  # frozen layers keep no trace
+
+
+@pytest.mark.parametrize("make", ["bptt", "stop"])
+def test_an_optimizer_over_another_network_is_refused(make):
+    """An optimizer built before copy.deepcopy(net) holds none of the copy's parameters: without the
+    check every parameter was frozen and the learner learned nothing, silently."""
+    from stoprt.runtime.bptt import BPTT
+
+    torch.manual_seed(0)
+    net = models.mlp(in_channels=1, size=4, classes=3, hidden=(8,))
+    copy_of_net = copy.deepcopy(net)
+    cls = STOP if make == "stop" else BPTT
+    with pytest.raises(ValueError, match=r"holds 8 tensor\(s\) and none of them are parameters of the network"):
+        cls(copy_of_net, torch.optim.SGD(net.parameters(), lr=0.1))
+    stray = torch.zeros(5, requires_grad=True)
+    with pytest.raises(ValueError, match=r"and 8 of them .* shapes \(5,\)\); build it from this network"):
+        cls(copy_of_net, torch.optim.SGD([*copy_of_net.parameters(), stray], lr=0.1))
+    assert all(p.requires_grad for p in copy_of_net.parameters())  # refused before freezing anything
 
 
 def test_a_later_learner_can_learn_what_an_earlier_one_froze():
