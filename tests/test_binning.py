@@ -267,6 +267,26 @@ def test_frames_of_one_packet_are_separate_and_a_step_across_packets_sums_both()
     assert all(torch.equal(s.frame, r) for s, r in zip(steps[1:], ref[1:]))
 
 
+@pytest.mark.parametrize("frames,dtype", [("torch", None), ("torch", torch.float16), ("numpy", None)])
+def test_each_step_brings_its_frame_as_a_batch_of_one_in_the_same_memory(frames, dtype):
+    """``step.batch`` is ``frame[None]``: for blocks of steps cut from one packet, for steps summed
+    across packets, for frames converted per step (float16) and for empty steps."""
+    rng = np.random.default_rng(3)
+    ev = stream(rng, 4000, t_max=60_000)
+    ev["t"][2000:] += 30_000  # a silent stretch: empty steps
+    binner = Binner((64, 48), out_size=(16, 12), dt_us=2000, t_start=0, frames=frames,
+                    **({} if dtype is None else {"dtype": dtype}))
+    steps = push_all(binner, ev, [1500, 700, 1800])
+    assert any(s.n_events == 0 for s in steps) and any(s.n_events for s in steps)
+    for s in steps:
+        assert tuple(s.batch.shape) == (1, *s.frame.shape) == (1, 2, 12, 16)
+        if frames == "numpy":
+            assert np.shares_memory(s.batch, s.frame) and np.array_equal(s.batch[0], s.frame)
+        else:
+            assert s.batch.dtype == s.frame.dtype and s.batch[0].data_ptr() == s.frame.data_ptr()
+            assert torch.equal(s.batch[0], s.frame)
+
+
 def test_roi_and_downsampling_that_does_not_divide():
     rng = np.random.default_rng(5)
     ev = stream(rng, 4000)

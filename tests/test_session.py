@@ -49,6 +49,43 @@ def _class_steps(track, n, seed=0):
     return steps
 
 
+def test_label_lookups_follow_segments_added_and_pruned_between_them():
+    """``at`` answers from its last hit while that holds; against a plain scan of the segments (the
+    latest start at or before t wins, if t is before its end) over overlapping segments, with
+    segments added and pruned between lookups."""
+    import random
+
+    def scan(segments, t):
+        best = None
+        for seg in segments:
+            if seg.start_us <= t and (best is None or seg.start_us >= best.start_us):
+                best = seg
+        return best if best is not None and t < best.end_us else None
+
+    track = LabelTrack([Segment(0, 100, 1)])
+    assert track.at(10).label == 1
+    track.add(50, 80, 2)  # inside the remembered hit: from 50 to 80 the later start wins
+    assert track.at(60).label == 2 and track.at(90) is None
+    track.prune(85)
+    assert track.at(60).label == 1
+
+    rng = random.Random(0)
+    track, segments = LabelTrack(), []
+    for _ in range(2000):
+        roll = rng.random()
+        if roll < 0.05:
+            start = rng.randrange(0, 1000)
+            segments.append(track.add(start, start + rng.randrange(1, 200), rng.randrange(3)))
+        elif roll < 0.07:
+            before = rng.randrange(0, 1000)
+            track.prune(before)
+            segments = [s for s in segments if s.end_us > before]
+        else:
+            t = rng.randrange(0, 1200)
+            for u in (t, t + 1, t + 7):  # nearby lookups: the ones a stream makes
+                assert track.at(u) == scan(segments, u), (u, segments)
+
+
 def test_windows_without_labels_predict_per_window():
     torch.manual_seed(4)  # an untrained net whose prediction differs between the windows below
     net = models.mlp(in_channels=2, size=8, classes=3, hidden=(16,), readout=True)  # graded outputs: no ties

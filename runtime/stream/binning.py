@@ -45,17 +45,29 @@ _NEVER = np.iinfo(np.int64).min // 2
 _BLOCK_CELLS = 1 << 21  # counts of at most this many cells at once when a packet spans many steps
 
 
-@dataclass
+def _tensor_rows(block: np.ndarray) -> tuple[Any, Any]:
+    """Frames ``[C, H, W]`` and batches ``[1, C, H, W]`` of a float32 block ``[steps, C, H, W]``: views of
+    its rows, each kind made in one call."""
+    import torch
+
+    rows = torch.from_numpy(block)
+    return rows.unbind(0), rows.unsqueeze(1).unbind(0)
+
+
+@dataclass(slots=True)
 class Step:
     """One time step of input: ``frame`` ``[C, H', W']`` (C = 2: channel 0 OFF, 1 ON; C = 1 for
     ``polarity="sum"``), covering ``[t_start, t_end)`` microseconds, built from ``n_events`` events;
-    ``index`` counts the steps of the stream from 0."""
+    ``index`` counts the steps of the stream from 0. ``batch`` is ``frame[None]`` (``[1, C, H', W']``,
+    the same memory): what a network takes, made by the binner with a whole block of frames at once
+    (a view made per step on the model's thread cost it several microseconds)."""
 
     frame: Any  # torch.Tensor, or np.ndarray (frames="numpy")
     t_start: int
     t_end: int
     n_events: int
     index: int
+    batch: Any = None
 
 
 class Binner:
@@ -112,13 +124,12 @@ class Binner:
             self.dtype, self.device = dtype or torch.float32, torch.device(device)
             self._to_frame = lambda a: torch.from_numpy(a).to(self.device, self.dtype)
             # float32 on the CPU: a frame is a view of the counts (no copy), so a whole block of
-            # steps becomes frames in one call (a conversion per step held the model up)
-            self._rows_as_frames = (lambda a: torch.from_numpy(a).unbind(0)) if (
-                self.device.type == "cpu" and self.dtype == torch.float32) else None
+            # steps becomes frames (and batches) in one call each (a conversion per step held the model up)
+            self._rows_as_frames = _tensor_rows if (self.device.type == "cpu" and self.dtype == torch.float32) else None
         else:
             self.dtype, self.device = np.float32, None
             self._to_frame = lambda a: a  # the float32 accumulator itself
-            self._rows_as_frames = lambda a: list(a)
+            self._rows_as_frames = lambda a: (list(a), list(a[:, None]))
         self.t_start = None if t_start is None else int(t_start)
         self._cell_of = self._cell_table()
         self._roi_cropped = self.roi != (0, 0, w, h)
@@ -169,7 +180,7 @@ class Binner:
         self._blank = np.zeros(int(np.prod(self.frame_shape)), dtype=np.float32)
         self._blank.flags.writeable = False
         self._acc = self._blank
-        self._frame = None  # the open step's frame when made with its block (a view of ``_acc``)
+        self._frame = None  # the open step's (frame, batch) when made with its block (views of ``_acc``)
         self._n = 0
         self._k: int | None = 0 if self.t_start is not None else None  # current step on the time grid
         self._t0 = self.t_start
@@ -362,14 +373,14 @@ class Binner:
             block = np.bincount(index, minlength=span * cells).astype(np.float32).reshape(span, cells)
             counts = visits.tolist()
             as_frames = self._rows_as_frames
-            frames = None if as_frames is None else as_frames(block.reshape(span, *self.frame_shape))
+            views = None if as_frames is None else as_frames(block.reshape(span, *self.frame_shape))
             for r in steps:
                 out += self._advance_to(lo_k + r)
                 if self._n:  # the open step already holds events of an earlier packet
                     self._acc += block[r]  # (in place: a frame made of the row sees it)
                 else:
                     self._acc = block[r]  # a row of its own: becomes the frame, no copy
-                    self._frame = None if frames is None else frames[r]
+                    self._frame = None if views is None else (views[0][r], views[1][r])
                 self._n += counts[r]
             i = j
         return out
@@ -379,16 +390,15 @@ class Binner:
         if self._k is None:
             self._k = k
             return []
-        out: list[Step] = []
         if k <= self._k:
-            return out
+            return []
         dt, t0 = self.dt_us, self._t0
-        out.append(self._emit(t0 + self._k * dt, t0 + (self._k + 1) * dt))
+        out = [self._emit(t0 + self._k * dt, t0 + (self._k + 1) * dt)]
         gap = k - self._k - 1
-        shown = min(gap, self.max_gap_steps)
-        self._counts["gap_steps_skipped"] += gap - shown
-        for j in range(self._k + 1, self._k + 1 + shown):
-            out.append(self._emit(t0 + j * dt, t0 + (j + 1) * dt))
+        if gap:
+            shown = min(gap, self.max_gap_steps)
+            self._counts["gap_steps_skipped"] += gap - shown
+            out += [self._emit(t0 + j * dt, t0 + (j + 1) * dt) for j in range(self._k + 1, self._k + 1 + shown)]
         self._k = k
         return out
 
@@ -408,13 +418,18 @@ class Binner:
 
     def _emit(self, t_start: int, t_end: int) -> Step:
         if self._n:
-            frame = self._frame if self._frame is not None else self._to_frame(self._acc.reshape(self.frame_shape))
+            if self._frame is not None:
+                frame, batch = self._frame
+            else:
+                frame = self._to_frame(self._acc.reshape(self.frame_shape))
+                batch = frame[None]
             self._acc, self._frame = self._blank, None  # replaced (not written) by the next events: see _accumulate
         else:
-            frame = (np.broadcast_to(self._zero, self.frame_shape) if self.frames == "numpy" else
-                     self._zero.expand(self.frame_shape))
+            shape = (1, *self.frame_shape)
+            batch = np.broadcast_to(self._zero, shape) if self.frames == "numpy" else self._zero.expand(shape)
+            frame = batch[0]
             self._counts["empty_steps"] += 1
-        step = Step(frame, t_start, t_end, self._n, self._index)
+        step = Step(frame, t_start, t_end, self._n, self._index, batch)
         self._counts["steps"] += 1
         self._counts["events_binned"] += self._n
         self._index += 1

@@ -4,7 +4,7 @@
 
     with StreamPipeline(UDPSource(port=3333, sensor_size=(128, 128)), Binner((128, 128), 32)) as pipe:
         for step in pipe:                 # Step(frame [C, H, W], t_start, t_end, n_events, index)
-            learner.step(step.frame.unsqueeze(0), target)
+            learner.step(step.batch, target)             # step.batch: the frame as [1, C, H, W]
 
 The producer iterates the source, pushes each packet into the binner and puts the completed steps in
 a queue of at most ``max_queue_steps`` steps (so memory is bounded whatever the input rate). When the
@@ -118,8 +118,15 @@ class StreamPipeline:
         self.close()
 
     # -- consumer ------------------------------------------------------------------------------------
-    def __iter__(self) -> "StreamPipeline":
-        return self.start()
+    def __iter__(self) -> Iterator[Step]:
+        self.start()
+        return self if self._inline is None else self._steps_inline()
+
+    def _steps_inline(self) -> Iterator[Step]:
+        """The steps produced here, as one generator: one resume per step instead of three calls, on
+        the thread that also runs the model."""
+        while (step := self._next_inline()) is not None:
+            yield step
 
     def __next__(self) -> Step:
         step = self.next_step()

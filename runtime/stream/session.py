@@ -63,6 +63,10 @@ class LabelTrack:
         self.segments: list[Segment] = []
         self._starts: list[int] = []  # the segments' starts, searched at every step (no key function)
         self._lock = threading.Lock()
+        # The last answer of ``at`` and the time it holds until (the segment's end, or the next start),
+        # asked again at every step of the segment: checked without the lock and the search. Adding or
+        # pruning clears it.
+        self._hit: tuple[Segment, int] | None = None
         for seg in segments:
             self.add(seg.start_us, seg.end_us, seg.label)
 
@@ -76,19 +80,29 @@ class LabelTrack:
             i = bisect.bisect_right(self._starts, seg.start_us)
             self._starts.insert(i, seg.start_us)
             self.segments.insert(i, seg)
+            self._hit = None
         return seg
 
     def at(self, t_us: int) -> Segment | None:
         """The segment containing time ``t_us``, if any."""
+        hit = self._hit
+        if hit is not None and hit[0].start_us <= t_us < hit[1]:
+            return hit[0]
         with self._lock:
             i = bisect.bisect_right(self._starts, t_us) - 1
-            return self.segments[i] if i >= 0 and t_us < self.segments[i].end_us else None
+            if i < 0 or t_us >= self.segments[i].end_us:
+                return None
+            seg = self.segments[i]
+            until = self._starts[i + 1] if i + 1 < len(self._starts) else seg.end_us
+            self._hit = (seg, min(seg.end_us, until))
+            return seg
 
     def prune(self, before_us: int) -> None:
         """Forget segments that ended before ``before_us`` (bounded memory on endless streams)."""
         with self._lock:
             self.segments = [s for s in self.segments if s.end_us > before_us]
             self._starts = [s.start_us for s in self.segments]
+            self._hit = None
 
     @classmethod
     def from_csv(cls, path: str | Path, first_class: int = 1) -> "LabelTrack":
@@ -251,9 +265,10 @@ class StreamSession:
             return -1
         return int(self._sample.output_sum.argmax(1)[0])
 
-    def _advance(self, frame: Any, t_start: int, t_end: int) -> bool:
+    def _advance(self, frame: Any, t_start: int, t_end: int, batch: Any = None) -> bool:
         """:meth:`process` without the running prediction (a host read per step; :meth:`run` needs
-        none). False for a step skipped after a resume."""
+        none); ``batch``: ``frame[None]`` when the step brings it. False for a step skipped after a
+        resume."""
         if t_end <= self._resume_after_us:
             self.stats.skipped_steps += 1
             return False
@@ -264,7 +279,7 @@ class StreamSession:
             self._at_sample_start = self._counters() if self.checkpoint_path else None
             self._sample = _Sample(segment, t_start)
         sample = self._sample
-        x = frame[None]  # [1, *input_shape], a view (tensor or array)
+        x = frame[None] if batch is None else batch  # [1, *input_shape], a view (tensor or array)
         if segment is not None and sample.target is None:
             sample.target = _label(segment.label, x)
         target = sample.target
@@ -360,7 +375,7 @@ class StreamSession:
         steps0, ended = self.stats.steps, True
         try:
             for step in steps:
-                self._advance(step.frame, step.t_start, step.t_end)
+                self._advance(step.frame, step.t_start, step.t_end, getattr(step, "batch", None))
                 if on_step is not None:
                     on_step(self)
                 if self._stop_requested or (max_steps is not None and self.stats.steps - steps0 >= max_steps):
