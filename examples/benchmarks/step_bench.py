@@ -384,8 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream-source", default="builtin:digits")
     p.add_argument("--stream-steps", type=int, default=None)
     p.add_argument("--stream-timeout", type=float, default=600)
-    p.add_argument("--overhead-samples", type=int, default=50)
-    p.add_argument("--overhead-repeats", type=int, default=3)
+    p.add_argument("--overhead-samples", type=int, default=20)
+    p.add_argument("--overhead-repeats", type=int, default=15)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

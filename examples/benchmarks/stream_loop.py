@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,7 +45,12 @@ def stream_rate(args, device: torch.device) -> dict:
 def stream_overhead(args, make_learner: Callable) -> dict:
     """Seconds per step of the stream's own learner calls replayed bare, through the session over
     pre-binned steps, and through session + pipeline + the built-in source (CPU, demo network); the
-    loop alone, each variant built before it is timed."""
+    loop alone, each variant built before it is timed.
+
+    Each variant's learner has run one step and its update before the clock starts (the static
+    program and the optimizer state exist: start-up is ``first_step_s``'s to measure), and each run
+    is short (``overhead_samples``) and repeated often (``overhead_repeats``, interleaved): on a
+    shared machine the best of many short runs is the estimate least disturbed by other processes."""
     from stoprt.runtime.stream.session import LabelTrack, StreamSession
     from stoprt.runtime.stream import Binner, StreamPipeline
     from stoprt.runtime.stream.builtin import BuiltinStream
@@ -58,7 +64,10 @@ def stream_overhead(args, make_learner: Callable) -> dict:
     def fresh():
         torch.manual_seed(0)
         net = models.build_model("mlp", in_channels=2, size=16, classes=10)
-        return net, make_learner(net)
+        lrn = make_learner(net)
+        lrn.step(torch.zeros(1, 2, 16, 16), torch.zeros(1, dtype=torch.int64))
+        lrn.end_sample()
+        return net, lrn
 
     src = source()
     with StreamPipeline(src, binner()) as pipe:
@@ -71,38 +80,59 @@ def stream_overhead(args, make_learner: Callable) -> dict:
     lrn.end_sample = lambda: (calls.append(None), end())[1]
     StreamSession(net, lrn, labels=LabelTrack(segments)).run(steps)
 
-    # Each variant is made (learner built, recordings read from the cache) before its clock starts:
-    # that is start-up, which the stream's first_step_s measures; what is timed is the loop alone.
+    # Each variant is made (learner, source, binner, pipeline and session built, recordings read
+    # from the cache) before its clock starts: that is start-up, which the stream's first_step_s
+    # measures; what is timed is the loop alone.
     def bare():
         _, lr = fresh()
         return lambda: [lr.step(*c) if c is not None else lr.end_sample() for c in calls]
 
     def session():
-        n, lr = fresh()
-        return lambda: StreamSession(n, lr, labels=LabelTrack(segments)).run(steps)
+        run = StreamSession(*fresh(), labels=LabelTrack(segments)).run
+        return lambda: run(steps)
 
     def pipeline():
         (n, lr), s = fresh(), source()
+        pipe, session = StreamPipeline(s, binner()), StreamSession(n, lr, labels=s.labels)
 
         def run():
-            with StreamPipeline(s, binner()) as p:
-                StreamSession(n, lr, labels=s.labels).run(p)
+            with pipe:
+                session.run(pipe)
         return run
 
     # Wall time (what a stream sees, waits for the producer included) and the process's CPU time
-    # (all threads: steadier on a loaded machine, but blind to waiting); best of the repeats.
-    best = {(k, c): float("inf") for k in ("bare", "session", "session_pipeline") for c in ("wall", "cpu")}
-    for _ in range(args.overhead_repeats):
-        for k, make in (("bare", bare), ("session", session), ("session_pipeline", pipeline)):
+    # (all threads: steadier on a loaded machine, but blind to waiting). The overheads are the median
+    # over the repeats of each variant's time over the bare run of the same repeat (the three run
+    # back to back, in an order that rotates: a paired ratio cancels the slow swings of a shared
+    # machine); the times per step are the best of the repeats.
+    variants = (("bare", bare), ("session", session), ("session_pipeline", pipeline))
+    times = {(k, c): [] for k, _ in variants for c in ("wall", "cpu")}
+    for r in range(args.overhead_repeats):
+        for k, make in variants[r % 3:] + variants[:r % 3]:
             run = make()
             t0, c0 = time.perf_counter(), time.process_time()
             run()
-            best[k, "wall"] = min(best[k, "wall"], time.perf_counter() - t0)
-            best[k, "cpu"] = min(best[k, "cpu"], time.process_time() - c0)
+            times[k, "wall"].append(time.perf_counter() - t0)
+            times[k, "cpu"].append(time.process_time() - c0)
     n = len(steps)
-    out = {"steps": n, "learner_calls": len(calls)}
+    out = {"steps": n, "learner_calls": len(calls), "repeats": args.overhead_repeats}
     for c in ("wall", "cpu"):
-        out.update({f"{k}_{c}_us_per_step": 1e6 * best[k, c] / n for k in ("bare", "session", "session_pipeline")})
-        out[f"session_overhead_{c}"] = best["session", c] / best["bare", c] - 1
-        out[f"session_pipeline_overhead_{c}"] = best["session_pipeline", c] / best["bare", c] - 1
+        out.update({f"{k}_{c}_us_per_step": 1e6 * min(times[k, c]) / n for k, _ in variants})
+        for k in ("session", "session_pipeline"):
+            ratios = [t / b for t, b in zip(times[k, c], times["bare", c])]
+            out[f"{k}_overhead_{c}"] = statistics.median(ratios) - 1
     return out
+
+
+if __name__ == "__main__":
+    # The loop's overhead alone: python examples/benchmarks/stream_loop.py [--overhead-samples N ...]
+    import argparse
+
+    from stoprt.runtime.stop import STOP
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--overhead-samples", type=int, default=20)
+    p.add_argument("--overhead-repeats", type=int, default=15)
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    print(json.dumps(stream_overhead(a, lambda net: STOP(net, torch.optim.Adam(net.parameters(), lr=1e-3))), indent=1))
