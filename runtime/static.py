@@ -112,10 +112,8 @@ class Program:
             op.start_sample()
 
     def reset(self) -> None:
-        """Forget the sample: zero every buffer in place (addresses stay), refresh frozen BN maps."""
+        """Forget the sample: zero every buffer in place (addresses stay; one fused call, not a kernel
+        launch per buffer on a GPU, where the reset runs between graph replays), refresh frozen BN maps."""
+        torch._foreach_zero_([t for op in self.ops for t in op.state()] + [self.output_sum, self.bad, self.step_no])
         for op in self.ops:
-            for t in op.state():
-                t.zero_()
             op.refresh()
-        for t in (self.output_sum, self.bad, self.step_no):
-            t.zero_()
