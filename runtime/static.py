@@ -108,12 +108,18 @@ class Program:
         return [t for op in self.ops for t in op.state()] + own
 
     def start_sample(self) -> None:
+        """Before a sample's first step: frozen BN maps brought up to date (statistics loaded between
+        samples apply from the next sample on, as in the eager learner), dropout masks drawn."""
         for op in self.ops:
+            op.refresh()
             op.start_sample()
 
     def reset(self) -> None:
         """Forget the sample: zero every buffer in place (addresses stay; one fused call, not a kernel
-        launch per buffer on a GPU, where the reset runs between graph replays), refresh frozen BN maps."""
-        torch._foreach_zero_([t for op in self.ops for t in op.state()] + [self.output_sum, self.bad, self.step_no])
-        for op in self.ops:
-            op.refresh()
+        launch per buffer on a GPU, where the reset runs between graph replays)."""
+        buffers = [t for op in self.ops for t in op.state()] + [self.output_sum, self.bad, self.step_no]
+        if torch.compiler.is_compiling():  # traced by a graph exporter (ONNX has no fused zero)
+            for t in buffers:
+                t.zero_()
+        else:
+            torch._foreach_zero_(buffers)

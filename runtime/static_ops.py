@@ -57,7 +57,7 @@ class _Op:
         """Called before a sample's first step (dropout draws its mask here)."""
 
     def refresh(self) -> None:
-        """Called at each sample's reset (frozen BatchNorm recomputes its map here)."""
+        """Called before a sample's first step (frozen BatchNorm updates its map here)."""
 
 
 def _zeros(like: Tensor, shape=None) -> Tensor:
@@ -194,12 +194,17 @@ class _Affine(_Op):
         if not m.frozen or any(p.requires_grad for p in m.parameters()):
             raise Unsupported(f"{type(m).__name__} is not frozen")
         self.m = m
-        self.scale, self.shift = (t.clone() for t in m._frozen_affine())
+        self._source, shift = m._frozen_affine()
+        self.scale, self.shift = self._source.clone(), shift.clone()
         self.view: tuple[int, ...] | None = None
 
     def refresh(self) -> None:
-        """Recompute the map in place (statistics may have changed between samples)."""
+        """Copy the map in place if it changed (statistics may have changed between samples): the layer
+        recomputes it only then, so an unchanged one is the same tensor (no copy, no kernel launch)."""
         scale, shift = self.m._frozen_affine()
+        if scale is self._source:
+            return
+        self._source = scale
         self.scale.copy_(scale)
         self.shift.copy_(shift)
 

@@ -178,6 +178,29 @@ def _static(update="sample", **kw):
     return net, STOP(net, torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9), update=update, **kw)
 
 
+@pytest.mark.usefixtures("float64")
+def test_frozen_batchnorm_statistics_loaded_between_samples_reach_the_static_step():
+    """The program copies the frozen BN map at each sample's start only when the layer recomputed it:
+    statistics loaded in place (a checkpoint, a fleet merge) between samples must still be used."""
+    eager, static = _pair("dvs_gesture", False, "WTL", "sample", "ce", "sgd")
+    g = torch.Generator().manual_seed(5)
+    x, y = 1.5 * torch.rand(2, 2, 8, 8, generator=g), torch.tensor([0, 2])
+    for round_ in range(3):
+        for learner in (eager, static):
+            torch.manual_seed(round_)
+            outs = [learner.step(x, y) for _ in range(4)]
+            learner.end_sample()
+            learner.outs = outs
+        for a, b in zip(eager.outs, static.outs):
+            _close(a, b, f"output in round {round_}")
+        stats = {k: v.clone() for k, v in eager.net.state_dict().items() if "running" in k}
+        for k in stats:
+            stats[k].uniform_(0.5, 1.5, generator=g)
+        for learner in (eager, static):
+            learner.net.load_state_dict(stats, strict=False)  # in place: the buffers keep their addresses
+    assert len(stats) == 6
+
+
 def test_auto_is_static_on_cpu_and_eager_stays_available():
     assert _static()[1].mode == "static"
     assert _static(compile="eager")[1].mode == "eager"
