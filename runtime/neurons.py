@@ -15,6 +15,7 @@ from . import functional as SF
 from .kinds import NEURON, OUTPUT, Kept, StepContext, Steps
 
 GRANULARITIES = ("layer", "channel", "neuron")
+DEFAULT_LEAK_RANGE = (0.01, 0.99)  # where a leak is clamped after each update, unless a layer says otherwise
 
 
 class _PlainState:
@@ -49,15 +50,21 @@ class Neuron(_PlainState, nn.Module):
     state_names: tuple[str, ...] = ()
     MEMBRANE = "u"  # what ``keeps`` calls the membrane: a tensor of its own, or the output itself
 
-    def __init__(self, leak: float, leak_range: tuple[float, float], learn_leak: bool,
+    def __init__(self, leak: float, leak_range: tuple[float, float] | None, learn_leak: bool,
                  share_leak_with: "Neuron | None") -> None:
         super().__init__()
+        if leak_range is None:  # a shared leak keeps its range (it is clamped once, into one range)
+            leak_range = DEFAULT_LEAK_RANGE if share_leak_with is None else share_leak_with.leak_range
         lo, hi = leak_range
         if not 0.0 < lo < hi < 1.0:
             raise ValueError(f"leak_range must satisfy 0 < low < high < 1, got {leak_range}")
         if share_leak_with is not None:
             # One Parameter object in several layers: neurons fed by the same synaptic op (a
             # residual stream) must decay alike for that op's single input trace to be exact.
+            if (float(lo), float(hi)) != share_leak_with.leak_range:
+                raise ValueError(f"leak_range {tuple(leak_range)} differs from {share_leak_with.leak_range}, the "
+                                 "range of the leak shared with share_leak_with: a shared leak has one range "
+                                 "(leave leak_range out to take it)")
             self.leak = share_leak_with.leak
         else:
             if not lo <= leak <= hi:
@@ -119,7 +126,8 @@ class LIF(Neuron):
         init_threshold, threshold_floor: starting value and the positive floor thresholds are
             clamped to after every update.
         leak, leak_range: starting leak factor ``a`` and the interval it is clamped to after every
-            update (the leak is the parameter itself, so its gradient is exactly dE/da).
+            update (the leak is the parameter itself, so its gradient is exactly dE/da); the range
+            defaults to ``DEFAULT_LEAK_RANGE``, or with ``share_leak_with`` to that layer's.
         surrogate, alpha: surrogate derivative of the spike (see ``functional.SURROGATES``).
         learn_threshold, learn_leak: whether these parameters get gradients at all.
         share_leak_with: another neuron layer whose leak Parameter this one uses.
@@ -133,7 +141,7 @@ class LIF(Neuron):
 
     def __init__(self, threshold: str = "layer", shape: int | Iterable[int] | None = None,
                  init_threshold: float = 1.0, threshold_floor: float = 0.05, leak: float = 0.5,
-                 leak_range: tuple[float, float] = (0.01, 0.99), surrogate: str = "exp",
+                 leak_range: tuple[float, float] | None = None, surrogate: str = "exp",
                  alpha: float = 1.0, learn_threshold: bool = True, learn_leak: bool = True,
                  share_leak_with: Neuron | None = None, reset: str = "soft") -> None:
         if threshold not in GRANULARITIES:
@@ -241,7 +249,7 @@ class LeakyReadout(Neuron):
     state_names = ("u",)
     MEMBRANE = OUTPUT
 
-    def __init__(self, leak: float = 0.9, leak_range: tuple[float, float] = (0.01, 0.99),
+    def __init__(self, leak: float = 0.9, leak_range: tuple[float, float] | None = None,
                  learn_leak: bool = True, share_leak_with: Neuron | None = None) -> None:
         super().__init__(leak, leak_range, learn_leak, share_leak_with)
         self.threshold = None

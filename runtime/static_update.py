@@ -23,6 +23,7 @@ to zeros, which is a fresh state for Adam/AdamW/RMSprop and for SGD momentum wit
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -52,7 +53,7 @@ class GuardedUpdate:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         self.grads = [p.grad for p in self.params]
-        self.neurons = L.neurons(net)
+        self.clamps = NeuronClamps(L.neurons(net))
         device = self.params[0].device if self.params else torch.device("cpu")
         self.saved = [torch.empty_like(p) for p in self.params]
         self.saved_state: list[Tensor] = []
@@ -109,7 +110,7 @@ class GuardedUpdate:
                 counts[1] += 1
                 return
             counts[3] += 1
-        clamped = sum(_clamp(n) for n in self.neurons)
+        clamped = self.clamps()
         counts[0] += 1
         counts[2] += clamped
 
@@ -132,25 +133,63 @@ class GuardedUpdate:
         else:  # created by this step: zeros are the fresh state
             for t in new_state:
                 torch.where(grads_ok, t, torch.zeros_like(t), out=t)
-        clamped = self.counts.new_zeros(())
-        for n in self.neurons:
-            clamped += _clamp(n)
+        clamped = self.clamps()
         self.counts += torch.stack([ok.long(), (~ok).long(), clamped,
                                     (grads_ok & ~params_ok).long() if not self.keep_last_good else
                                     clamped.new_zeros(())])
 
 
-def _clamp(n: L.Neuron) -> Tensor:
-    """Clamp a neuron layer's leak and threshold into range; how many values were out (a tensor).
-    Mirrors ``constrain_`` of the layers without their host reads."""
-    lo, hi = n.leak_range
-    out = ((n.leak < lo) | (n.leak > hi)).long()
-    n.leak.clamp_(lo, hi)
-    th = getattr(n, "threshold", None)
-    if th is not None:
-        out = out + (th < n.threshold_floor).sum()
-        th.clamp_(min=n.threshold_floor)
-    return out
+class NeuronClamps:
+    """Clamp every neuron layer's leak and threshold into range; how many values were out (a tensor).
+    Mirrors ``constrain_`` of the layers without their host reads, in a fixed handful of fused calls
+    whatever the depth: the values gathered into one flat tensor, compared with flat bounds, clamped
+    and copied back (per layer it was nine kernel launches at every update on a GPU)."""
+
+    def __init__(self, neurons: list[L.Neuron]) -> None:
+        self.neurons = neurons
+        self._key: tuple | None = None
+        self._lo = self._hi = torch.zeros(0)
+
+    def _values(self) -> tuple[list[Tensor], list[float], list[float]]:
+        """The clamped tensors (read each time: a layer's parameter may be replaced) and their bounds.
+        A leak shared by several layers (one range: the layers check it) is clamped and counted once,
+        as ``constrain_`` layer after layer finds it in range after the first."""
+        values, lo, hi, seen = [], [], [], set()
+        for n in self.neurons:
+            if id(n.leak) not in seen:
+                seen.add(id(n.leak))
+                values.append(n.leak)
+                lo.append(n.leak_range[0])
+                hi.append(n.leak_range[1])
+            th = getattr(n, "threshold", None)
+            if th is not None:
+                values.append(th)
+                lo.append(n.threshold_floor)
+                hi.append(math.inf)
+        return values, lo, hi
+
+    @torch.no_grad()
+    def __call__(self) -> Tensor:
+        values, lo, hi = self._values()
+        if not values:
+            return torch.zeros((), dtype=torch.int64)
+        sizes = [v.numel() for v in values]
+        flat = torch.cat([v.reshape(-1) for v in values])
+        key = (tuple(lo), tuple(hi), tuple(sizes), flat.dtype, flat.device)
+        if key != self._key:  # bounds element by element, made once per layout
+            counts = torch.tensor(sizes, device=flat.device)
+            lo_t, hi_t = (torch.tensor(b, dtype=flat.dtype, device=flat.device).repeat_interleave(counts)
+                          for b in (lo, hi))
+            if self._lo.shape == lo_t.shape and self._lo.dtype == lo_t.dtype and self._lo.device == lo_t.device:
+                self._lo.copy_(lo_t)  # in place: a captured update keeps reading these tensors
+                self._hi.copy_(hi_t)
+            else:
+                self._lo, self._hi = lo_t, hi_t
+            self._key = key
+        out = ((flat < self._lo) | (flat > self._hi)).sum()
+        torch.clamp(flat, self._lo, self._hi, out=flat)
+        torch._foreach_copy_(values, [f.view_as(v) for f, v in zip(flat.split(sizes), values)])
+        return out
 
 
 class DeviceStats(LearnerStats):

@@ -136,6 +136,22 @@ def test_an_optimizer_over_another_network_is_refused(make):
     assert all(p.requires_grad for p in copy_of_net.parameters())  # refused before freezing anything
 
 
+def test_a_shared_leak_has_one_range_and_is_clamped_and_counted_once():
+    first = L.LIF("neuron", shape=4, leak=0.5, leak_range=(0.2, 0.8))
+    with pytest.raises(ValueError, match=r"leak_range \(0.01, 0.99\) differs from \(0.2, 0.8\).*one range"):
+        L.LIF("neuron", shape=4, leak_range=(0.01, 0.99), share_leak_with=first)
+    second = L.LIF("neuron", shape=4, share_leak_with=first)
+    assert second.leak is first.leak and second.leak_range == (0.2, 0.8)
+    from stoprt.runtime.static_update import NeuronClamps
+
+    with torch.no_grad():
+        first.leak.fill_(0.9)
+        first.threshold.fill_(-1.0)
+        second.threshold[:2] = -1.0
+    assert int(NeuronClamps([first, second])()) == 1 + 4 + 2  # the shared leak once, as constrain_ counts
+    assert float(first.leak.detach()) == pytest.approx(0.8) and bool((second.threshold >= second.threshold_floor).all())
+
+
 def test_a_later_learner_can_learn_what_an_earlier_one_froze():
     torch.manual_seed(0)
     net = models.mlp(in_channels=1, size=4, classes=3, hidden=(8,))
