@@ -358,6 +358,16 @@ def test_inputs_on_a_device_are_checked_there_and_reported_at_end_sample():
     learner.step(x, torch.tensor([0, 7]))
     with pytest.raises(ValueError, match="labels out of range: the network has 3 classes"):
         learner.end_sample()
+    for bad in (math.inf, -math.inf):
+        x_bad = x.clone()
+        x_bad[1, 0, 2, 3] = bad
+        learner.step(x, torch.tensor([0, 1]))
+        learner.step(x_bad)  # a step without a target is checked too
+        with pytest.raises(ValueError, match="input at step 1 of the sample contains NaN or Inf"):
+            learner.end_sample()
+    big = torch.full_like(x, 3e38)  # finite, though its sum is not: no false alarm
+    learner.step(big, torch.tensor([0, 1]))
+    learner.end_sample()
     learner.step(x, torch.tensor([0, 1]))  # the learner goes on after the error
     assert learner.end_sample() is not None and learner.stats.updates >= 1
 
