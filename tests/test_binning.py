@@ -252,19 +252,23 @@ def test_frame_difference_emits_on_and_off_counts():
     assert FrameDifference()(rgb).shape == (2, 4, 4)
 
 
-def test_frames_of_one_packet_are_separate_and_a_step_across_packets_sums_both():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["views", "converted-copies"])
+def test_frames_of_one_packet_are_separate_and_a_step_across_packets_sums_both(dtype):
+    """float32 CPU frames are views of the counts; other dtypes (and GPUs) get one converted copy of
+    each block, which must not miss the events a later packet adds to the step left open."""
     rng = np.random.default_rng(7)
     ev = stream(rng, 6000)
-    whole = Binner((64, 48), out_size=(16, 12), dt_us=2000, t_start=0)
+    whole = Binner((64, 48), out_size=(16, 12), dt_us=2000, t_start=0, dtype=dtype)
     ref = [s.frame.clone() for s in whole.push(ev) + whole.flush()]
-    binner = Binner((64, 48), out_size=(16, 12), dt_us=2000, t_start=0)
+    binner = Binner((64, 48), out_size=(16, 12), dt_us=2000, t_start=0, dtype=dtype)
     cut = int(np.searchsorted(ev["t"], 51_000))  # inside step 25: its events come in two packets
     steps = binner.push(ev[:cut])
     steps[0].frame += 100  # a consumer writing into its frame changes no other step
     steps += binner.push(ev[cut:]) + binner.flush()
     assert len(steps) == len(ref) == 50
     assert torch.equal(steps[0].frame, ref[0] + 100)
-    assert all(torch.equal(s.frame, r) for s, r in zip(steps[1:], ref[1:]))
+    assert all(torch.equal(s.frame, r) and s.frame.dtype == dtype for s, r in zip(steps[1:], ref[1:]))
+    assert steps[25].n_events > int(np.searchsorted(ev["t"], 51_000) - np.searchsorted(ev["t"], 50_000))
 
 
 @pytest.mark.parametrize("frames,dtype", [("torch", None), ("torch", torch.float16), ("numpy", None)])
@@ -285,6 +289,25 @@ def test_each_step_brings_its_frame_as_a_batch_of_one_in_the_same_memory(frames,
         else:
             assert s.batch.dtype == s.frame.dtype and s.batch[0].data_ptr() == s.frame.data_ptr()
             assert torch.equal(s.batch[0], s.frame)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the copies to it are the subject)")
+def test_frames_reach_a_gpu_one_block_at_a_time_without_a_stream_sync():
+    """A copy from pageable memory waits for the GPU's queue: frames go through pinned memory,
+    non-blocking, so binning while the GPU works makes no synchronising call."""
+    rng = np.random.default_rng(11)
+    ev = stream(rng, 6000)
+    ref = [s.frame for s in push_all(Binner((64, 48), out_size=(16, 12), dt_us=2000, t_start=0), ev, [2500, 3500])]
+    gpu = Binner((64, 48), out_size=(16, 12), dt_us=2000, t_start=0, device="cuda")
+    busy = torch.randn(2048, 2048, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _ = busy @ busy  # queued work the copies must not wait for
+        steps = gpu.push(ev[:2500]) + gpu.push(ev[2500:]) + gpu.flush()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len(steps) == len(ref) and all(s.frame.is_cuda and s.batch.is_cuda for s in steps)
+    assert all(torch.equal(s.frame.cpu(), r) for s, r in zip(steps, ref))
 
 
 def test_roi_and_downsampling_that_does_not_divide():

@@ -14,7 +14,7 @@
 #   stream_cuda.json   the --json summary of `stoprt stream --source builtin:digits --learn --device cuda`
 #                      (builtin:gestures where scikit-learn is absent)
 #   stream_cuda.log    that command's output
-#   tests_cuda.log     pytest on the static-step, exactness, ONNX export and lean-op test files
+#   tests_cuda.log     pytest on the static-step, exactness, ONNX export, lean-op and binning test files
 #   run.log            what ran, for how long, and each exit status (124: hit its timeout)
 set -u
 
@@ -91,7 +91,7 @@ later_parts=1
 tests=()
 # (The files whose tests run on CUDA; the CLI files that only mention "cuda" test its refusal on a
 # machine without one and take minutes.)
-for f in tests/test_static_step.py tests/test_exactness.py tests/test_export_onnx.py tests/test_lean_ops.py; do
+for f in tests/test_static_step.py tests/test_exactness.py tests/test_export_onnx.py tests/test_lean_ops.py tests/test_binning.py; do
     [[ -f "$f" ]] && [[ " ${tests[*]} " != *" $f "* ]] && tests+=("$f")
 done
 note "tests: ${tests[*]}"

@@ -45,13 +45,22 @@ _NEVER = np.iinfo(np.int64).min // 2
 _BLOCK_CELLS = 1 << 21  # counts of at most this many cells at once when a packet spans many steps
 
 
-def _tensor_rows(block: np.ndarray) -> tuple[Any, Any]:
-    """Frames ``[C, H, W]`` and batches ``[1, C, H, W]`` of a float32 block ``[steps, C, H, W]``: views of
-    its rows, each kind made in one call."""
+def _tensor_rows(block: Any) -> tuple[Any, Any]:
+    """Frames ``[C, H, W]`` and batches ``[1, C, H, W]`` of a block ``[steps, C, H, W]`` (a float32
+    array or a tensor): views of its rows, each kind made in one call."""
     import torch
 
-    rows = torch.from_numpy(block)
+    rows = torch.from_numpy(block) if isinstance(block, np.ndarray) else block
     return rows.unbind(0), rows.unsqueeze(1).unbind(0)
+
+
+def _converted(counts: Any, device: Any, dtype: Any) -> Any:
+    """A copy of ``counts`` (a CPU tensor) as ``dtype`` on ``device``. To a GPU through pinned memory and
+    without waiting: a copy from pageable memory first waits for the GPU to finish its queued work, so
+    a frame copied per step held the stream loop to the GPU's pace one step at a time."""
+    if device.type == "cuda":
+        return counts.pin_memory().to(device, dtype, non_blocking=True)
+    return counts.to(device, dtype)
 
 
 @dataclass(slots=True)
@@ -122,13 +131,17 @@ class Binner:
         if frames == "torch":
             import torch  # only for tensor frames
             self.dtype, self.device = dtype or torch.float32, torch.device(device)
-            self._to_frame = lambda a: torch.from_numpy(a).to(self.device, self.dtype)
-            # float32 on the CPU: a frame is a view of the counts (no copy), so a whole block of
-            # steps becomes frames (and batches) in one call each (a conversion per step held the model up)
-            self._rows_as_frames = _tensor_rows if (self.device.type == "cpu" and self.dtype == torch.float32) else None
+            self._to_frame = lambda a: _converted(torch.from_numpy(a), self.device, self.dtype)
+            # A whole block of steps becomes frames (and batches) in one call each (a conversion per
+            # step held the model up): float32 on the CPU, views of the counts (no copy); else one
+            # converted copy of the block.
+            self._frames_are_views = self.device.type == "cpu" and self.dtype == torch.float32
+            self._rows_as_frames = _tensor_rows if self._frames_are_views else (
+                lambda a: _tensor_rows(self._to_frame(a)))
         else:
             self.dtype, self.device = np.float32, None
             self._to_frame = lambda a: a  # the float32 accumulator itself
+            self._frames_are_views = True
             self._rows_as_frames = lambda a: (list(a), list(a[:, None]))
         self.t_start = None if t_start is None else int(t_start)
         self._cell_of = self._cell_table()
@@ -372,17 +385,18 @@ class Binner:
                 visits = np.bincount(rows, minlength=span)
             block = np.bincount(index, minlength=span * cells).astype(np.float32).reshape(span, cells)
             counts = visits.tolist()
-            as_frames = self._rows_as_frames
-            views = None if as_frames is None else as_frames(block.reshape(span, *self.frame_shape))
+            views = self._rows_as_frames(block.reshape(span, *self.frame_shape))
             for r in steps:
                 out += self._advance_to(lo_k + r)
                 if self._n:  # the open step already holds events of an earlier packet
                     self._acc += block[r]  # (in place: a frame made of the row sees it)
                 else:
                     self._acc = block[r]  # a row of its own: becomes the frame, no copy
-                    self._frame = None if views is None else (views[0][r], views[1][r])
+                    self._frame = views[0][r], views[1][r]
                 self._n += counts[r]
             i = j
+        if not self._frames_are_views:  # a copy cannot see events a later packet adds to the open step:
+            self._frame = None          # that one is converted when it is emitted
         return out
 
     def _advance_to(self, k: int) -> list[Step]:
