@@ -228,9 +228,11 @@ def run_stream(args: argparse.Namespace) -> int:
 
         from ..runtime.static_optim import new_optimizer  # torch.optim.Adam without the dynamo import
         from ..runtime.stop import STOP
-        # fused on a CPU: one pass over the parameters per update instead of a dozen (~10x faster there)
-        fused = torch.device(args.device).type == "cpu"
-        optimizer = new_optimizer(torch.optim.Adam, net.parameters(), lr=args.lr, fused=fused)
+        # fused on a CPU: one pass over the parameters per update instead of a dozen (~10x faster there);
+        # capturable on a GPU: the update is replayed as a CUDA graph with the steps, instead of
+        # running eagerly with two host reads at every sample's end (runtime/graphs.py)
+        on_cpu = torch.device(args.device).type == "cpu"
+        optimizer = new_optimizer(torch.optim.Adam, net.parameters(), lr=args.lr, fused=on_cpu, capturable=not on_cpu)
         learner = STOP(net, optimizer, update=args.update)
     elif net is not None:
         net.eval()

@@ -11,8 +11,9 @@ Rows, per network (``mlp`` 2x16x16 as in the demo, ``dvs_gesture`` and ``vgg11``
   target / a step without one;
 * ``eager_predict`` / ``static_predict``: ``STOP.infer`` (a sample that will not learn: the traces do
   not advance);
-* ``static_learn`` / ``static_infer``: the static step (``compile="static"``; CUDA graphs on CUDA).
-  Marked not available, with the reason, where this checkout's STOP has no ``compile`` argument;
+* ``static_learn`` / ``static_infer``: the static step (``compile="static"``; CUDA graphs on CUDA,
+  with Adam ``capturable=True`` there, so that the update is a graph too, as ``stoprt stream`` makes
+  it). Marked not available, with the reason, where this checkout's STOP has no ``compile`` argument;
 * ``floor_fwd_bwd`` / ``floor_fwd``: the same synaptic ops, frozen BatchNorm and pooling with ReLU in
   place of every neuron, in torch's own layers (``core_bench.floor_stack``), forward+backward and
   forward alone (no_grad);
@@ -88,8 +89,12 @@ def build_net(name: str, args, device: torch.device) -> L.Sequential:
 
 
 def learner(net: L.Sequential, mode: str, loss="ce") -> STOP:
+    """STOP-WTL with Adam; the static learner on a GPU with ``capturable=True`` (as ``stoprt stream
+    --device cuda`` makes it), so that its update is a graph too."""
     extra = {"compile": mode} if static_unavailable() is None else {}
-    return STOP(net, torch.optim.Adam(net.parameters(), lr=1e-3), update="sample", loss=loss, **extra)
+    capturable = mode != "eager" and next(net.parameters()).is_cuda
+    return STOP(net, torch.optim.Adam(net.parameters(), lr=1e-3, capturable=capturable), update="sample", loss=loss,
+                **extra)
 
 
 def held_tensors(lrn: STOP) -> list[torch.Tensor]:
