@@ -51,6 +51,7 @@ class Program:
         self.output_sum: Tensor | None = None  # summed outputs of the sample (prediction)
         self.last_out: Tensor | None = None    # the last learning step's output (stats.last_loss)
         self.target: Tensor | None = None      # ... and its labels
+        self._zeroed: list[Tensor] | None = None  # what reset zeroes
         self.bad = torch.zeros(2, dtype=torch.int64, device=x_like.device)  # [input, labels]
         self.step_no = torch.zeros((), dtype=torch.int64, device=x_like.device)
         # Constants of the device checks (a graph replays them; made once, not per step)
@@ -123,7 +124,9 @@ class Program:
     def reset(self) -> None:
         """Forget the sample: zero every buffer in place (addresses stay; one fused call, not a kernel
         launch per buffer on a GPU, where the reset runs between graph replays)."""
-        buffers = [t for op in self.ops for t in op.state()] + [self.output_sum, self.bad, self.step_no]
+        if self._zeroed is None:  # the buffers exist from the first forward on (the dry run's)
+            self._zeroed = [t for op in self.ops for t in op.state()] + [self.output_sum, self.bad, self.step_no]
+        buffers = self._zeroed
         if torch.compiler.is_compiling():  # traced by a graph exporter (ONNX has no fused zero)
             for t in buffers:
                 t.zero_()

@@ -53,8 +53,8 @@ class GuardedUpdate:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         self.grads = [p.grad for p in self.params]
-        self.clamps = NeuronClamps(L.neurons(net))
         device = self.params[0].device if self.params else torch.device("cpu")
+        self.clamps = NeuronClamps(L.neurons(net), device)
         self.saved = [torch.empty_like(p) for p in self.params]
         self.saved_state: list[Tensor] = []
         # updates, rejected updates, clamped values, updates that made NaN/Inf with keep_last_good off
@@ -145,8 +145,9 @@ class NeuronClamps:
     whatever the depth: the values gathered into one flat tensor, compared with flat bounds, clamped
     and copied back (per layer it was nine kernel launches at every update on a GPU)."""
 
-    def __init__(self, neurons: list[L.Neuron]) -> None:
+    def __init__(self, neurons: list[L.Neuron], device: torch.device) -> None:
         self.neurons = neurons
+        self._none = torch.zeros((), dtype=torch.int64, device=device)  # the count without neuron layers
         self._key: tuple | None = None
         self._lo = self._hi = torch.zeros(0)
 
@@ -172,7 +173,7 @@ class NeuronClamps:
     def __call__(self) -> Tensor:
         values, lo, hi = self._values()
         if not values:
-            return torch.zeros((), dtype=torch.int64)
+            return self._none
         sizes = [v.numel() for v in values]
         flat = torch.cat([v.reshape(-1) for v in values])
         key = (tuple(lo), tuple(hi), tuple(sizes), flat.dtype, flat.device)

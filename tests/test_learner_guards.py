@@ -148,7 +148,8 @@ def test_a_shared_leak_has_one_range_and_is_clamped_and_counted_once():
         first.leak.fill_(0.9)
         first.threshold.fill_(-1.0)
         second.threshold[:2] = -1.0
-    assert int(NeuronClamps([first, second])()) == 1 + 4 + 2  # the shared leak once, as constrain_ counts
+    clamped = NeuronClamps([first, second], torch.device("cpu"))()
+    assert int(clamped) == 1 + 4 + 2  # the shared leak once, as constrain_ counts
     assert float(first.leak.detach()) == pytest.approx(0.8) and bool((second.threshold >= second.threshold_floor).all())
 
 

@@ -359,7 +359,9 @@ def markdown(result: dict) -> str:
                                               if "error" not in s else f"failed: {s['error']}")]
     o = result.get("stream_overhead")
     if o:
-        lines += ["", f"Stream loop ({o['steps']} steps, mlp, CPU), us per step, wall (CPU time of all threads):", "",
+        lines += ["", f"Stream loop ({o['steps']} steps, mlp, CPU), us per step, wall (CPU time of all threads): the "
+                  f"best of {o.get('repeats', '?')} runs; the overheads are the median over the runs of each variant's "
+                  "time over the bare run next to it:", "",
                   "| bare learner calls | session | session + pipeline + built-in source |", "|---|---|---|",
                   "| " + " | ".join(f"{o[f'{k}_wall_us_per_step']:.1f} ({o[f'{k}_cpu_us_per_step']:.1f})"
                                    + ("" if k == "bare" else f"; {100 * o[f'{k}_overhead_wall']:+.1f}% "

@@ -193,7 +193,7 @@ class Binner:
         self._blank = np.zeros(int(np.prod(self.frame_shape)), dtype=np.float32)
         self._blank.flags.writeable = False
         self._acc = self._blank
-        self._frame = None  # the open step's (frame, batch) when made with its block (views of ``_acc``)
+        self._frame = None  # the open step's (frame, batch) when made with its block (views of ``_acc`` or of a copy)
         self._n = 0
         self._k: int | None = 0 if self.t_start is not None else None  # current step on the time grid
         self._t0 = self.t_start
