@@ -52,5 +52,6 @@ def test_quick_run_writes_every_row(tmp_path):
     assert overhead["steps"] > 0
     assert all(overhead[f"{k}_{c}_us_per_step"] > 0 for k in ("bare", "session", "session_pipeline")
                for c in ("wall", "cpu"))
+    assert len(overhead["processes"]) == 1 and "session_pipeline_overhead_wall" in overhead["processes"][0]
     table = (out / "step_bench.md").read_text()
     assert all(net in table for net in ("mlp", "dvs_gesture", "vgg11")) and "steps/s" in table

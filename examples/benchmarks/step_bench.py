@@ -33,7 +33,8 @@ after a warm-up; the median and the best are kept. Also measured:
   summary), and the command's wall time outside streaming (start-up and teardown);
 * the stream loop's own cost: the same learner calls replayed bare, through :class:`StreamSession`
   over pre-binned steps, and through session + :class:`StreamPipeline` + the built-in source (the
-  loop alone: learners and sources are built before the clock starts).
+  loop alone: learners and sources are built before the clock starts), in ``--overhead-processes``
+  fresh processes (``stream_loop.py``; the median over them).
 
 ``vgg11`` runs at width ``--vgg-width`` (0.25 on CPU by default: 16-128 channels; 1.0 on CUDA).
 """
@@ -58,7 +59,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from core_bench import floor_stack  # noqa: E402  (the one plain-torch floor builder)
-from stream_loop import stream_overhead, stream_rate  # noqa: E402
+from stream_loop import stream_overhead_processes, stream_rate  # noqa: E402
 
 from stoprt.runtime import layers as L, models  # noqa: E402
 from stoprt.runtime.atomic import write_text  # noqa: E402
@@ -359,9 +360,13 @@ def markdown(result: dict) -> str:
                                               if "error" not in s else f"failed: {s['error']}")]
     o = result.get("stream_overhead")
     if o:
+        per = o.get("processes", [])
         lines += ["", f"Stream loop ({o['steps']} steps, mlp, CPU), us per step, wall (CPU time of all threads): the "
-                  f"best of {o.get('repeats', '?')} runs; the overheads are the median over the runs of each variant's "
-                  "time over the bare run next to it:", "",
+                  f"best of {o.get('repeats', '?')} runs in each of {len(per) or 1} processes; in a process, an "
+                  "overhead is the median over its runs of the variant's time over the bare run next to it, and the "
+                  "table gives the median over the processes"
+                  + (" (session + pipeline per process: " + ", ".join(
+                      f"{100 * r['session_pipeline_overhead_wall']:+.1f}%" for r in per) + ")" if per else "") + ":", "",
                   "| bare learner calls | session | session + pipeline + built-in source |", "|---|---|---|",
                   "| " + " | ".join(f"{o[f'{k}_wall_us_per_step']:.1f} ({o[f'{k}_cpu_us_per_step']:.1f})"
                                    + ("" if k == "bare" else f"; {100 * o[f'{k}_overhead_wall']:+.1f}% "
@@ -393,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream-timeout", type=float, default=600)
     p.add_argument("--overhead-samples", type=int, default=20)
     p.add_argument("--overhead-repeats", type=int, default=15)
+    p.add_argument("--overhead-processes", type=int, default=5)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -405,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         args.T, args.repeats, args.memory_Ts, args.memory_net = 3, 1, [3, 6, 12], "mlp"
         args.stream_source, args.stream_steps, args.overhead_samples, args.overhead_repeats = \
             "builtin:digits:5", 40, 3, 1
+        args.overhead_processes = 1
     info = machine(device)
     out = Path(args.out or ROOT / "docs" / "results" / "step" / info["name"])
     why = static_unavailable()
@@ -428,8 +435,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{s.get('first_step_s') or float('nan'):.2f} s, outside streaming {s.get('startup_s', float('nan')):.2f} s"
           + (f" (failed: {s['error']})" if "error" in s else ""), flush=True)
     if device.type == "cpu":
-        o = result["stream_overhead"] = stream_overhead(
-            args, lambda net: learner(net, "auto" if static_unavailable() is None else "eager"))
+        o = result["stream_overhead"] = stream_overhead_processes(args)
         print(f"stream loop: bare {o['bare_wall_us_per_step']:.1f} us/step (CPU {o['bare_cpu_us_per_step']:.1f}), "
               f"session {100 * o['session_overhead_wall']:+.1f}% (CPU {100 * o['session_overhead_cpu']:+.1f}%), "
               f"session + pipeline {100 * o['session_pipeline_overhead_wall']:+.1f}% "

@@ -84,7 +84,7 @@ class StreamPipeline:
                 raise ValueError("this StreamPipeline is closed")
             self._wall0 = time.monotonic()
             if not self.threaded:
-                self._inline = self._production()
+                self._inline = self._steps_inline()
                 return self
             self._thread = threading.Thread(target=self._produce, name="stoprt-stream-producer", daemon=True)
             self._thread.start()
@@ -120,13 +120,7 @@ class StreamPipeline:
     # -- consumer ------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Step]:
         self.start()
-        return self if self._inline is None else self._steps_inline()
-
-    def _steps_inline(self) -> Iterator[Step]:
-        """The steps produced here, as one generator: one resume per step instead of three calls, on
-        the thread that also runs the model."""
-        while (step := self._next_inline()) is not None:
-            yield step
+        return self if self._inline is None else self._inline
 
     def __next__(self) -> Step:
         step = self.next_step()
@@ -139,7 +133,7 @@ class StreamPipeline:
         Re-raises the producer's exception once the steps queued before it are consumed."""
         self.start()
         if self._inline is not None:
-            return self._next_inline()
+            return next(self._inline, None)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
             while not self._queue and not self._done:
@@ -208,25 +202,27 @@ class StreamPipeline:
             self._done = True
             self._cond.notify_all()
 
-    def _next_inline(self) -> Step | None:
-        """The next step, produced here (see the module docstring); the same errors as threaded."""
-        if self._done:
-            return None
+    def _steps_inline(self) -> Iterator[Step]:
+        """The steps, produced by the consumer itself (see the module docstring), with the same
+        bookkeeping and errors as threaded; one generator, resumed once per step on the thread that
+        also runs the model."""
+        counts, production = self._counts, self._production()
         try:
-            step = next(self._inline)
-        except StopIteration:
-            self._finish()
-            error, self._error = self._error, None
-            if error is not None:
-                raise error
-            return None
+            for step in production:
+                self._note(step)
+                counts["steps_consumed"] += 1
+                counts["queue_peak"] = 1
+                yield step
+        except GeneratorExit:  # close(): it stops the source itself
+            production.close()
+            raise
         except BaseException:
             self._finish()
             raise
-        self._note(step)
-        self._counts["steps_consumed"] += 1
-        self._counts["queue_peak"] = max(self._counts["queue_peak"], 1)
-        return step
+        self._finish()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
     def _put(self, step: Step) -> bool:
         """Queue one step by the policy; False when the pipeline is closing."""

@@ -306,8 +306,8 @@ class StreamSession:
         return True
 
     def _boundary(self, segment: Segment | None) -> bool:
-        if self.labels is not None:
-            return segment != self._sample.segment
+        if self.labels is not None:  # (``is`` first: the lookup returns the same object all through a segment)
+            return segment is not self._sample.segment and segment != self._sample.segment
         return self._sample.steps >= self.window
 
     def _close_sample(self) -> None:
