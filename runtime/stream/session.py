@@ -198,6 +198,8 @@ def _label(label: int, like: Any) -> Any:
     if isinstance(like, np.ndarray):
         return np.array([label], np.int64)
     import torch  # a tensor frame: torch is loaded
+    if like.device.type == "cuda":  # from pinned memory, without waiting for the GPU's queued steps
+        return torch.tensor([label]).pin_memory().to(like.device, non_blocking=True)
     return torch.tensor([label], device=like.device)
 
 
@@ -312,7 +314,10 @@ class StreamSession:
 
     def _close_sample(self) -> None:
         sample, self._sample = self._sample, None
-        prediction = int(sample.output_sum.argmax(1)[0])
+        # the prediction and its score from one read (a synchronisation on a GPU); numpy's argmax, as
+        # torch's, takes the first of equal maxima and a NaN over any number
+        scores = sample.output_sum[0].tolist()
+        prediction = int(np.argmax(scores))
         if self.learner is not None:
             self.learner.end_sample()
             self.stats.updates = self.learner.stats.updates
@@ -335,7 +340,7 @@ class StreamSession:
             self.on_prediction(WindowPrediction(
                 self.stats.samples - 1, sample.start_us, sample.end_us, sample.steps, prediction,
                 None if sample.segment is None else sample.segment.label,
-                float(sample.output_sum[0, prediction])))
+                float(scores[prediction])))
         if self.labels is not None:
             self.labels.prune(sample.start_us)
         if self.on_sample_end is not None:
