@@ -49,6 +49,18 @@ def _class_steps(track, n, seed=0):
     return steps
 
 
+def test_a_learner_over_another_network_is_refused():
+    """Checkpoints hold the session's network: with a learner over a copy of it they kept none of what
+    was learned, silently."""
+    torch.manual_seed(0)
+    net = models.mlp(in_channels=2, size=8, classes=3, hidden=(16,))
+    other = copy.deepcopy(net)
+    learner = STOP(other, torch.optim.Adam(other.parameters(), lr=1e-2))
+    with pytest.raises(ValueError, match=r"another network than the session's.*StreamSession\(learner.net"):
+        StreamSession(net, learner)
+    assert StreamSession(other, learner).learner is learner
+
+
 def test_label_lookups_follow_segments_added_and_pruned_between_them():
     """``at`` answers from its last hit while that holds; against a plain scan of the segments (the
     latest start at or before t wins, if t is before its end) over overlapping segments, with

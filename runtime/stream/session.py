@@ -237,6 +237,10 @@ class StreamSession:
             raise ValueError("a session learns with a learner or runs another backend, not both")
         if net is None and learner is None and runner is None:
             raise ValueError("a session without a torch network needs a learner or a runner")
+        if net is not None and getattr(learner, "net", net) is not net:
+            # checkpoints hold the session's network: they would lose all that the learner learned
+            raise ValueError("the learner learns another network than the session's; pass the learner's own: "
+                             "StreamSession(learner.net, learner, ...)")
         self.net, self.learner, self.window, self.runner = net, learner, window, runner
         self.arrays = net is None  # numpy values throughout: no torch, array checkpoints
         if net is not None and learner is None and runner is None:
