@@ -46,6 +46,7 @@ def test_time_bins_match_events_to_frames_for_any_packetisation(polarity):
         assert torch.equal(torch.stack([s.frame for s in steps]), ref)
         assert [s.t_start for s in steps] == list(range(0, 100_000, 2000))
         assert sum(s.n_events for s in steps) == len(ev) == binner.stats["events_binned"]
+        assert binner.stats["steps"] == 50 and all(torch.equal(s.batch[0], s.frame) for s in steps)
 
 
 def test_at_most_one_step_is_buffered_and_steps_come_out_as_soon_as_complete():

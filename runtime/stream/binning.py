@@ -365,7 +365,9 @@ class Binner:
         Every step an event falls in is opened, kept or not (filtered events still advance time)."""
         if self._t0 is None:
             self._t0 = int(t[0])
-        k = (t - self._t0) // self.dt_us
+        dt, t0 = self.dt_us, self._t0
+        k = (t - t0) // dt
+        fast_steps = fast_events = 0
         filtered = not keep.all()
         cells = len(self._acc)
         out: list[Step] = []
@@ -385,16 +387,32 @@ class Binner:
                 visits = np.bincount(rows, minlength=span)
             block = np.bincount(index, minlength=span * cells).astype(np.float32).reshape(span, cells)
             counts = visits.tolist()
-            views = self._rows_as_frames(block.reshape(span, *self.frame_shape))
+            frames, batches = self._rows_as_frames(block.reshape(span, *self.frame_shape))
+            opened = None  # the last row opened as a step of its own: its counts become ``_acc`` below
             for r in steps:
-                out += self._advance_to(lo_k + r)
+                kr = lo_k + r
+                if self._n and self._frame is not None and kr == self._k + 1:
+                    # The common case, the next step after one made with its block: the open step is
+                    # emitted here as _emit would (a step per row of a recording, next to the model:
+                    # two calls and a list less each)
+                    frame, batch = self._frame
+                    out.append(Step(frame, t0 + self._k * dt, t0 + kr * dt, self._n, self._index, batch))
+                    self._index += 1
+                    fast_steps += 1
+                    fast_events += self._n
+                    self._k, self._n = kr, 0
+                else:
+                    out += self._advance_to(kr)
                 if self._n:  # the open step already holds events of an earlier packet
                     self._acc += block[r]  # (in place: a frame made of the row sees it)
-                else:
-                    self._acc = block[r]  # a row of its own: becomes the frame, no copy
-                    self._frame = views[0][r], views[1][r]
+                else:  # a row of its own: becomes the frame, no copy
+                    self._frame, opened = (frames[r], batches[r]), r
                 self._n += counts[r]
+            if opened is not None:  # only the step left open needs its counts (a later packet may add
+                self._acc = block[opened]  # to them; a copied frame is made from them when emitted)
             i = j
+        self._counts["steps"] += fast_steps
+        self._counts["events_binned"] += fast_events
         if not self._frames_are_views:  # a copy cannot see events a later packet adds to the open step:
             self._frame = None          # that one is converted when it is emitted
         return out
