@@ -115,6 +115,8 @@ class Learner:
         # sets it to average gradients across processes.
         self.grad_sync: Callable[[list[Tensor]], None] | None = None
         self.stats = LearnerStats()
+        # The summed outputs of the sample in progress [B, K] (its prediction at end_sample), None
+        # between samples; a stream session reads it rather than summing the outputs again.
         self.output_sum: Tensor | None = None
         self.sample_steps = 0
         self._input_shape: tuple[int, ...] | None = getattr(net, "input_shape", None)

@@ -107,6 +107,7 @@ class StaticEngine:
         sample keeps its shape, device and dtype)."""
         self.runner = self._runner(x)
         self.program.start_sample()
+        self.learner.output_sum = self.program.output_sum  # the learner's view of the sample (see Learner)
         self._on_host = not self._on_device(x)
         self._check_host = self.learner.check_inputs and self._on_host
 
@@ -158,7 +159,7 @@ class StaticEngine:
         lr = self.learner
         if self.program is not None:
             self.program.reset()
-        lr._sample_shape, lr.sample_steps = None, 0
+        lr._sample_shape, lr.sample_steps, lr.output_sum = None, 0, None
 
     def _last_loss(self) -> float:
         p = self._loss_program

@@ -49,6 +49,37 @@ def _class_steps(track, n, seed=0):
     return steps
 
 
+@pytest.mark.parametrize("mode", ["static", "eager"])
+def test_predictions_read_from_the_learner_equal_the_sessions_own_sums(mode):
+    """The session reads a learner's summed outputs rather than summing them again; with a learner
+    that keeps none (here: one hiding them) it sums itself. Predictions and scores agree exactly."""
+    class Hiding:  # a learner without output_sum
+        def __init__(self, learner):
+            self._l = learner
+            self.net, self.stats, self.update = learner.net, learner.stats, learner.update
+            self.optimizer = learner.optimizer
+
+        def step(self, x, target=None):
+            return self._l.step(x, target)
+
+        def end_sample(self):
+            return self._l.end_sample()
+
+    windows = {}
+    for hide in (False, True):
+        torch.manual_seed(4)
+        net = models.mlp(in_channels=2, size=8, classes=3, hidden=(16,), readout=True)  # graded outputs
+        learner = STOP(net, torch.optim.Adam(net.parameters(), lr=1e-2), compile=mode)
+        seen = []
+        session = StreamSession(net, Hiding(learner) if hide else learner, labels=_labels(6),
+                                on_prediction=seen.append)
+        assert session._sums == hide
+        running = [session.process(s.frame, s.t_start, s.t_end) for s in _class_steps(_labels(6), 40)]
+        session.finish()
+        windows[hide] = (running, [(w.prediction, w.score) for w in seen])
+    assert windows[False] == windows[True] and len(windows[False][1]) >= 6
+
+
 def test_a_learner_over_another_network_is_refused():
     """Checkpoints hold the session's network: with a learner over a copy of it they kept none of what
     was learned, silently."""

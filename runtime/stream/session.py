@@ -188,7 +188,7 @@ class _Sample:
     start_us: int
     end_us: int = 0
     steps: int = 0
-    output_sum: Any = None         # [1, K] tensor or array
+    output_sum: Any = None         # [1, K] tensor or array (summed by the session when the learner does not)
     target: Any = None             # the segment's label as a [1] tensor or array, made once per sample
     frames: list | None = field(default_factory=list)  # None: too long to keep for replay
 
@@ -253,6 +253,9 @@ class StreamSession:
         self.on_prediction = on_prediction
         self.on_sample_end = on_sample_end
         self.stats = SessionStats()
+        # A learner keeps the sample's summed outputs itself (STOP, BPTT and the graph learners: their
+        # output_sum); the session reads those, and sums the outputs only for the others.
+        self._sums = learner is None or not hasattr(learner, "output_sum")
         self._sample: _Sample | None = None
         self._last_unlabelled: _Sample | None = None
         self._stop_requested = False
@@ -269,7 +272,7 @@ class StreamSession:
         """Run one time step; returns the running prediction of the current sample."""
         if not self._advance(frame, t_start, t_end):
             return -1
-        return int(self._sample.output_sum.argmax(1)[0])
+        return int(self._summed(self._sample).argmax(1)[0])
 
     def _advance(self, frame: Any, t_start: int, t_end: int, batch: Any = None) -> bool:
         """:meth:`process` without the running prediction (a host read per step; :meth:`run` needs
@@ -303,13 +306,18 @@ class StreamSession:
                 sample.frames = None  # longer than the replay bound: a late label will not apply
         sample.steps += 1
         sample.end_us = t_end
-        if sample.output_sum is None:
-            sample.output_sum = out + 0  # a copy (tensor or array), summed in place below: never the caller's
-        else:
-            sample.output_sum += out
+        if self._sums:
+            if sample.output_sum is None:
+                sample.output_sum = out + 0  # a copy (tensor or array), summed in place below: never the caller's
+            else:
+                sample.output_sum += out
         self.stats.steps += 1
         self.stats.t_us = t_end
         return True
+
+    def _summed(self, sample: _Sample) -> Any:
+        """The sample's summed outputs ``[1, K]`` (the learner's while the sample is open)."""
+        return sample.output_sum if self._sums else self.learner.output_sum
 
     def _boundary(self, segment: Segment | None) -> bool:
         if self.labels is not None:  # (``is`` first: the lookup returns the same object all through a segment)
@@ -320,7 +328,7 @@ class StreamSession:
         sample, self._sample = self._sample, None
         # the prediction and its score from one read (a synchronisation on a GPU); numpy's argmax, as
         # torch's, takes the first of equal maxima and a NaN over any number
-        scores = sample.output_sum[0].tolist()
+        scores = self._summed(sample)[0].tolist()
         prediction = int(np.argmax(scores))
         if self.learner is not None:
             self.learner.end_sample()
