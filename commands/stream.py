@@ -167,7 +167,8 @@ def run_stream(args: argparse.Namespace) -> int:
     from ..runtime.stream.binning import Binner
     from ..runtime.stream.pipeline import StreamPipeline
     from ..runtime.stream.predictions import PredictionLog, check_path, describe
-    from ..runtime.stream.session import LabelTrack, StreamSession
+    from ..runtime.stream.labels import LabelTrack
+    from ..runtime.stream.session import StreamSession
     from ..runtime.usage import peak_rss_mib
 
     bundle_learn = _check_backend_options(args)

@@ -21,7 +21,8 @@ from ..runtime.events import EVENT_DTYPE
 from ..runtime.formats import write_events
 from ..runtime.stream.binning import Binner
 from ..runtime.stream.builtin import recordings
-from ..runtime.stream.session import LabelTrack, StreamSession
+from ..runtime.stream.labels import LabelTrack
+from ..runtime.stream.session import StreamSession
 
 HELD_OUT = 200
 SENSOR = (32, 32)

@@ -13,7 +13,8 @@ from stoprt.fleet.aggregate import Report, check_report, fedavg
 from stoprt.runtime import models
 from stoprt.runtime.stream.merge import (ACK_FILE, MERGE_FILE, REPORT_FILE, ROUND_KEY, FleetMerge, fleet_parameters,
                                          parameter_bounds, read_arrays, write_arrays)
-from stoprt.runtime.stream.session import LabelTrack, SessionStats, StreamSession
+from stoprt.runtime.stream.labels import LabelTrack
+from stoprt.runtime.stream.session import SessionStats, StreamSession
 
 
 def _net():

@@ -10,7 +10,8 @@ import torch
 
 from stoprt.runtime import layers as L, models
 from stoprt.runtime.checkpoint import load_checkpoint
-from stoprt.runtime.stream.session import LabelTrack, Segment, StreamSession
+from stoprt.runtime.stream.labels import LabelTrack, Segment
+from stoprt.runtime.stream.session import StreamSession
 from stoprt.runtime.stop import STOP
 
 Step = namedtuple("Step", "frame t_start t_end")

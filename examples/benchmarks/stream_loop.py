@@ -51,7 +51,8 @@ def stream_overhead(args, make_learner: Callable) -> dict:
     program and the optimizer state exist: start-up is ``first_step_s``'s to measure), and each run
     is short (``overhead_samples``) and repeated often (``overhead_repeats``, interleaved): on a
     shared machine the best of many short runs is the estimate least disturbed by other processes."""
-    from stoprt.runtime.stream.session import LabelTrack, StreamSession
+    from stoprt.runtime.stream.labels import LabelTrack
+    from stoprt.runtime.stream.session import StreamSession
     from stoprt.runtime.stream import Binner, StreamPipeline
     from stoprt.runtime.stream.builtin import BuiltinStream
 

@@ -1,7 +1,7 @@
 """A built-in labelled event stream: emulated recordings played one after another.
 
 ``BuiltinStream("digits")`` plays emulated DVS digits (or ``"gestures"``) back to back with a short
-gap and fills the matching :class:`~stoprt.runtime.stream.session.LabelTrack` as it goes (each label is
+gap and fills the matching :class:`~stoprt.runtime.stream.labels.LabelTrack` as it goes (each label is
 added just before its recording's first packet, as a labelling process beside a camera would): a
 self-contained stand-in for a labelled camera stream (no download, deterministic with a seed). With
 ``loop=True`` it plays forever, in bounded memory.
@@ -24,7 +24,7 @@ import numpy as np
 
 from ..cache import CACHE_VERSION, cache_dir, load_npz, save_npz
 from ..events import EVENT_DTYPE
-from .session import LabelTrack
+from .labels import LabelTrack
 from .sources import EventSource
 
 DURATION_US = {"digits": 300_000, "gestures": 200_000}
