@@ -55,3 +55,17 @@ def test_quick_run_writes_every_row(tmp_path):
     assert len(overhead["processes"]) == 1 and "session_pipeline_overhead_wall" in overhead["processes"][0]
     table = (out / "step_bench.md").read_text()
     assert all(net in table for net in ("mlp", "dvs_gesture", "vgg11")) and "steps/s" in table
+
+
+def test_op_counts_of_a_sample_end_do_not_grow_with_depth():
+    """examples/benchmarks/op_counts.py: outside the replayed graphs a sample's end is a fixed handful
+    of ops (the fused reset and clamps), whatever the network's depth; each counted row is there."""
+    path = BENCH.parent / "op_counts.py"
+    spec = importlib.util.spec_from_file_location("op_counts", path)
+    ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ops)
+    shallow, deep = ops.counts_for("mlp"), ops.counts_for("dvs_gesture")
+    assert shallow["sample_end"]["total"] == deep["sample_end"]["total"] <= 30
+    assert all(c[row]["total"] > 0 for c in (shallow, deep)
+               for row in ("learn_step", "infer_step", "floor_fwd_bwd", "floor_fwd"))
+    assert deep["learn_step"]["total"] > shallow["learn_step"]["total"]
