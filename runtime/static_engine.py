@@ -51,7 +51,6 @@ class StaticEngine:
         self.device_checks: bool | None = None
         self._on_host = self._check_host = True  # set per sample by _start_sample
 
-
     # ---- programs -------------------------------------------------------------------------------
     def _runner(self, x: Tensor):
         key = (x.shape, x.device, x.dtype)
