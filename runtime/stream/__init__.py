@@ -8,7 +8,8 @@
             ...
 
 Sources (:mod:`.sources`, :mod:`.udp`, :mod:`.cameras`) yield EVENT_DTYPE packets; :class:`Binner`
-(:mod:`.binning`) turns packets into time steps holding at most one partial step; :class:`StreamPipeline`
+(:mod:`.binning`, with the event filters of :mod:`.filters`) turns packets into time steps holding
+at most one partial step; :class:`StreamPipeline`
 (:mod:`.pipeline`) runs source and binner in a producer thread behind a bounded queue. Image and video
 input use the encodings of :mod:`.encodings` instead of a binner. Everything here but the encodings
 imports without torch.

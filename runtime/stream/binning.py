@@ -6,12 +6,11 @@ holds at most one step (the current, partial one), never the stream. Per packet,
 1. checks: events outside the sensor, with a polarity above 1, or with a timestamp before the latest
    one seen (timestamps going backwards) are dropped and counted in ``stats`` (``out_of_bounds``,
    ``bad_polarity``, ``backwards``); the stream goes on;
-2. hot pixels (optional): a fixed mask, or ``"auto"``: per window of ``hot_window_us``, a pixel with
-   more than ``hot_factor`` times the median count of the active pixels (and at least
-   ``hot_min_events``) is masked during the next window (the first window is never masked);
-3. background-activity filter (optional, ``denoise_us``): an event is kept only if one of its 8
-   neighbours fired within ``denoise_us`` before it (every checked event updates the neighbourhood
-   map, kept or not, as in the classic filter);
+2. hot pixels (optional, :class:`~.filters.HotPixels`): a fixed mask, or ``"auto"``: per window of
+   ``hot_window_us``, a pixel with more than ``hot_factor`` times the median count of the active
+   pixels (and at least ``hot_min_events``) is masked during the next window;
+3. background-activity filter (optional, ``denoise_us``; :class:`~.filters.ActivityFilter`): an event
+   is kept only if one of its 8 neighbours fired within ``denoise_us`` before it;
 4. region of interest (optional ``roi=(x0, y0, w, h)``) and spatial downsampling to ``out_size``: each
    event adds 1 to the output cell that contains it (integer scaling, as
    :func:`~stoprt.runtime.events.events_to_frames`; counts are preserved);
@@ -38,10 +37,9 @@ from typing import Any
 import numpy as np
 
 from ..events import _pair
+from .filters import ActivityFilter, HotPixels
 from .sources import as_packet
 
-_NEIGHBOURS = [(dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dx or dy]
-_NEVER = np.iinfo(np.int64).min // 2
 _BLOCK_CELLS = 1 << 21  # counts of at most this many cells at once when a packet spans many steps
 
 
@@ -112,19 +110,14 @@ class Binner:
                             ("max_gap_steps", max_gap_steps)):
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if denoise_us is not None and (not isinstance(denoise_us, (int, np.integer)) or denoise_us < 0):
-            raise ValueError(f"denoise_us must be an int >= 0 or None, got {denoise_us!r}")
         w, h = self.sensor_size
         self.roi = (0, 0, w, h) if roi is None else self._check_roi(roi)
         self.out_size = _pair(out_size, "out_size") if out_size is not None else self.roi[2:]
         self.mode, self.polarity = mode, polarity
         self.dt_us, self.events_per_step, self.max_gap_steps = int(dt_us), int(events_per_step), int(max_gap_steps)
-        self.denoise_us = None if denoise_us is None else int(denoise_us)
-        self.hot_auto = isinstance(hot_pixels, str)
-        if self.hot_auto and hot_pixels != "auto":
-            raise ValueError(f"hot_pixels must be None, a [H, W] mask or 'auto', got {hot_pixels!r}")
-        self._fixed_hot = None if hot_pixels is None or self.hot_auto else self._check_mask(hot_pixels)
-        self.hot_window_us, self.hot_factor, self.hot_min_events = int(hot_window_us), float(hot_factor), hot_min_events
+        self._hot = None if hot_pixels is None else HotPixels(self.sensor_size, hot_pixels, int(hot_window_us),
+                                                               hot_factor, hot_min_events)
+        self._activity = None if denoise_us is None else ActivityFilter(self.sensor_size, denoise_us)
         if frames not in ("torch", "numpy"):
             raise ValueError(f"frames must be 'torch' or 'numpy', got {frames!r}")
         self.frames = frames
@@ -151,8 +144,6 @@ class Binner:
         self.frame_shape = (channels, self.out_size[1], self.out_size[0])
         self._zero = (np.zeros(1, np.float32) if frames == "numpy" else
                       torch.zeros(1, dtype=self.dtype, device=self.device))
-        self._hot_mask = self._fixed_hot.copy() if self._fixed_hot is not None else (
-            np.zeros(w * h, bool) if self.hot_auto else None)
         self._counts = dict.fromkeys(("events_in", "events_binned", "out_of_bounds", "bad_polarity", "backwards",
                                       "hot_dropped", "denoised", "roi_dropped", "steps", "empty_steps",
                                       "gap_steps_skipped"), 0)
@@ -166,18 +157,10 @@ class Binner:
                              f"{self.sensor_size[1]} sensor")
         return x0, y0, w, h
 
-    def _check_mask(self, mask: Any) -> np.ndarray:
-        arr = mask.detach().cpu().numpy() if hasattr(mask, "detach") else np.asarray(mask)  # a tensor, or array-like
-        w, h = self.sensor_size
-        if arr.shape != (h, w):
-            raise ValueError(f"hot_pixels mask must have shape (H, W) = ({h}, {w}), got {arr.shape}")
-        return arr.astype(bool).reshape(-1)
-
     # -- state ---------------------------------------------------------------------------------------
     @property
     def stats(self) -> dict[str, int]:
-        hot = self._hot_mask if self._hot_mask is not None else np.zeros(0, bool)
-        return {**self._counts, "hot_pixels": int(hot.sum())}
+        return {**self._counts, "hot_pixels": 0 if self._hot is None else self._hot.pixels}
 
     @property
     def buffered_events(self) -> int:
@@ -185,9 +168,8 @@ class Binner:
         return self._n
 
     def reset(self) -> None:
-        """Forget the stream: drop the partial step, the time grid and the denoise history. The
+        """Forget the stream: drop the partial step, the time grid and the filters' history. The
         counters in ``stats`` and the hot-pixel mask (a property of the sensor) are kept."""
-        w, h = self.sensor_size
         # The open step's counts; ``_blank`` (read-only zeros) until an event arrives, so that an
         # emitted frame never shares memory with the counts that follow it.
         self._blank = np.zeros(int(np.prod(self.frame_shape)), dtype=np.float32)
@@ -200,9 +182,9 @@ class Binner:
         self._last_t: int | None = self.t_start
         self._count_t0 = self._count_t1 = 0
         self._index = 0
-        self._denoise_map = np.full(w * h, _NEVER, dtype=np.int64) if self.denoise_us is not None else None
-        self._hot_counts = np.zeros(w * h, dtype=np.int64) if self.hot_auto else None
-        self._hot_window: int | None = None
+        for f in (self._hot, self._activity):
+            if f is not None:
+                f.reset()
 
     # -- public API ----------------------------------------------------------------------------------
     def push(self, packet: np.ndarray) -> list[Step]:
@@ -215,10 +197,10 @@ class Binner:
         if not len(t):
             return []
         keep = np.ones(len(t), dtype=bool)
-        if self._hot_mask is not None:
-            self._mask_hot(t, pix, keep)
-        if self._denoise_map is not None:
-            self._denoise(t, pix, keep)
+        if self._hot is not None:
+            self._counts["hot_dropped"] += self._hot.apply(t, pix, keep)
+        if self._activity is not None:
+            self._counts["denoised"] += self._activity.apply(t, pix, keep)
         flat = self._cells(pix, p, keep)
         return self._bin_time(t, flat, keep) if self.mode == "time" else self._bin_count(t[keep], flat[keep])
 
@@ -267,63 +249,6 @@ class Binner:
         if len(t):
             self._last_t = int(t[-1])
         return t, y.astype(np.int64) * w + x, p
-
-    def _mask_hot(self, t: np.ndarray, pix: np.ndarray, keep: np.ndarray) -> None:
-        if not self.hot_auto:
-            keep &= ~self._hot_mask[pix]
-        else:
-            if self._hot_window is None:
-                self._hot_window = int(t[0])
-            i, n = 0, len(t)
-            while i < n:
-                j = int(np.searchsorted(t, self._hot_window + self.hot_window_us, side="left"))
-                j = max(j, i)
-                np.add.at(self._hot_counts, pix[i:j], 1)
-                keep[i:j] &= ~self._hot_mask[pix[i:j]]
-                if j < n:  # the window ended: the next one is masked by what this one counted
-                    self._update_hot_mask()
-                    self._hot_window += (int(t[j]) - self._hot_window) // self.hot_window_us * self.hot_window_us
-                i = j
-        self._counts["hot_dropped"] += int((~keep).sum())
-
-    def _update_hot_mask(self) -> None:
-        counts = self._hot_counts
-        active = counts[counts > 0]
-        limit = max(self.hot_factor * float(np.median(active)), self.hot_min_events) if len(active) else np.inf
-        self._hot_mask = counts > limit
-        if self._fixed_hot is not None:
-            self._hot_mask |= self._fixed_hot
-        counts[:] = 0
-
-    def _denoise(self, t: np.ndarray, pix: np.ndarray, keep: np.ndarray) -> None:
-        """Background-activity filter over the events still kept; updates the neighbourhood map."""
-        idx = np.flatnonzero(keep)
-        if not len(idx):
-            return
-        tk, pk = t[idx], pix[idx]
-        w, h = self.sensor_size
-        n = len(tk)
-        # Work in (pixel, arrival) order: the keys and, for each offset, the queries are then sorted,
-        # which keeps the binary searches cache-friendly.
-        order = np.lexsort((np.arange(n), pk))
-        sp, st = pk[order], tk[order]
-        keys = sp * n + order
-        xs, ys = sp % w, sp // w
-        support = np.full(n, _NEVER, dtype=np.int64)
-        for dx, dy in _NEIGHBOURS:
-            valid = (xs + dx >= 0) & (xs + dx < w) & (ys + dy >= 0) & (ys + dy < h)
-            q = sp + (dy * w + dx)
-            # The latest earlier event of this packet at pixel q, else the map from earlier packets.
-            pos = np.searchsorted(keys, q * n + order, side="left") - 1
-            pos_ok = np.maximum(pos, 0)
-            same = (pos >= 0) & (sp[pos_ok] == q)
-            seen = np.where(same, st[pos_ok], self._denoise_map[np.where(valid, q, 0)])
-            np.maximum(support, np.where(valid, seen, _NEVER), out=support)
-        support[order] = support.copy()  # back to arrival order
-        passed = tk - support <= self.denoise_us
-        np.maximum.at(self._denoise_map, pk, tk)
-        self._counts["denoised"] += int((~passed).sum())
-        keep[idx[~passed]] = False
 
     def _cells(self, pix: np.ndarray, p: np.ndarray, keep: np.ndarray) -> np.ndarray:
         """Flat output-cell index of each event; events outside the ROI are removed from ``keep``."""
