@@ -268,4 +268,3 @@ def _check_optimizer_holds(net: nn.Module, optimizer: torch.optim.Optimizer) -> 
     raise ValueError(f"the optimizer holds {held} tensor(s) and {which} of them are parameters of the "
                      f"network (not the network's: shapes {shapes}); build it from this network, e.g. "
                      "torch.optim.Adam(net.parameters()), after any copy.deepcopy of the network")
-

@@ -124,9 +124,7 @@ class StaticEngine:
         if self.program is None or lr.sample_steps == 0:
             lr._sample_shape = None
             return None
-        if lr._steps_since_update:
-            with torch.no_grad():
-                self._apply_update()
+        self._apply_update()  # (GuardedUpdate runs without autograd itself)
         prediction = self.program.output_sum.argmax(1)
         if self._on_host:  # two reads of host memory; on a device one (a synchronisation) per sample
             flags = self.update.counts.tolist() + self.program.bad.tolist()

@@ -52,13 +52,13 @@ def _tensor_rows(block: Any) -> tuple[Any, Any]:
     return rows.unbind(0), rows.unsqueeze(1).unbind(0)
 
 
-def _converted(counts: Any, device: Any, dtype: Any) -> Any:
-    """A copy of ``counts`` (a CPU tensor) as ``dtype`` on ``device``. To a GPU through pinned memory and
+def host_to_device(t: Any, device: Any, dtype: Any) -> Any:
+    """A copy of ``t`` (a CPU tensor) as ``dtype`` on ``device``. To a GPU through pinned memory and
     without waiting: a copy from pageable memory first waits for the GPU to finish its queued work, so
     a frame copied per step held the stream loop to the GPU's pace one step at a time."""
     if device.type == "cuda":
-        return counts.pin_memory().to(device, dtype, non_blocking=True)
-    return counts.to(device, dtype)
+        return t.pin_memory().to(device, dtype, non_blocking=True)
+    return t.to(device, dtype)
 
 
 @dataclass(slots=True)
@@ -124,7 +124,7 @@ class Binner:
         if frames == "torch":
             import torch  # only for tensor frames
             self.dtype, self.device = dtype or torch.float32, torch.device(device)
-            self._to_frame = lambda a: _converted(torch.from_numpy(a), self.device, self.dtype)
+            self._to_frame = lambda a: host_to_device(torch.from_numpy(a), self.device, self.dtype)
             # A whole block of steps becomes frames (and batches) in one call each (a conversion per
             # step held the model up): float32 on the CPU, views of the counts (no copy); else one
             # converted copy of the block.

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import numpy as np
 
 from ..checkpoint import load_array_checkpoint, load_checkpoint, save_array_checkpoint, save_checkpoint
+from .binning import host_to_device
 from .labels import LabelTrack, Segment
 from .runner import StepRunner
 
@@ -93,9 +94,7 @@ def _label(label: int, like: Any) -> Any:
     if isinstance(like, np.ndarray):
         return np.array([label], np.int64)
     import torch  # a tensor frame: torch is loaded
-    if like.device.type == "cuda":  # from pinned memory, without waiting for the GPU's queued steps
-        return torch.tensor([label]).pin_memory().to(like.device, non_blocking=True)
-    return torch.tensor([label], device=like.device)
+    return host_to_device(torch.tensor([label]), like.device, torch.int64)
 
 
 class StreamSession:
