@@ -49,8 +49,9 @@ def stream_overhead(args, make_learner: Callable) -> dict:
 
     Each variant's learner has run one step and its update before the clock starts (the static
     program and the optimizer state exist: start-up is ``first_step_s``'s to measure), and each run
-    is short (``overhead_samples``) and repeated often (``overhead_repeats``, interleaved): on a
-    shared machine the best of many short runs is the estimate least disturbed by other processes."""
+    is short (``overhead_samples``) and repeated often (``overhead_repeats``, interleaved): an
+    overhead is the median of the paired ratios (see below), which a shared machine's slow swings
+    disturb least."""
     from stoprt.runtime.stream.labels import LabelTrack
     from stoprt.runtime.stream.session import StreamSession
     from stoprt.runtime.stream import Binner, StreamPipeline
