@@ -10,6 +10,9 @@ keep their step counts on the CPU) cannot be captured; its update then runs unca
 on the gradients the captured steps accumulated (a per-sample update is a small share of a sample's
 time), while the steps themselves still replay as graphs.
 
+Under ``compile="fused"`` the functions captured are the program's steps compiled by
+``torch.compile`` (:mod:`stoprt.runtime.fused`), already compiled: capture records their kernels.
+
 The warm-up runs real steps and a real update; parameters, optimizer state, counters, state buffers
 and gradients are put back afterwards (in place), so capturing changes nothing the learner has.
 """
@@ -36,12 +39,15 @@ class CapturedSteps:
 
     ``pool_bytes``: device memory reserved by capturing (the graphs' private pool), for profiles.
     ``update_captured``: whether the update is a graph too (see the module docstring).
+    ``compiled``: the program's steps compiled (``compile="fused"``), captured instead of its own.
     """
 
-    def __init__(self, program: Program, update: GuardedUpdate, x_like: Tensor) -> None:
+    def __init__(self, program: Program, update: GuardedUpdate, x_like: Tensor, compiled=None) -> None:
         self.program, self._update = program, update
         self.x = torch.zeros_like(x_like)
         self.target = torch.zeros_like(program.target)
+        self._learn, self._infer = ((program.learn, program.infer) if compiled is None
+                                    else (compiled.learn_on, compiled.infer_on))
         try:
             check_capturable(update.optimizer)
             self.update_captured = not steps_on_host(update.optimizer)
@@ -51,12 +57,13 @@ class CapturedSteps:
             self.g_learn, self.g_update, self.g_infer = (torch.cuda.CUDAGraph() for _ in range(3))
             with torch.no_grad():
                 with torch.cuda.graph(self.g_learn, pool=self.pool):
-                    self.out = program.learn(self.x, self.target)
+                    self.out_learn = self._learn(self.x, self.target)
                 if update.params and self.update_captured:
                     with torch.cuda.graph(self.g_update, pool=self.pool):
                         update()
                 with torch.cuda.graph(self.g_infer, pool=self.pool):
-                    program.infer(self.x)
+                    # (compiled steps return tensors of their own, so each graph's output is kept)
+                    self.out_infer = self._infer(self.x)
             self.pool_bytes = torch.cuda.memory_reserved(x_like.device) - before
         except CaptureError:
             raise
@@ -75,10 +82,10 @@ class CapturedSteps:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):
-                program.learn(self.x, self.target)
+                self._learn(self.x, self.target)
                 if params:
                     update()
-                program.infer(self.x)
+                self._infer(self.x)
         torch.cuda.current_stream().wait_stream(side)
         for p, old in zip(params, saved_params):
             p.copy_(old)
@@ -97,12 +104,12 @@ class CapturedSteps:
         self.x.copy_(x)
         self.target.copy_(target)
         self.g_learn.replay()
-        return self.out
+        return self.out_learn
 
     def infer(self, x: Tensor) -> Tensor:
         self.x.copy_(x)
         self.g_infer.replay()
-        return self.out
+        return self.out_infer
 
     # A step of a sample that will not learn replays the inference graph: the traces it advances
     # are never read, the outputs are the same, and one graph fewer is captured.

@@ -1,6 +1,7 @@
-"""How a STOP learner runs its steps under ``compile="static"``: one :class:`~.static.Program` per
-input shape, the guarded update of :mod:`.static_update`, and (on CUDA) the steps replayed as CUDA
-graphs (:mod:`.graphs`).
+"""How a STOP learner runs its steps under ``compile="static"`` (or ``"fused"``): one
+:class:`~.static.Program` per input shape, the guarded update of :mod:`.static_update`, the steps
+compiled by ``torch.compile`` under ``"fused"`` (:mod:`.fused`), and (on CUDA) replayed as CUDA graphs
+(:mod:`.graphs`).
 
 Host work per step: the shape checks, and, for inputs and labels that live in host memory (always
 on a CPU), the same NaN/Inf and label-range checks as the eager learner, with the same errors at the
@@ -16,6 +17,7 @@ learner's error.
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 from torch import Tensor
@@ -31,9 +33,10 @@ log = logging.getLogger("stoprt")
 class StaticEngine:
     """The static step of one :class:`~stoprt.runtime.stop.STOP` learner (see the module doc)."""
 
-    def __init__(self, learner, graphs: bool) -> None:
+    def __init__(self, learner, graphs: bool, fused: bool = False) -> None:
         self.learner = learner
         self.use_graphs = graphs
+        self.fused = fused  # turns False (with a warning) if compiling fails
         compile_net(learner.net)  # raises Unsupported now rather than at the first step
         self.update = GuardedUpdate(learner.optimizer, learner.net, learner.keep_last_good,
                                     lambda: learner.grad_sync)
@@ -57,14 +60,25 @@ class StaticEngine:
         if key not in self.programs:
             lr = self.learner
             program = Program(lr.net, lr.loss_grad, x, self.update.grads, device_checks=self._on_device(x))
+            compiled = self._compiled(program, x) if self.fused else None
             if self.use_graphs:
                 from .graphs import CapturedSteps  # noqa: PLC0415  (CUDA only)
-                self.programs[key] = CapturedSteps(program, self.update, x)
+                self.programs[key] = CapturedSteps(program, self.update, x, compiled)
             else:
-                self.programs[key] = _DirectSteps(program, self.update)
+                self.programs[key] = _DirectSteps(program, self.update) if compiled is None else compiled
         runner = self.programs[key]
         self.program = runner.program
         return runner
+
+    def _compiled(self, program: Program, x: Tensor):
+        """The program's steps compiled, or None (unfused from now on, said once) if that fails."""
+        from .fused import CompiledSteps, FuseError  # noqa: PLC0415  (imports torch._dynamo: only here)
+        try:
+            return CompiledSteps(program, self.update, x)
+        except FuseError as err:
+            self.fused = False
+            warnings.warn(f"stoprt: STOP runs the static step unfused: {err}", RuntimeWarning, stacklevel=5)
+            return None
 
     def state(self) -> list[Tensor]:
         """The buffers of the current program (empty before the first step)."""

@@ -15,7 +15,8 @@ How one step works (the whole rule; the traces live in the layers, see ``functio
 Memory: previous-step state, the traces and one step's graph, whatever the length of the sample.
 
 That is the eager learner (``compile="eager"``), the reference. ``compile="static"`` (and ``"auto"``,
-the default) runs the same rule as a static program without autograd: :mod:`stoprt.runtime.static`.
+the default) runs the same rule as a static program without autograd: :mod:`stoprt.runtime.static`;
+``compile="fused"`` compiles that program's steps with ``torch.compile``: :mod:`stoprt.runtime.fused`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .update_schedule import check_update_schedule, update_due
 from .wiring import wire
 
 KINDS = ("weight", "threshold", "leak")
-COMPILE_MODES = ("auto", "static", "eager")
+COMPILE_MODES = ("auto", "static", "fused", "eager")
 
 
 class STOP(Learner):
@@ -57,7 +58,11 @@ class STOP(Learner):
             on CPUs too, where it measured faster than eager (1 thread, batch 1, demo MLP, STOP-WTL
             with Adam: learn step ~0.55x eager's time, inference step 0.7-0.9x; ``torch.compile`` of
             the inference step was no faster than the plain Python ops there, after a 20 s
-            compile). Eager where the static step cannot run, with one
+            compile). ``"fused"``: the static program's steps compiled by ``torch.compile``
+            (Inductor fuses the neuron and trace updates into few kernels; still CUDA graphs on
+            CUDA), at the price of compiling at the first step of each batch size, seconds to
+            tens of seconds (:mod:`stoprt.runtime.fused`); the static step unfused, with one
+            warning, if compiling fails. Eager where the static step cannot run, with one
             warning saying why, except for a callable loss under ``"auto"`` (the static step knows
             only the gradients of ``"ce"`` and ``"mse"``), which silently stays eager.
 
@@ -106,21 +111,25 @@ class STOP(Learner):
 
     @property
     def mode(self) -> str:
-        """How steps run now: ``"eager"``, ``"static"`` or ``"graphs"`` (static, replayed as CUDA graphs)."""
-        if self._static is None:
+        """How steps run now: ``"eager"``, ``"static"``, ``"graphs"`` (static, replayed as CUDA graphs),
+        ``"fused"`` (static, compiled) or ``"fused_graphs"`` (compiled and replayed as CUDA graphs)."""
+        engine = self._static
+        if engine is None:
             return "eager"
-        return "graphs" if self._static.use_graphs else "static"
+        if engine.fused:
+            return "fused_graphs" if engine.use_graphs else "fused"
+        return "graphs" if engine.use_graphs else "static"
 
     def _start_static(self, compile: str) -> None:
         if self.loss_grad is None:
             reason = "a callable loss has no explicit gradient in the static step"
-            if compile == "static":
+            if compile in ("static", "fused"):
                 self._fall_back(reason)
             return
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         device = params[0].device if params else torch.device("cpu")
         try:
-            self._static = StaticEngine(self, graphs=device.type == "cuda")
+            self._static = StaticEngine(self, graphs=device.type == "cuda", fused=compile == "fused")
         except Unsupported as err:
             self._fall_back(str(err))
 

@@ -65,13 +65,14 @@ def _pair(name, readout, learn, update, loss, opt, device_update=False):
     return eager, static
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+def _close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-6) -> None:
     scale = max(a.abs().max().item(), 1e-12)
     err = (a - b).abs().max().item()
-    assert err <= 1e-6 * scale, f"{what}: max error {err:.3e} vs scale {scale:.3e}"
+    assert err <= tol * scale, f"{what}: max error {err:.3e} vs scale {scale:.3e}"
 
 
-def _run_both(eager, static, samples=20, T=10, batch=2, shape=(2, 8, 8), unlabelled_every=7):
+def _run_both(eager, static, samples=20, T=10, batch=2, shape=(2, 8, 8), unlabelled_every=7, tol=1e-6,
+              loss_tol=1e-9):
     g = torch.Generator().manual_seed(3)
     step = 0
     for _ in range(samples):
@@ -86,14 +87,14 @@ def _run_both(eager, static, samples=20, T=10, batch=2, shape=(2, 8, 8), unlabel
             outs[-1].append(learner.end_sample())
         step += T
         for t, (a, b) in enumerate(zip(*outs)):
-            _close(a.double(), b.double(), f"output at step {t}")
+            _close(a.double(), b.double(), f"output at step {t}", tol)
     for k in ("steps", "samples", "updates", "rejected_updates", "clamped_values"):
         assert getattr(eager.stats, k) == getattr(static.stats, k), k
-    assert math.isclose(eager.stats.last_loss, static.stats.last_loss, rel_tol=1e-9)
+    assert math.isclose(eager.stats.last_loss, static.stats.last_loss, rel_tol=loss_tol)
     assert eager.stats.steps == static.stats.steps == samples * T >= 200
     names = dict(eager.net.named_parameters())
     for n, p in static.net.named_parameters():
-        _close(names[n].detach(), p.detach(), n)
+        _close(names[n].detach(), p.detach(), n, tol)
 
 
 @pytest.mark.usefixtures("float64")
