@@ -234,7 +234,7 @@ def run_stream(args: argparse.Namespace) -> int:
         # running eagerly with two host reads at every sample's end (runtime/graphs.py)
         on_cpu = torch.device(args.device).type == "cpu"
         optimizer = new_optimizer(torch.optim.Adam, net.parameters(), lr=args.lr, fused=on_cpu, capturable=not on_cpu)
-        learner = STOP(net, optimizer, update=args.update)
+        learner = STOP(net, optimizer, update=args.update, compile=args.compile)
     elif net is not None:
         net.eval()
     live = sys.stderr.isatty() and not args.quiet
@@ -270,7 +270,7 @@ def run_stream(args: argparse.Namespace) -> int:
 
     def on_step(sess) -> None:
         if not first:  # when the first step was done: the start-up a user waits for
-            first.append(seconds_since_process_start())
+            first.extend((seconds_since_process_start(), time.perf_counter(), sess.stats.steps))
         if args.quiet:
             return
         now = time.perf_counter()
@@ -293,12 +293,17 @@ def run_stream(args: argparse.Namespace) -> int:
                                                                         " (empty file?)"))
     for line in problems:
         print(f"stoprt stream: warning: {line}", file=sys.stderr)
-    seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu0
+    end = time.perf_counter()
+    seconds, cpu_s = end - start, time.process_time() - cpu0
+    # the rate after the first step: what a stream runs at once started (under --compile fused the
+    # first step compiles for seconds)
+    steady = (stats.steps - first[2]) / (end - first[1]) if first and end > first[1] else None
     summary = {"source": args.source, "model": args.model, "learning": bool(args.learn),
                "steps": stats.steps, "samples": stats.samples, "labelled_samples": stats.labelled_samples,
                "accuracy": stats.accuracy, "updates": stats.updates, "interrupted": session.interrupted,
                "seconds": seconds, "steps_per_s": (stats.steps - steps0) / seconds if seconds > 0 else 0.0,
-               "cpu_s": cpu_s, "first_step_s": first[0] if first else None,
+               "steady_steps_per_s": steady, "cpu_s": cpu_s, "first_step_s": first[0] if first else None,
+               "learner_mode": getattr(learner, "mode", None),
                "pipeline": pipeline.stats, "peak_rss_mib": peak_rss_mib(),
                "checkpoint": str(session.checkpoint_path) if session.checkpoint_path else None,
                "warnings": problems, "predictions": log.summary()}
@@ -346,6 +351,9 @@ def register(sub) -> None:
                    help="backend; onnxruntime/tensorrt take a bundle from `stoprt export --to bundle` (with "
                         "--learn: from `--to onnx-learn`)")
     p.add_argument("--device", type=torch_device, default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--compile", default="auto",
+                   help="how --learn runs STOP's steps: STOP's compile= (default auto; fused compiles them with "
+                        "torch.compile at the first step, seconds to tens of seconds)")
     p.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default=None,
                    help="onnxruntime --learn: execution provider (default cpu); missing in this ONNX Runtime: "
                         "CPU with a warning, or an error with --strict")

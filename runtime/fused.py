@@ -42,8 +42,8 @@ class CompiledSteps:
 
     def __init__(self, program: Program, update: GuardedUpdate, x_like: Tensor) -> None:
         if x_like.dtype == torch.float64:
-            # Dynamo turns a 0-dim float64 tensor into a Python float and drops its in-place updates
-            # (seen with torch 2.13: the bias traces would stay zero); float64 is for exactness checks
+            # Dynamo (torch 2.13) drops the in-place updates of 0-dim float64 CPU tensors, as if they were
+            # Python floats: the bias traces would stay zero. float64 is for exactness checks anyway
             raise FuseError("float64 is not fused: torch.compile drops in-place updates of 0-dim float64 "
                             "tensors (the bias traces)")
         self.program, self._update = program, update
@@ -63,9 +63,10 @@ class CompiledSteps:
         except Exception as err:  # noqa: BLE001  (no compiler, no Triton, a recompile limit: run unfused)
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise FuseError(f"torch.compile failed: {type(err).__name__}: {first}") from err
-        program.reset()
-        if update.grads:
-            torch._foreach_zero_(update.grads)
+        finally:  # what the runs on zeros left (also when one failed: the program runs on unfused)
+            program.reset()
+            if update.grads:
+                torch._foreach_zero_(update.grads)
 
     def learn(self, x: Tensor, target: Tensor) -> Tensor:
         self.x.copy_(x)

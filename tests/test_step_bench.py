@@ -14,6 +14,7 @@ from stoprt.runtime.stop import STOP
 BENCH = Path(__file__).resolve().parents[1] / "examples" / "benchmarks" / "step_bench.py"
 ROWS = ("eager_learn", "eager_infer", "eager_predict", "static_learn", "static_infer", "static_predict",
         "floor_fwd_bwd", "floor_fwd")
+FUSED = ("fused_learn", "fused_infer", "fused_predict")
 
 
 def test_quick_run_writes_every_row(tmp_path):
@@ -41,6 +42,13 @@ def test_quick_run_writes_every_row(tmp_path):
                     assert r["over_floor"] > 0
             if static:
                 assert rows[net, batch, "static_learn"]["mode"] == "static"
+            for row in FUSED:  # the quick run fuses the mlp at batch 1 only (each is a compile)
+                r = rows[net, batch, row]
+                if (net, batch) == ("mlp", 1):
+                    assert r["available"] and r["mode"] == "fused" and r["median_us"] > 0, r
+                    assert r["first_sample_s"] > r["median_us"] * 1e-6  # the compile is in the first sample
+                else:
+                    assert not r["available"] and "--fused-nets" in r["why"]
     memory = result["memory"]
     assert [m["T"] for m in memory["rows"]] == [3, 6, 12]
     assert all(m["held_state_bytes"] > 0 for m in memory["rows"])

@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 import torch
 
 from stoprt.runtime import layers as L, models
@@ -64,6 +65,23 @@ def test_stream_learns_and_reports(tmp_path, run_cli):
     assert s["labelled_samples"] >= 290 and s["updates"] == s["labelled_samples"]
     assert s["pipeline"]["steps_dropped"] == 0  # a recording is not live: the producer waits
     assert s["accuracy"] > 0.2  # online accuracy over the first pass, chance is 0.1
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (Inductor's own)
+def test_compile_chooses_how_the_learner_steps_and_the_summary_says_so(tmp_path, run_cli):
+    """--compile reaches STOP: the summary names the mode it ran in, and the rate after the first step
+    (which under fused includes compiling) beside the overall one; a bad mode is refused by name."""
+    modes = {}
+    for mode in ("fused", "eager"):
+        out = tmp_path / f"{mode}.json"
+        done = run_cli("stream", "--source", "builtin:digits:20", "--learn", "--threads", "1", "--quiet",
+                       "--compile", mode, "--json", str(out))
+        assert done.returncode == 0, done.stderr
+        modes[mode] = s = json.loads(out.read_text())
+        assert s["steady_steps_per_s"] > 0 and s["updates"] == s["labelled_samples"] >= 19
+    assert modes["fused"]["learner_mode"] == "fused" and modes["eager"]["learner_mode"] == "eager"
+    done = run_cli("stream", "--source", "builtin:digits:5", "--learn", "--compile", "inductor", "--quiet")
+    assert done.returncode == 2 and "compile must be one of" in done.stderr and "'fused'" in done.stderr
 
 
 def test_chunked_streaming_equals_processing_at_once(tmp_path):

@@ -14,6 +14,10 @@ Rows, per network (``mlp`` 2x16x16 as in the demo, ``dvs_gesture`` and ``vgg11``
 * ``static_learn`` / ``static_infer``: the static step (``compile="static"``; CUDA graphs on CUDA,
   with Adam ``capturable=True`` there, so that the update is a graph too, as ``stoprt stream`` makes
   it). Marked not available, with the reason, where this checkout's STOP has no ``compile`` argument;
+* ``fused_learn`` / ``fused_infer`` / ``fused_predict``: the static step compiled by ``torch.compile``
+  (``compile="fused"``; also CUDA graphs on CUDA), for the ``--fused-nets`` at the ``--fused-batches``
+  only (each is a compile of seconds to a minute); marked not available where this checkout's STOP
+  has no such mode;
 * ``floor_fwd_bwd`` / ``floor_fwd``: the same synaptic ops, frozen BatchNorm and pooling with ReLU in
   place of every neuron, in torch's own layers (``core_bench.floor_stack``), forward+backward and
   forward alone (no_grad);
@@ -22,7 +26,8 @@ Rows, per network (``mlp`` 2x16x16 as in the demo, ``dvs_gesture`` and ``vgg11``
 
 A sample is ``--T`` steps and its end (one Adam update for the learning rows and the floor's
 forward+backward); its time / T is the time per step. Rows run interleaved ``--repeats`` times
-after a warm-up; the median and the best are kept. Also measured:
+after a warm-up; the median and the best are kept, and the first warm-up sample's seconds
+(``first_sample_s``: building the program, capturing graphs, compiling). Also measured:
 
 * memory flat in T under the static step (eager where static is absent): the CUDA allocator peak
   (``max_memory_allocated``) of one sample of T = 10, 100, 1000 steps; on CPU the bytes held
@@ -69,7 +74,15 @@ ROOT = Path(__file__).resolve().parents[2]
 NETS = {"mlp": {"size": 16, "classes": 10}, "dvs_gesture": {"size": 32, "classes": 11},
         "vgg11": {"size": 32, "classes": 10}}
 ROWS = ("eager_learn", "eager_infer", "eager_predict", "static_learn", "static_infer", "static_predict",
-        "floor_fwd_bwd", "floor_fwd")
+        "fused_learn", "fused_infer", "fused_predict", "floor_fwd_bwd", "floor_fwd")
+
+
+def fused_unavailable() -> str | None:
+    """Why the fused step cannot be measured here, or None."""
+    from stoprt.runtime import stop  # noqa: PLC0415
+    if "fused" not in getattr(stop, "COMPILE_MODES", ()):
+        return "this checkout's STOP has no compile='fused'"
+    return None
 
 
 def static_unavailable() -> str | None:
@@ -148,6 +161,13 @@ def runners(name: str, batch: int, args, device: torch.device) -> tuple[dict, di
             why = f"STOP(compile='static') failed: {type(err).__name__}: {err}"
     if why is not None:
         missing["static_learn"] = missing["static_infer"] = missing["static_predict"] = why
+    why = fused_unavailable()
+    if why is None and (name not in args.fused_nets or batch not in args.fused_batches):
+        why = "not run for this net and batch (--fused-nets, --fused-batches)"
+    if why is None:
+        modes["fused"] = learner(copy.deepcopy(net), "fused")
+    else:
+        missing["fused_learn"] = missing["fused_infer"] = missing["fused_predict"] = why
     for mode, lrn in modes.items():
         def learn(lrn=lrn):
             for x in xs:
@@ -197,14 +217,19 @@ def runners(name: str, batch: int, args, device: torch.device) -> tuple[dict, di
     return runs, missing, runs_on
 
 
-def time_rows(runs: dict, missing: dict, args, device: torch.device) -> dict[str, list[float]]:
-    """Seconds per step of each row, ``repeats`` interleaved samples after warm-up samples. A row
-    that raises is dropped into ``missing`` with the error; the others go on."""
+def time_rows(runs: dict, missing: dict, args, device: torch.device) -> tuple[dict[str, list[float]], dict]:
+    """Seconds per step of each row, ``repeats`` interleaved samples after warm-up samples, and the
+    seconds of each row's first sample. A row that raises is dropped into ``missing`` with the error;
+    the others go on."""
+    first = {}
     for k, fn in list(runs.items()):
         try:
-            for _ in range(1 if args.quick else 2):
+            for i in range(1 if args.quick else 2):
+                t0 = time.perf_counter()
                 fn()
-            sync(device)
+                sync(device)
+                if i == 0:
+                    first[k] = time.perf_counter() - t0
         except Exception as err:
             missing[k] = f"{type(err).__name__}: {err}"
             del runs[k]
@@ -216,7 +241,7 @@ def time_rows(runs: dict, missing: dict, args, device: torch.device) -> dict[str
             fn()
             sync(device)
             times[k].append((time.perf_counter() - t0) / args.T)
-    return times
+    return times, first
 
 
 def step_table(args, device: torch.device) -> list[dict]:
@@ -224,15 +249,18 @@ def step_table(args, device: torch.device) -> list[dict]:
     for name in args.nets:
         for batch in args.batches:
             runs, missing, runs_on = runners(name, batch, args, device)
-            times = time_rows(runs, missing, args, device)
+            times, first = time_rows(runs, missing, args, device)
             for row in (*ROWS, *(("floor_graph",) if device.type == "cuda" else ())):
                 entry = {"net": name, "batch": batch, "row": row, "available": row in times}
                 if row in times:
-                    entry.update(median_us=1e6 * statistics.median(times[row]), best_us=1e6 * min(times[row]))
+                    entry.update(median_us=1e6 * statistics.median(times[row]), best_us=1e6 * min(times[row]),
+                                 first_sample_s=first[row])
                     if row in runs_on:  # how the learner ran in the end (a fallback shows here)
                         entry["mode"] = runs_on[row].mode if hasattr(runs_on[row], "mode") else "eager"
-                        if entry["mode"] == "eager" and row.startswith("static"):
-                            entry["note"] = "fell back to eager"
+                        wanted = row.split("_")[0]
+                        if wanted != "eager" and not entry["mode"].startswith(wanted) and not (
+                                wanted == "static" and entry["mode"] == "graphs"):
+                            entry["note"] = f"fell back to {entry['mode']}"
                         pool = getattr(runs_on[row], "graph_pool_bytes", lambda: None)()
                         if pool is not None:
                             entry["graph_pool_mib"] = pool / 2**20
@@ -333,17 +361,18 @@ def markdown(result: dict) -> str:
              f"Microseconds per time step (median of {result['config']['repeats']} interleaved samples of "
              f"T={result['config']['T']}, and the best); ratios over the plain-torch floor, median / best; "
              "learn rows over the floor's forward+backward, infer rows over its forward.", "",
-             "| net | batch | row | mode | median us | best us | over floor | over graphed floor |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| net | batch | row | mode | median us | best us | over floor | over graphed floor | first sample s |",
+             "|---|---|---|---|---|---|---|---|---|"]
 
     def ratio(r: dict, key: str) -> str:
         return f"{r[key]:.2f} / {r[key + '_best']:.2f}" if key in r else ""
     for r in result["steps"]:
         if r["available"]:
             lines.append(f"| {r['net']} | {r['batch']} | {r['row']} | {r.get('mode', '')} | {r['median_us']:.1f} | "
-                         f"{r['best_us']:.1f} | {ratio(r, 'over_floor')} | {ratio(r, 'over_floor_graph')} |")
+                         f"{r['best_us']:.1f} | {ratio(r, 'over_floor')} | {ratio(r, 'over_floor_graph')} | "
+                         f"{r.get('first_sample_s', float('nan')):.2f} |")
         else:
-            lines.append(f"| {r['net']} | {r['batch']} | {r['row']} | | n/a | n/a | {r['why']} | |")
+            lines.append(f"| {r['net']} | {r['batch']} | {r['row']} | | n/a | n/a | {r['why']} | | |")
     mem = result.get("memory") or {"rows": []}
     if mem["rows"]:
         lines += ["", f"Memory over one sample ({mem['net']}, batch 1, {mem['learner']} learner): "
@@ -391,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--T", type=int, default=20, help="steps per timed sample")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--vgg-width", type=float, default=None, help="default 0.25 on CPU, 1.0 on CUDA")
+    p.add_argument("--fused-nets", nargs="*", default=["mlp", "dvs_gesture"], choices=list(NETS),
+                   help="nets with fused rows (each a torch.compile)")
+    p.add_argument("--fused-batches", type=int, nargs="*", default=[1])
     p.add_argument("--memory-net", default="dvs_gesture", choices=list(NETS))
     p.add_argument("--memory-Ts", type=int, nargs="+", default=[10, 100, 1000])
     p.add_argument("--stream-source", default="builtin:digits")
@@ -411,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         args.T, args.repeats, args.memory_Ts, args.memory_net = 3, 1, [3, 6, 12], "mlp"
         args.stream_source, args.stream_steps, args.overhead_samples, args.overhead_repeats = \
             "builtin:digits:5", 40, 3, 1
-        args.overhead_processes = 1
+        args.overhead_processes, args.fused_nets = 1, ["mlp"]
     info = machine(device)
     out = Path(args.out or ROOT / "docs" / "results" / "step" / info["name"])
     why = static_unavailable()

@@ -36,6 +36,7 @@ def stream_rate(args, device: torch.device) -> dict:
     # shared, loaded machine the wall-clock rate mostly measures the other processes)
     cpu = s.get("cpu_s")
     return {"command": "python " + " ".join(cmd[1:]), "steps": s["steps"], "steps_per_s": s["steps_per_s"],
+            "steady_steps_per_s": s.get("steady_steps_per_s"), "learner_mode": s.get("learner_mode"),
             "steps_per_cpu_s": s["steps"] / cpu if cpu else None, "first_step_s": s.get("first_step_s"),
             "updates": s["updates"], "stream_s": s["seconds"], "wall_s": wall,
             "startup_s": wall - s["seconds"], "realtime_factor": s["pipeline"]["realtime_factor"],

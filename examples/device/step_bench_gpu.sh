@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# Issue 12's GPU measurements in one run (6.5 minutes at most): the STOP step benchmark on CUDA,
-# the CUDA tests, `stoprt stream --device cuda --learn` and the machine's versions.
+# Issue 12's GPU measurements in one run (7.5 minutes at most): the STOP step benchmark on CUDA
+# (with the fused step: compile="fused", torch.compile + CUDA graphs), the CUDA tests,
+# `stoprt stream --device cuda --learn` static and fused, and the machine's versions.
 #
 #   OUT=runs/gpu examples/device/step_bench_gpu.sh     # from the checkout; PYTHON=... picks the interpreter
 #
 # Needs torch with CUDA and the checkout only (no internet, no TensorRT, no install: the project is
 # imported through a `stoprt` symlink in /tmp). Every part runs under its own `timeout`, shrunk to
 # what is left of the overall budget, so one hang cannot eat the rest; a failing part is logged and
-# the next one runs. Writes at most 7 files to $OUT (default ./runs/gpu):
+# the next one runs. Writes at most 9 files to $OUT (default ./runs/gpu):
 #   env.txt            nvidia-smi, torch / CUDA / cuDNN versions, the checkout's commit
 #   step_bench.json    examples/benchmarks/step_bench.py --device cuda (written after each stage)
 #   step_bench.md      the same as a table
 #   stream_cuda.json   the --json summary of `stoprt stream --source builtin:digits --learn --device cuda`
 #                      (builtin:gestures where scikit-learn is absent)
 #   stream_cuda.log    that command's output
+#   stream_cuda_fused.json, stream_cuda_fused.log   the same with --compile fused
 #   tests_cuda.log     pytest on the static-step, exactness, ONNX export, lean-op and binning test files
 #   run.log            what ran, for how long, and each exit status (124: hit its timeout)
 set -u
@@ -21,7 +23,7 @@ set -u
 repo="$(pwd)"
 out="${OUT:-$repo/runs/gpu}"
 py="${PYTHON:-python3}"
-budget_s="${BUDGET_S:-390}"   # the whole script (7 minutes at most, with the kill grace of each part)
+budget_s="${BUDGET_S:-420}"   # the whole script (7.5 minutes at most, with the kill grace of each part)
 mkdir -p "$out"
 log="$out/run.log"
 : > "$log"
@@ -52,7 +54,7 @@ run() {
 note "step_bench_gpu.sh in $repo -> $out (budget ${budget_s}s, python: $py)"
 
 # 1. Versions (seconds).
-later_parts=3
+later_parts=4
 {
     echo "# date"; date -u
     echo "# commit"; git -C "$repo" log -1 --format='%H %s' 2>/dev/null || echo "(not a git checkout)"
@@ -82,27 +84,34 @@ if ! timeout 60 "$py" -c "import sklearn" >/dev/null 2>&1; then
 fi
 
 # 2. The step benchmark on CUDA (the main result; its JSON is rewritten after every stage).
-later_parts=2
-run step_bench 200 "$py" examples/benchmarks/step_bench.py --device cuda --out "$out" --stream-timeout 75 \
+later_parts=3
+run step_bench 260 "$py" examples/benchmarks/step_bench.py --device cuda --out "$out" --stream-timeout 75 \
     --stream-source "$source"
 
 # 3. CUDA tests: the static step, exactness, and every test file that touches CUDA.
-later_parts=1
+later_parts=2
 tests=()
 # (The files whose tests run on CUDA; the CLI files that only mention "cuda" test its refusal on a
 # machine without one and take minutes.)
 for f in tests/test_static_step.py tests/test_exactness.py tests/test_export_onnx.py tests/test_lean_ops.py tests/test_binning.py; do
     [[ -f "$f" ]] && [[ " ${tests[*]} " != *" $f "* ]] && tests+=("$f")
 done
+# (the fused step's CUDA test only: its CPU tests compile five networks with Inductor's C++ backend)
+[[ -f tests/test_fused_step.py ]] && tests+=("tests/test_fused_step.py::test_cuda_fused_graphs_equal_eager")
 note "tests: ${tests[*]}"
 run tests 120 bash -c '"$0" -m pytest -v -p no:cacheprovider -rs --durations=10 --continue-on-collection-errors "${@:2}" > "$1/tests_cuda.log" 2>&1' \
     "$py" "$out" "${tests[@]}"
 tail -n 3 "$out/tests_cuda.log" 2>/dev/null | tee -a "$log"
 
-# 4. The stream on CUDA, on its own (also inside the benchmark; this one survives a benchmark hang).
-later_parts=0
-run stream_cuda 75 bash -c '"$0" -m stoprt.cli stream --source "$2" --learn --threads 1 \
+# 4. The stream on CUDA, on its own (also inside the benchmark; this one survives a benchmark hang),
+# then fused (its summary's steady_steps_per_s leaves out the first step, which compiles).
+later_parts=1
+run stream_cuda 60 bash -c '"$0" -m stoprt.cli stream --source "$2" --learn --threads 1 \
     --device cuda --quiet --json "$1/stream_cuda.json" > "$1/stream_cuda.log" 2>&1' "$py" "$out" "$source"
+later_parts=0
+run stream_cuda_fused 90 bash -c '"$0" -m stoprt.cli stream --source "$2" --learn --threads 1 \
+    --device cuda --compile fused --quiet --json "$1/stream_cuda_fused.json" > "$1/stream_cuda_fused.log" 2>&1' \
+    "$py" "$out" "$source"
 
 rm -rf "$pkg_root"
 note "done; files in $out:"
