@@ -68,12 +68,39 @@ def test_quick_run_writes_every_row(tmp_path):
 def test_op_counts_of_a_sample_end_do_not_grow_with_depth():
     """examples/benchmarks/op_counts.py: outside the replayed graphs a sample's end is a fixed handful
     of ops (the fused reset and clamps), whatever the network's depth; each counted row is there."""
-    path = BENCH.parent / "op_counts.py"
-    spec = importlib.util.spec_from_file_location("op_counts", path)
-    ops = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ops)
+    ops = _op_counts()
     shallow, deep = ops.counts_for("mlp"), ops.counts_for("dvs_gesture")
     assert shallow["sample_end"]["total"] == deep["sample_end"]["total"] <= 30
     assert all(c[row]["total"] > 0 for c in (shallow, deep)
                for row in ("learn_step", "infer_step", "floor_fwd_bwd", "floor_fwd"))
     assert deep["learn_step"]["total"] > shallow["learn_step"]["total"]
+    # the compiled step launches fewer kernels than the static one dispatches ops (one fused kernel
+    # for each chain of elementwise ops), and still every convolution and its backward
+    for c in (shallow, deep):
+        learn = c["fused_learn_step"]
+        assert 0 < learn["by_op"]["fused"] < learn["total"] < c["learn_step"]["total"]
+        assert 0 < c["fused_infer_step"]["total"] < c["infer_step"]["total"]
+    assert deep["fused_learn_step"]["by_op"]["convolution"] == 3
+    assert deep["fused_learn_step"]["by_op"]["convolution_backward"] == 3
+
+
+def _op_counts():
+    spec = importlib.util.spec_from_file_location("op_counts", BENCH.parent / "op_counts.py")
+    ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ops)
+    return ops
+
+
+def test_compiled_kernels_are_read_from_the_call_function_only():
+    code = (
+        "cpp_fused_add_0 = async_compile.cpp_pybinding(['float*'], '...')\n\n\n"
+        "def call(args):\n"
+        "    cpp_fused_add_0(buf0, arg1_1)\n"
+        "    buf1 = torch.ops.aten.convolution_backward.default(buf0, arg2_1, arg3_1, None, (1, 1))\n"
+        "    assert_size_stride(buf1[0], (1, 2), (2, 1), 'torch.ops.aten.convolution_backward.default')\n"
+        "    extern_kernels.addmm(arg4_1, buf0, arg5_1, alpha=1, beta=1, out=buf2)\n"
+        "    triton_poi_fused_mul_1.run(buf2, arg6_1, 16, stream=stream0)\n"
+        "    return (buf2, )\n\n\n"
+        "def benchmark_compiled_module(times=10, repeat=10):\n"
+        "    cpp_fused_add_0(buf0, arg1_1)\n")
+    assert _op_counts().compiled_kernels(code) == {"fused": 2, "convolution_backward": 1, "addmm": 1}

@@ -13,7 +13,12 @@ Counted (views, which launch nothing, left out), batch 1, STOP-WTL with Adam, on
 * ``sample_end``: ``end_sample()`` after a few learning steps, without the optimizer's own step (its
   op count depends on the optimizer's implementation per device, not on stoprt);
 * ``floor_fwd_bwd`` / ``floor_fwd``: the same synaptic layers with ReLU (``core_bench.floor_stack``),
-  forward with cross-entropy and backward, and forward alone.
+  forward with cross-entropy and backward, and forward alone;
+* ``fused_learn_step`` / ``fused_infer_step``: the kernels of the same steps under ``compile="fused"``
+  (``torch.compile``), read from the code Inductor generates for this CPU: each fused kernel
+  (``fused``) and each call of an external kernel (by name). They bypass the dispatcher, hence the
+  count from the code. On a GPU Inductor writes Triton kernels and makes its own fusion choices, so
+  the count there may differ somewhat.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import collections
 import copy
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -80,6 +86,35 @@ def count(fn, pause_inside=None) -> collections.Counter:
     return counter.ops
 
 
+KERNEL = re.compile(r"\b(cpp_fused_\w+|triton_\w+\.run|extern_kernels\.(\w+)|torch\.ops\.aten\.(\w+)(?:\.\w+)?)\(")
+
+
+def compiled_kernels(code: str) -> collections.Counter:
+    """The kernels the ``call`` function of Inductor's generated ``code`` launches: ``fused`` for
+    each of its own kernels, the op's name for each external one."""
+    body = code[code.index("def call("):]
+    body = body[:body.find("\n\n\n")] if "\n\n\n" in body else body
+    kernels: collections.Counter = collections.Counter()
+    for line in body.splitlines():
+        for m in KERNEL.finditer(line):
+            kernels["fused" if m.group(2) is None and m.group(3) is None else m.group(2) or m.group(3)] += 1
+    return kernels
+
+
+def fused_counts(name: str, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """The compiled learning and inference steps' kernels (see the module doc)."""
+    from torch._inductor.utils import run_and_get_code  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    net = models.build_model(name, in_channels=2, **NETS[name])
+    learner = STOP(net, torch.optim.Adam(net.parameters(), lr=1e-3), update="sample", compile="fused")
+    learner._static.device_checks = True
+    _, codes = run_and_get_code(lambda: learner.step(x, y))  # compiles learn, infer, predict, in that order
+    if learner.mode != "fused" or len(codes) != 3:
+        raise RuntimeError(f"{name}: the fused step did not compile here (mode {learner.mode})")
+    return {"fused_learn_step": compiled_kernels(codes[0]), "fused_infer_step": compiled_kernels(codes[1])}
+
+
 def counts_for(name: str) -> dict:
     torch.manual_seed(0)
     net = models.build_model(name, in_channels=2, **NETS[name])
@@ -99,6 +134,7 @@ def counts_for(name: str) -> dict:
     ops["floor_fwd_bwd"] = count(lambda: F.cross_entropy(floor(x), y).backward())
     with torch.no_grad():
         ops["floor_fwd"] = count(lambda: floor(x))
+    ops.update(fused_counts(name, x, y))
     return {k: {"total": sum(c.values()), "by_op": dict(c.most_common())} for k, c in ops.items()}
 
 
@@ -109,10 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     result = {name: counts_for(name) for name in args.nets}
-    rows = ("learn_step", "infer_step", "sample_end", "floor_fwd_bwd", "floor_fwd")
-    print(f"{'net':12s} " + " ".join(f"{r:>14s}" for r in rows))
+    rows = ("learn_step", "infer_step", "sample_end", "floor_fwd_bwd", "floor_fwd", "fused_learn_step",
+            "fused_infer_step")
+    print(f"{'net':12s} " + " ".join(f"{r:>16s}" for r in rows))
     for name, c in result.items():
-        print(f"{name:12s} " + " ".join(f"{c[r]['total']:14d}" for r in rows))
+        print(f"{name:12s} " + " ".join(f"{c[r]['total']:16d}" for r in rows))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))
     return 0
