@@ -137,6 +137,8 @@ def _check_backend_options(args: argparse.Namespace) -> bool:
     ort_learn = bundle_learn and args.backend == "onnxruntime"
     if not ort_learn and (args.provider is not None or args.strict):
         raise ValueError("--provider and --strict apply to --backend onnxruntime --learn")
+    if args.compile != "auto" and (not args.learn or bundle_learn):
+        raise ValueError("--compile applies to torch's STOP learner: --learn with --backend torch")
     if ort_learn and args.device != "cpu":
         raise ValueError("--device is torch's; ONNX Runtime learning takes --provider cpu|cuda|tensorrt")
     if not bundle_learn:  # torch's defaults; the bundle's learners take the bundle's

@@ -82,6 +82,8 @@ def test_compile_chooses_how_the_learner_steps_and_the_summary_says_so(tmp_path,
     assert modes["fused"]["learner_mode"] == "fused" and modes["eager"]["learner_mode"] == "eager"
     done = run_cli("stream", "--source", "builtin:digits:5", "--learn", "--compile", "inductor", "--quiet")
     assert done.returncode == 2 and "compile must be one of" in done.stderr and "'fused'" in done.stderr
+    done = run_cli("stream", "--source", "builtin:digits:5", "--compile", "fused", "--quiet")  # no --learn
+    assert done.returncode == 2 and "--compile applies to torch's STOP learner" in done.stderr
 
 
 def test_chunked_streaming_equals_processing_at_once(tmp_path):
