@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .learner import all_finite
-from .static import Program, compile_net
+from .static import CaptureError, Program, compile_net
 from .static_update import DeviceStats, GuardedUpdate
 from .update_schedule import update_due
 
@@ -62,13 +62,25 @@ class StaticEngine:
             program = Program(lr.net, lr.loss_grad, x, self.update.grads, device_checks=self._on_device(x))
             compiled = self._compiled(program, x) if self.fused else None
             if self.use_graphs:
-                from .graphs import CapturedSteps  # noqa: PLC0415  (CUDA only)
-                self.programs[key] = CapturedSteps(program, self.update, x, compiled)
+                self.programs[key] = self._captured(program, x, compiled)
             else:
                 self.programs[key] = _DirectSteps(program, self.update) if compiled is None else compiled
         runner = self.programs[key]
         self.program = runner.program
         return runner
+
+    def _captured(self, program: Program, x: Tensor, compiled):
+        """The steps as CUDA graphs; compiled steps that cannot be captured leave the unfused ones
+        captured (said once). A failure to capture those is the learner's (it runs eager)."""
+        from .graphs import CapturedSteps  # noqa: PLC0415  (CUDA only)
+        if compiled is not None:
+            try:
+                return CapturedSteps(program, self.update, x, compiled)
+            except CaptureError as err:
+                self.fused = False
+                warnings.warn(f"stoprt: STOP runs the static step unfused: the compiled steps could not be "
+                              f"captured as CUDA graphs: {err}", RuntimeWarning, stacklevel=7)
+        return CapturedSteps(program, self.update, x)
 
     def _compiled(self, program: Program, x: Tensor):
         """The program's steps compiled, or None (unfused from now on, said once) if that fails."""
@@ -77,7 +89,7 @@ class StaticEngine:
             return CompiledSteps(program, self.update, x)
         except FuseError as err:
             self.fused = False
-            warnings.warn(f"stoprt: STOP runs the static step unfused: {err}", RuntimeWarning, stacklevel=5)
+            warnings.warn(f"stoprt: STOP runs the static step unfused: {err}", RuntimeWarning, stacklevel=7)
             return None
 
     def state(self) -> list[Tensor]:

@@ -186,3 +186,25 @@ def test_cuda_fused_graphs_equal_eager():
     assert fused.mode == "fused_graphs" and fused.stats.updates == eager.stats.updates
     for a, b in zip(net.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_steps_that_cannot_be_captured_leave_the_unfused_ones_tried_then_eager():
+    """Here capture fails for want of CUDA (as test_static_step's capture fallback): the compiled
+    steps first, said once, then the unfused ones, which is the learner's fallback to eager; it then
+    learns as the eager learner does."""
+    torch.manual_seed(0)
+    net = models.mlp(in_channels=2, size=8, classes=3, hidden=(16,))
+    twin = copy.deepcopy(net)
+    fused = STOP(net, torch.optim.SGD(net.parameters(), lr=0.1), compile="fused")
+    eager = STOP(twin, torch.optim.SGD(twin.parameters(), lr=0.1), compile="eager")
+    fused._static.use_graphs = True  # what a CUDA learner does
+    x, y = torch.rand(2, 2, 8, 8) * 2, torch.tensor([0, 2])
+    with pytest.warns(RuntimeWarning) as caught:
+        out = fused.step(x, y)
+    said = [str(w.message) for w in caught if w.category is RuntimeWarning]
+    assert len(said) == 2 and "compiled steps could not be captured" in said[0]
+    assert "CUDA graph capture failed" in said[1] and fused.mode == "eager"
+    assert torch.equal(out, eager.step(x, y))
+    assert torch.equal(fused.end_sample(), eager.end_sample())
+    for a, b in zip(net.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
