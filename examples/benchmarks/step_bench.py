@@ -67,7 +67,7 @@ from core_bench import floor_stack  # noqa: E402  (the one plain-torch floor bui
 from step_report import print_rows, save  # noqa: E402
 from stream_loop import stream_overhead_processes, stream_rate  # noqa: E402
 
-from stoprt.runtime import layers as L, models  # noqa: E402
+from stoprt.runtime import layers as L, models, stop as stop_module  # noqa: E402
 from stoprt.runtime.stop import STOP  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,12 +75,12 @@ NETS = {"mlp": {"size": 16, "classes": 10}, "dvs_gesture": {"size": 32, "classes
         "vgg11": {"size": 32, "classes": 10}}
 ROWS = ("eager_learn", "eager_infer", "eager_predict", "static_learn", "static_infer", "static_predict",
         "fused_learn", "fused_infer", "fused_predict", "floor_fwd_bwd", "floor_fwd")
+EXPECTED_MODES = {"static": ("static", "graphs"), "fused": ("fused", "fused_graphs")}  # learner.mode per row kind
 
 
 def fused_unavailable() -> str | None:
     """Why the fused step cannot be measured here, or None."""
-    from stoprt.runtime import stop  # noqa: PLC0415
-    if "fused" not in getattr(stop, "COMPILE_MODES", ()):
+    if "fused" not in getattr(stop_module, "COMPILE_MODES", ()):
         return "this checkout's STOP has no compile='fused'"
     return None
 
@@ -257,9 +257,8 @@ def step_table(args, device: torch.device) -> list[dict]:
                                  first_sample_s=first[row])
                     if row in runs_on:  # how the learner ran in the end (a fallback shows here)
                         entry["mode"] = runs_on[row].mode if hasattr(runs_on[row], "mode") else "eager"
-                        wanted = row.split("_")[0]
-                        if wanted != "eager" and not entry["mode"].startswith(wanted) and not (
-                                wanted == "static" and entry["mode"] == "graphs"):
+                        expected = EXPECTED_MODES.get(row.split("_")[0])
+                        if expected and entry["mode"] not in expected:
                             entry["note"] = f"fell back to {entry['mode']}"
                         pool = getattr(runs_on[row], "graph_pool_bytes", lambda: None)()
                         if pool is not None:
