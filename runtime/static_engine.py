@@ -77,9 +77,7 @@ class StaticEngine:
             try:
                 return CapturedSteps(program, self.update, x, compiled)
             except CaptureError as err:
-                self.fused = False
-                warnings.warn(f"stoprt: STOP runs the static step unfused: the compiled steps could not be "
-                              f"captured as CUDA graphs: {err}", RuntimeWarning, stacklevel=7)
+                self._unfuse(f"the compiled steps could not be captured as CUDA graphs: {err}")
         return CapturedSteps(program, self.update, x)
 
     def _compiled(self, program: Program, x: Tensor):
@@ -88,9 +86,13 @@ class StaticEngine:
         try:
             return CompiledSteps(program, self.update, x)
         except FuseError as err:
-            self.fused = False
-            warnings.warn(f"stoprt: STOP runs the static step unfused: {err}", RuntimeWarning, stacklevel=7)
+            self._unfuse(str(err))
             return None
+
+    def _unfuse(self, reason: str) -> None:
+        """Run the static step unfused from now on, saying why (once: later programs are not compiled)."""
+        self.fused = False
+        warnings.warn(f"stoprt: STOP runs the static step unfused: {reason}", RuntimeWarning, stacklevel=8)
 
     def state(self) -> list[Tensor]:
         """The buffers of the current program (empty before the first step)."""
